@@ -1,0 +1,225 @@
+"""TOML -> frozen dataclasses. Every bad value becomes one ConfigError that
+names the file, the key and what is wrong; nothing else leaves this module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import pwd
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+DEFAULT_PATH = Path("/etc/tollgate/tollgate.toml")
+
+
+class ConfigError(Exception):
+    """One line: '<file>: <key>: <what is wrong>'."""
+
+
+def _port(v: int) -> str | None:
+    return None if 1 <= v <= 65535 else "must be a port number from 1 to 65535"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _nonneg(v: float) -> str | None:
+    return None if v >= 0 else "must be 0 or more"
+
+
+def _one_of(*choices: str):
+    def check(v: str) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+    return check
+
+
+def _networks(v: tuple[str, ...]) -> str | None:
+    for item in v:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"{item!r} is not an IP address or network"
+    return None
+
+
+def _addresses(v: tuple[str, ...]) -> str | None:
+    for item in v:
+        try:
+            ipaddress.ip_address(item)
+        except ValueError:
+            return f"{item!r} is not an IP address"
+    return None
+
+
+def _users(v: tuple[str, ...]) -> str | None:
+    if not v:
+        return "must name at least one user"
+    for name in v:
+        try:
+            pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        except KeyError:
+            return f"user {name!r} does not exist"
+    return None
+
+
+def check(fn):
+    return {"check": fn}
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    port: int = field(default=15001, metadata=check(_port))
+    # Where redirected connections land; the ruleset redirects to loopback.
+    listen: tuple[str, ...] = field(default=("127.0.0.1", "::1"), metadata=check(_addresses))
+    buffer_bytes: int = field(default=256 << 10, metadata=check(_positive))
+    connect_timeout_s: float = field(default=10.0, metadata=check(_positive))
+    # The metadata server would hand the subject the VM's service-account token.
+    deny: tuple[str, ...] = field(default=("169.254.169.254/32", "fd00:ec2::254/128"),
+                                  metadata=check(_networks))
+    allow: tuple[str, ...] = field(default=(), metadata=check(_networks))
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    enabled: bool = True
+    port: int = field(default=15053, metadata=check(_port))
+    resolver: str = ""  # empty: first nameserver of /etc/resolv.conf
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    path: str = "/var/lib/tollgate"
+    durability: str = field(default="write", metadata=check(_one_of("write", "fsync")))
+    fsync_interval_ms: float = field(default=2.0, metadata=check(_positive))
+    segment_max_bytes: int = field(default=64 << 20, metadata=check(_positive))
+    segment_max_age_s: float = field(default=3600.0, metadata=check(_positive))
+    seal_interval_s: float = field(default=1.0, metadata=check(_positive))
+    seal_interval_bytes: int = field(default=1 << 20, metadata=check(_positive))
+    key_path: str = "/var/lib/tollgate-keys/seal.key"
+    retention_days: float = field(default=90.0, metadata=check(_nonneg))
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessConfig:
+    enabled: bool = True
+    guard: bool = True
+    match_window_ms: float = field(default=500.0, metadata=check(_positive))
+    sweep_interval_s: float = field(default=2.0, metadata=check(_positive))
+    perf_pages: int = field(default=64, metadata=check(_positive))
+
+
+@dataclass(frozen=True, slots=True)
+class EnforceConfig:
+    table: str = "tollgate"
+    watch_interval_s: float = field(default=0.2, metadata=check(_positive))
+
+
+@dataclass(frozen=True, slots=True)
+class ShipConfig:
+    enabled: bool = False
+    project_id: str = ""
+    log_name: str = "tollgate"
+    alert_log_name: str = "tollgate-alerts"
+    seal_log_name: str = "tollgate-seals"
+    credentials: str = ""  # key file path; empty: Application Default Credentials
+    endpoint: str = ""     # host:port override (tests, private endpoints)
+    instance_id: str = ""
+    zone: str = ""
+    batch_entries: int = field(default=500, metadata=check(_positive))
+    max_backlog_age_s: float = field(default=300.0, metadata=check(_positive))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    subjects: tuple[str, ...] = field(default=("devin",), metadata=check(_users))
+    log_level: str = field(default="info",
+                           metadata=check(_one_of("debug", "info", "warning", "error")))
+    proxy: ProxyConfig = ProxyConfig()
+    dns: DnsConfig = DnsConfig()
+    store: StoreConfig = StoreConfig()
+    witness: WitnessConfig = WitnessConfig()
+    enforce: EnforceConfig = EnforceConfig()
+    ship: ShipConfig = ShipConfig()
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def subject_uids(self) -> tuple[int, ...]:
+        return tuple(int(s) if s.isdigit() else pwd.getpwnam(s).pw_uid
+                     for s in self.subjects)
+
+
+def load(path: str | Path | None = None, *, required: bool = False) -> Config:
+    """Load a config file; a missing default file means built-in defaults."""
+    p = Path(path) if path is not None else DEFAULT_PATH
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        if required or path is not None:
+            raise ConfigError(f"{p}: file not found") from None
+        return _validated(Config(), str(p))
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return _build(Config, doc, str(p), "")
+
+
+def _validated(cfg: Config, source: str) -> Config:
+    """Run the checks on defaults too (the default subject may not exist)."""
+    return _build(Config, {}, source, "", check_defaults=True)
+
+
+def _build(cls, doc: dict, source: str, prefix: str, check_defaults: bool = False):
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
+    for key in doc:
+        if key not in known:
+            raise ConfigError(f"{source}: {prefix}{key}: unknown key")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in known.items():
+        key = prefix + name
+        if name not in doc:
+            value = getattr(cls(), name) if f.default is field else f.default
+            if check_defaults and f.metadata.get("check"):
+                _run_check(f, value, source, key)
+            if hasattr(value, "__dataclass_fields__") and check_defaults:
+                value = _build(type(value), {}, source, key + ".", True)
+            values[name] = value
+            continue
+        values[name] = _convert(hints[name], doc[name], source, key)
+        if f.metadata.get("check"):
+            _run_check(f, values[name], source, key)
+    obj = cls(**values)
+    return replace(obj, source=source) if cls is Config else obj
+
+
+def _run_check(f, value, source: str, key: str) -> None:
+    problem = f.metadata["check"](value)
+    if problem:
+        raise ConfigError(f"{source}: {key}: {problem}")
+
+
+def _convert(hint, value, source: str, key: str):
+    if hasattr(hint, "__dataclass_fields__"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: must be a table ([{key}])")
+        return _build(hint, value, source, key + ".")
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: {key}: must be a list of strings")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{source}: {key}: must be {_type_name(hint)}, "
+                          f"not {type(value).__name__} {value!r}")
+    return value
+
+
+def _type_name(hint) -> str:
+    return {int: "an integer", float: "a number", str: "a string",
+            bool: "true or false"}.get(hint, str(hint))

@@ -1,0 +1,100 @@
+"""The on-disk record format, in one place.
+
+A segment file is a run of frames. One frame:
+
+    magic  b"TG"   2 bytes
+    version        1 byte   (FORMAT_VERSION)
+    kind           1 byte   (Kind)
+    length         4 bytes  payload length, big endian
+    seq            8 bytes  gap-free across the whole store
+    ts_ns          8 bytes  wall clock, nanoseconds since the epoch
+    prev          32 bytes  SHA-256 of the previous frame (zeros for the first)
+    payload   length bytes
+    crc32          4 bytes  over everything above; detects a torn tail cheaply
+
+A record's hash is SHA-256 of the frame without its crc, so the chain covers
+kind, sequence, time and payload. Seals (checkpoints) are ordinary records
+whose payload signs a chain head; they need nothing more from the frame.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+import zlib
+from dataclasses import dataclass
+
+MAGIC = b"TG"
+FORMAT_VERSION = 1
+HEADER = struct.Struct(">2sBBIQQ32s")
+CRC = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+FRAME_OVERHEAD = HEADER.size + CRC.size
+ZERO_HASH = b"\0" * 32
+# One frame never exceeds this; larger payloads are split by the caller.
+MAX_PAYLOAD = 16 << 20
+
+DATA_HEAD = struct.Struct(">QB")
+
+
+class Kind(enum.IntEnum):
+    SEGMENT_START = 1   # first record of every segment: store id, previous segment digest
+    SESSION_OPEN = 2    # a relayed connection began (id = this record's seq)
+    DATA = 3            # bytes of one direction of one session
+    SESSION_CLOSE = 4   # byte counts and reason
+    SESSION_INFO = 5    # attribution found after open: process chain, uid, cgroup
+    EVENT = 6           # agent lifecycle, rules applied/removed
+    ALERT = 7           # a typed alert with its evidence
+    SEAL = 8            # checkpoint over the chain head
+    RECOVERED = 9       # a torn tail was cut on start
+    ACCESS = 10         # someone replayed or exported a session
+    ACK = 11            # an alert was acknowledged
+
+
+class Direction(enum.IntEnum):
+    CLIENT = 0  # subject -> destination
+    SERVER = 1  # destination -> subject
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    seq: int
+    ts_ns: int
+    kind: Kind
+    prev: bytes
+    payload: bytes
+    hash: bytes
+    segment: str
+    offset: int
+
+    def json(self) -> dict:
+        import orjson
+        return orjson.loads(self.payload)
+
+    def data(self) -> tuple[int, Direction, bytes]:
+        """(session id, direction, bytes) of a DATA record."""
+        sid, d = DATA_HEAD.unpack_from(self.payload)
+        return sid, Direction(d), self.payload[DATA_HEAD.size:]
+
+
+def encode_header(kind: int, length: int, seq: int, ts_ns: int, prev: bytes) -> bytes:
+    return HEADER.pack(MAGIC, FORMAT_VERSION, kind, length, seq, ts_ns, prev)
+
+
+def frame_digest(header: bytes, *payload_parts: bytes) -> tuple[bytes, bytes]:
+    """(sha256, crc32 trailer) of one frame whose payload is the parts joined."""
+    h = hashlib.sha256(header)
+    crc = zlib.crc32(header)
+    for part in payload_parts:
+        h.update(part)
+        crc = zlib.crc32(part, crc)
+    return h.digest(), CRC.pack(crc)
+
+
+def data_payload_head(session_id: int, direction: Direction) -> bytes:
+    return DATA_HEAD.pack(session_id, direction)
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}.seg"

@@ -1,0 +1,107 @@
+"""Reading segments back: frame by frame, checking length, crc and chain."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from agent.store.format import (
+    CRC, FORMAT_VERSION, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, ZERO_HASH,
+    Kind, Record, frame_digest,
+)
+
+
+class StoreCorrupt(Exception):
+    """A frame that is not whole or does not chain; says where."""
+
+    def __init__(self, segment: str, offset: int, seq: int | None, reason: str):
+        super().__init__(f"{segment}@{offset} (seq {seq}): {reason}")
+        self.segment, self.offset, self.seq, self.reason = segment, offset, seq, reason
+
+
+@dataclass(frozen=True, slots=True)
+class Tail:
+    """Where a segment's whole records end, and why reading stopped."""
+    end: int            # offset just past the last whole record
+    last_seq: int       # -1 when the segment holds no whole record
+    last_hash: bytes
+    torn: str | None    # None when the segment ends exactly on a record
+
+
+def segment_paths(store_dir: str | os.PathLike) -> list[Path]:
+    return sorted(Path(store_dir).glob("*.seg"))
+
+
+def _read_frame(buf: memoryview, off: int, name: str) -> tuple[Record | None, str | None]:
+    """Parse one frame at off. (record, None), or (None, why it is not whole)."""
+    if len(buf) - off < HEADER_SIZE:
+        return None, "short header"
+    magic, ver, kind, length, seq, ts, prev = HEADER.unpack_from(buf, off)
+    if magic != MAGIC or ver != FORMAT_VERSION:
+        return None, "bad magic"
+    if length > MAX_PAYLOAD:
+        return None, "length out of range"
+    end = off + HEADER_SIZE + length
+    if end + CRC.size > len(buf):
+        return None, "short payload"
+    header = bytes(buf[off:off + HEADER_SIZE])
+    payload = bytes(buf[off + HEADER_SIZE:end])
+    digest, crc = frame_digest(header, payload)
+    if crc != bytes(buf[end:end + CRC.size]):
+        return None, "crc mismatch"
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        return None, f"unknown kind {kind}"
+    return Record(seq, ts, kind, prev, payload, digest, name, off), None
+
+
+def scan_segment(path: Path, prev_hash: bytes | None = None,
+                 expect_seq: int | None = None) -> Iterator[Record | Tail]:
+    """Yield each whole record of one segment, then its Tail.
+
+    With prev_hash/expect_seq given, a record that does not chain on is where
+    the whole part ends (reason in Tail.torn).
+    """
+    data = path.read_bytes()
+    buf = memoryview(data)
+    off, last_seq, last_hash = 0, -1, prev_hash or ZERO_HASH
+    torn = None
+    while off < len(buf):
+        rec, why = _read_frame(buf, off, path.name)
+        if rec is None:
+            torn = why
+            break
+        if prev_hash is not None and rec.prev != last_hash:
+            torn = "chain broken"
+            break
+        if expect_seq is not None and rec.seq != expect_seq:
+            torn = f"sequence gap: expected {expect_seq}, found {rec.seq}"
+            break
+        yield rec
+        off = rec.offset + HEADER_SIZE + len(rec.payload) + CRC.size
+        last_seq, last_hash = rec.seq, rec.hash
+        prev_hash = last_hash
+        expect_seq = rec.seq + 1
+    yield Tail(off, last_seq, last_hash, torn)
+
+
+def iter_records(store_dir: str | os.PathLike, strict: bool = True) -> Iterator[Record]:
+    """Every record of the store in order, checking crc, chain and sequence.
+
+    strict: a broken frame anywhere but the very end of the last segment
+    raises StoreCorrupt (a torn tail of the active segment is normal after a
+    crash and is skipped).
+    """
+    paths = segment_paths(store_dir)
+    prev_hash, expect = ZERO_HASH, 0
+    for i, path in enumerate(paths):
+        for item in scan_segment(path, prev_hash, expect):
+            if isinstance(item, Tail):
+                if item.torn and strict and i != len(paths) - 1:
+                    raise StoreCorrupt(path.name, item.end, expect, item.torn)
+                break
+            yield item
+            prev_hash, expect = item.hash, item.seq + 1
