@@ -1,0 +1,252 @@
+"""Starts and supervises the parts, in data-path order, and stops them.
+
+Start: store -> rules -> proxy -> (DNS, witness) -> control socket -> ready.
+Rules are applied before the proxy listens: from that moment the subject's
+connections are refused, not let through, until the proxy takes them; and
+they stay in the kernel when the agent stops or dies (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from agent import __version__
+from agent.alerts import AlertType, record_alert
+from agent.config import Config
+from agent.control import StoreLock, serve
+from agent.enforce import Nft, render
+from agent.enforce import apply as rules
+from agent.proxy import attribution
+from agent.proxy.policy import Policy
+from agent.proxy.server import Proxy
+from agent.proxy.sessions import Session, SessionTable
+from agent.store import Kind, StoreWriter
+
+log = logging.getLogger("tollgate.daemon")
+
+
+class StartError(Exception):
+    """The agent cannot start; one line for the operator."""
+
+
+def ruleset_for(cfg: Config):
+    return render(cfg.enforce.table, cfg.subject_uids(), cfg.proxy.port,
+                  cfg.dns.port if cfg.dns.enabled and _dns_available() else None)
+
+
+def _dns_available() -> bool:
+    try:
+        import agent.proxy.dns  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+class Agent:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started_ns = time.time_ns()
+        self.sessions = SessionTable()
+        self.nft = Nft()
+        self.ruleset = ruleset_for(cfg)
+        self.enforcing = True
+        self.pending_alerts: list[tuple[AlertType, str, dict]] = []
+        self.store_healthy = True
+        self.stopping = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
+        self.counters = {"rules_restored": 0}
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.lock = StoreLock(cfg.store.path)
+        if not self.lock.acquire():
+            raise StartError(f"{cfg.store.path}: another tollgate agent is writing this store")
+        self.store = StoreWriter(cfg.store.path, segment_max_bytes=cfg.store.segment_max_bytes,
+                                 durability=cfg.store.durability)
+        self.durable = self._group_commit()
+        self._event("agent_start", version=__version__, pid=os.getpid(), config=cfg.source,
+                    subjects=list(cfg.subjects), uids=list(cfg.subject_uids()))
+        self._apply_rules("start")
+        own = {(a, cfg.proxy.port) for a in cfg.proxy.listen}
+        self.proxy = Proxy(store=self.store, sessions=self.sessions, hooks=self,
+                           policy=Policy.build(cfg.proxy.deny, cfg.proxy.allow, own),
+                           durable=self.durable, buffer_bytes=cfg.proxy.buffer_bytes,
+                           connect_timeout_s=cfg.proxy.connect_timeout_s)
+        try:
+            await self.proxy.listen(cfg.proxy.listen, cfg.proxy.port)
+        except OSError as e:
+            raise StartError(f"{cfg.source}: proxy.port: {e.strerror}") from None
+        self.control = await serve(cfg.run_dir, self.handle)
+        self.tasks.append(asyncio.create_task(self._watch_rules()))
+        log.info("ready: rules applied, proxy on port %d, subjects %s",
+                 cfg.proxy.port, ",".join(cfg.subjects))
+        _sd_notify("READY=1\nSTATUS=recording")
+
+    def _group_commit(self):
+        if self.cfg.store.durability != "fsync":
+            return None
+        from agent.store.commit import GroupCommit
+        return GroupCommit(self.store, self.cfg.store.fsync_interval_ms)
+
+    async def stop(self, reason: str) -> None:
+        _sd_notify("STOPPING=1")
+        for t in self.tasks:
+            t.cancel()
+        await self.proxy.close(f"agent stopping: {reason}")
+        self.control.close()
+        self._event("agent_stop", reason=reason, rules_left_in_place=self.enforcing)
+        self.store.close()
+        self.lock.release()
+
+    def _event(self, what: str, **fields: Any) -> None:
+        try:
+            self.store.append_json(Kind.EVENT, {"event": what, **fields})
+        except Exception as e:
+            self.store_failed(e)
+
+    # -- rules -----------------------------------------------------------------------
+
+    def _apply_rules(self, why: str) -> None:
+        try:
+            rules.apply(self.nft, self.ruleset)
+        except Exception as e:
+            raise StartError(f"cannot apply nftables rules: {e}") from None
+        self._event("rules_applied", why=why, table=self.ruleset.table,
+                    subjects=list(self.ruleset.subject_uids), proxy_port=self.ruleset.proxy_port)
+
+    async def _watch_rules(self) -> None:
+        """Any change to our table is tampering: alert, then put it back."""
+        while True:
+            await asyncio.sleep(self.cfg.enforce.watch_interval_s)
+            if not self.enforcing:
+                continue
+            problems = rules.verify(self.nft, self.ruleset)
+            if problems:
+                self._alert(AlertType.RULES_TAMPERED, "tollgate's nftables table was changed",
+                            problems=problems, table=self.ruleset.table)
+                rules.apply(self.nft, self.ruleset)
+                self.counters["rules_restored"] += 1
+                self._event("rules_applied", why="restored after tampering")
+
+    # -- hooks the proxy calls -------------------------------------------------------
+
+    async def attribute(self, session: Session) -> dict:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, attribution.attribute, session.client,
+                                          session.original_dst, self.cfg.subject_uids())
+
+    def refused(self, session: Session, why: str) -> None:
+        kind = AlertType.POLICY_DENIED if self.store_healthy else AlertType.PROXY_REFUSED
+        self._alert(kind, f"connection to {session.original_dst[0]}:{session.original_dst[1]} "
+                    f"refused: {why}", session=session.id, client=session.client,
+                    original_dst=session.original_dst, reason=why, probe="proxy")
+
+    def store_failed(self, error: Exception) -> None:
+        """Fail closed: refuse new sessions until the store takes appends again."""
+        if not self.store_healthy:
+            return
+        self.store_healthy = False
+        self.proxy.accepting = False
+        log.error("store failed, refusing subject connections: %s", error)
+        self.pending_alerts.append((AlertType.STORE_FAILED, "store append failed; sessions cut "
+                                    "and new ones refused", {"error": str(error),
+                                                             "time_ns": time.time_ns()}))
+        self.tasks.append(asyncio.get_running_loop().create_task(self._recover_store()))
+
+    async def _recover_store(self) -> None:
+        while self.pending_alerts:
+            await asyncio.sleep(1.0)
+            try:
+                while self.pending_alerts:
+                    kind, summary, ev = self.pending_alerts[0]
+                    record_alert(self.store, kind, summary, **ev)
+                    self.pending_alerts.pop(0)
+            except Exception:
+                continue
+        self.store_healthy = True
+        self.proxy.accepting = True
+        log.info("store appends again; accepting subject connections")
+
+    def _alert(self, kind: AlertType, summary: str, **evidence: Any) -> None:
+        try:
+            record_alert(self.store, kind, summary, **evidence)
+        except Exception as e:
+            self.pending_alerts.append((kind, summary, evidence))
+            self.store_failed(e)
+
+    # -- control socket ----------------------------------------------------------------
+
+    async def handle(self, req: dict, peer: dict) -> dict:
+        op = req.get("op")
+        if op == "status":
+            return {"ok": True, "status": self.statistics()}
+        if op == "rules_remove":
+            self.enforcing = False
+            self._alert(AlertType.RULES_REMOVED, "operator removed tollgate's rules",
+                        by=peer, reason=req.get("reason", ""))
+            removed = rules.remove(self.nft, self.ruleset.table)
+            return {"ok": True, "removed": removed}
+        if op == "rules_apply":
+            self._apply_rules(f"operator {peer.get('user')}")
+            self.enforcing = True
+            return {"ok": True}
+        if op == "record" and req.get("kind") in ("ACCESS", "ACK", "EVENT"):
+            seq = self.store.append_json(Kind[req["kind"]], {**req["record"], "by": peer})
+            return {"ok": True, "seq": seq}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+    def statistics(self) -> dict:
+        return {"version": __version__, "pid": os.getpid(),
+                "uptime_s": round((time.time_ns() - self.started_ns) / 1e9, 1),
+                "enforcing": self.enforcing, "store_healthy": self.store_healthy,
+                "pending_alerts": len(self.pending_alerts),
+                "rules": {"table": self.ruleset.table, **self.counters,
+                          **_safe(rules.counters, self.nft, self.ruleset.table)},
+                "proxy": self.proxy.statistics(), "sessions": self.sessions.statistics(),
+                "store": self.store.statistics()}
+
+
+def _safe(fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except Exception as e:
+        return {"error": str(e)}
+
+
+def _sd_notify(state: str) -> None:
+    """systemd's readiness protocol, without linking libsystemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as e:  # a gone supervisor must not take the agent down
+        log.warning("sd_notify %s failed: %s", state.split("=")[0], e)
+
+
+async def _main(cfg: Config) -> None:
+    agent = Agent(cfg)
+    await agent.start()
+    loop = asyncio.get_running_loop()
+    stop_reason: list[str] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: (stop_reason.append(s.name),
+                                                    agent.stopping.set()))
+    await agent.stopping.wait()
+    await agent.stop(stop_reason[0] if stop_reason else "stopped")
+
+
+def run(cfg: Config) -> None:
+    asyncio.run(_main(cfg))

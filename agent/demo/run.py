@@ -1,0 +1,69 @@
+"""The newcomer's tour: everything built, shown and torn down in one go."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Callable
+
+from agent.demo.agent_process import AgentProcess
+from agent.demo.sandbox import CORP_V4, CORP_V6, Sandbox
+from agent.demo.servers import HttpServer, Postgres
+
+
+def run_demo(keep: bool = False, echo: Callable[[str], None] = print) -> None:
+    if os.geteuid() != 0:
+        raise RuntimeError("the demo builds network namespaces and nftables rules: run it as root")
+    # Ctrl-C and SIGTERM both end in the finally below, so nothing is left behind.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sb = Sandbox()
+    pg = http = None
+    try:
+        echo("== building sandbox: namespaces tgdemo-bastion and tgdemo-corp, "
+             f"subject user {sb.subject}")
+        sb.up()
+        pg, http = Postgres(sb).start(), HttpServer(sb).start()
+        echo(f"== servers in corp: PostgreSQL {CORP_V4}:5432, HTTP [{CORP_V6}]:8080")
+        agent = AgentProcess(sb).start()
+        echo(f"== agent running in bastion (store {agent.store})")
+        _subject_traffic(sb, echo)
+        echo("== recorded sessions (tollgate sessions)")
+        echo(agent.cli("sessions", text=True).stdout)
+        sid = _first_session(agent)
+        echo(f"== replay of session {sid} (tollgate replay {sid})")
+        echo(agent.cli("replay", str(sid), text=True).stdout)
+        if keep:
+            echo(f"== sandbox kept; try: ip netns exec {sb.bastion} setpriv --reuid={sb.subject} "
+                 f"--init-groups --regid={sb.subject} curl http://{CORP_V4}:8080/hello.txt ; "
+                 f"Ctrl-C to remove it")
+            signal.pause()
+        agent.stop()
+    except KeyboardInterrupt:
+        echo("== interrupted")
+    finally:
+        sb.down()
+        for server in (pg, http):
+            if server:
+                server.stop()
+        echo("== sandbox removed")
+
+
+def _subject_traffic(sb: Sandbox, echo: Callable[[str], None]) -> None:
+    steps = [
+        ["psql", "-h", CORP_V4, "-U", "postgres", "-d", "corp", "-c",
+         "select * from customers order by id"],
+        ["curl", "-sS", f"http://{CORP_V4}:8080/hello.txt"],
+        ["curl", "-sS", "-g", f"http://[{CORP_V6}]:8080/hello.txt"],
+    ]
+    for argv in steps:
+        echo(f"$ {' '.join(argv)}    # as {sb.subject}, unaware of tollgate")
+        r = sb.subject_run(argv, text=True)
+        echo((r.stdout + r.stderr).rstrip())
+
+
+def _first_session(agent: AgentProcess) -> int:
+    import orjson
+    sessions = orjson.loads(agent.cli("sessions", "--json").stdout)
+    if not sessions:
+        raise RuntimeError("no session was recorded")
+    return sessions[0]["id"]

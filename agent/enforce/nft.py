@@ -1,0 +1,44 @@
+"""The one place that talks to nftables, through its official JSON binding
+(Debian python3-nftables). Every call is logged and every failure raises
+NftError with nft's own message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("tollgate.enforce")
+
+
+class NftError(Exception):
+    pass
+
+
+class Nft:
+    def __init__(self) -> None:
+        try:
+            import nftables
+        except ImportError as e:  # pragma: no cover - packaging error
+            raise NftError("python3-nftables is not installed") from e
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(True)
+
+    def run(self, commands: list[dict[str, Any]]) -> dict:
+        """Run commands as one transaction; all or nothing."""
+        log.debug("nft: %s", commands)
+        rc, out, err = self._nft.json_cmd({"nftables": commands})
+        if rc != 0:
+            raise NftError((err or "nft failed").strip().splitlines()[0])
+        return out or {}
+
+    def list_table(self, family: str, name: str) -> list[dict] | None:
+        """The table's objects as nft prints them, or None if it is absent."""
+        rc, out, err = self._nft.json_cmd(
+            {"nftables": [{"list": {"table": {"family": family, "name": name}}}]})
+        if rc != 0:
+            if "No such file or directory" in (err or ""):
+                return None
+            raise NftError((err or "nft list failed").strip().splitlines()[0])
+        return [o for o in out["nftables"] if "metainfo" not in o]

@@ -1,0 +1,34 @@
+"""Destinations a subject may never reach (deny wins), or the only ones it may
+reach (allow, when given). The cloud metadata server is denied by default:
+through it the subject could take the VM's service-account token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    own: frozenset[tuple[str, int]] = frozenset()  # the proxy's listeners: no loops
+
+    @classmethod
+    def build(cls, deny: tuple[str, ...], allow: tuple[str, ...],
+              own: set[tuple[str, int]] = frozenset()) -> "Policy":
+        nets = lambda xs: tuple(ipaddress.ip_network(x, strict=False) for x in xs)
+        return cls(nets(deny), nets(allow), frozenset(own))
+
+    def refuse(self, ip: str, port: int) -> str | None:
+        """Why (ip, port) is refused, or None if the subject may go there."""
+        if (ip, port) in self.own:
+            return "destination is the proxy itself"
+        addr = ipaddress.ip_address(ip)
+        for net in self.deny:
+            if addr.version == net.version and addr in net:
+                return f"{ip} is in deny list ({net})"
+        if self.allow and not any(addr.version == n.version and addr in n for n in self.allow):
+            return f"{ip} is not in the allow list"
+        return None

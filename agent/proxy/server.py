@@ -1,0 +1,340 @@
+"""The only asyncio module of the proxy: accepts redirected connections,
+opens the upstream side, and carries out each session's relay commands.
+
+Backpressure is asyncio's own: a side's transport pauses the *other* side's
+reading when its write buffer passes the high-water mark, so memory stays
+bounded by buffer_bytes per direction whatever the transfer size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from typing import Awaitable, Callable, Protocol
+
+from agent.proxy.origdst import NotRedirected, original_dst, plain_ip
+from agent.proxy.policy import Policy
+from agent.proxy.relay import Close, Command, Finish, HalfClose, Record, Relay, Send, Side
+from agent.proxy.sessions import Session, SessionTable
+from agent.store.format import Kind
+
+log = logging.getLogger("tollgate.proxy")
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+class Store(Protocol):
+    def append_json(self, kind: Kind, obj: dict, ts_ns: int | None = None) -> int: ...
+    def append_data(self, session_id: int, direction, data: bytes) -> int: ...
+
+
+class Durable(Protocol):
+    async def durable(self, seq: int) -> None: ...
+
+
+class Hooks(Protocol):
+    """What the daemon supplies: who made a connection, and what to do when
+    the store fails or policy refuses."""
+    def attribute(self, session: Session) -> Awaitable[dict]: ...
+    def store_failed(self, error: Exception) -> None: ...
+    def refused(self, session: Session, why: str) -> None: ...
+
+
+class Proxy:
+    def __init__(self, *, store: Store, sessions: SessionTable, policy: Policy,
+                 hooks: Hooks, durable: Durable | None = None,
+                 buffer_bytes: int = 256 << 10, connect_timeout_s: float = 10.0) -> None:
+        self.store, self.sessions, self.policy, self.hooks = store, sessions, policy, hooks
+        self.durable = durable
+        self.buffer_bytes = buffer_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self.accepting = True
+        self.servers: list[asyncio.base_events.Server] = []
+        self.conns: set[Connection] = set()
+        self.stats = {"accepted": 0, "refused": 0, "not_redirected": 0,
+                      "upstream_failed": 0, "store_errors": 0}
+
+    async def listen(self, addresses: tuple[str, ...], port: int) -> None:
+        loop = asyncio.get_running_loop()
+        for addr in addresses:
+            sock = _listening_socket(addr, port)
+            self.servers.append(await loop.create_server(
+                lambda: ClientProtocol(self), sock=sock, backlog=4096))
+
+    async def close(self, reason: str = "agent stopping") -> None:
+        self.accepting = False
+        for s in self.servers:
+            s.close()
+        for c in list(self.conns):
+            c.run(c.relay.abort(reason))
+        for s in self.servers:
+            await s.wait_closed()
+
+    def statistics(self) -> dict:
+        return {**self.stats, "open": len(self.conns), "accepting": self.accepting}
+
+
+def _listening_socket(addr: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        # "::" is dual-stack (IPv4 clients arrive v4-mapped); "::1" is v6 only anyway.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if addr == "::" else 1)
+    try:
+        sock.bind((addr, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on [{addr}]:{port}: {e.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class Connection:
+    """One session: two transports, one relay, the executor of its commands."""
+
+    def __init__(self, proxy: Proxy, client: asyncio.Transport, session: Session) -> None:
+        self.proxy, self.session, self.relay = proxy, session, Relay()
+        self.transports: list[asyncio.Transport | None] = [client, None]
+        # Why each side's reading is paused; it resumes only when none is left.
+        self._blocks: list[set[str]] = [{"upstream"}, set()]
+
+    def block(self, side: Side, reason: str) -> None:
+        t = self.transports[side]
+        if not self._blocks[side] and t is not None:
+            t.pause_reading()
+        self._blocks[side].add(reason)
+
+    def unblock(self, side: Side, reason: str) -> None:
+        blocks = self._blocks[side]
+        blocks.discard(reason)
+        t = self.transports[side]
+        if not blocks and t is not None and not self.relay.finished:
+            t.resume_reading()
+
+    # -- events from the transports ------------------------------------------
+
+    def on_data(self, side: Side, data: bytes) -> None:
+        self.run(self.relay.data_received(side, data))
+
+    def on_eof(self, side: Side) -> None:
+        self.run(self.relay.eof_received(side))
+
+    def on_lost(self, side: Side, exc: Exception | None) -> None:
+        self.transports[side] = None
+        self.run(self.relay.connection_lost(side, _why(exc)))
+
+    # -- carrying out commands -------------------------------------------------
+
+    def run(self, cmds: list[Command]) -> None:
+        for i, cmd in enumerate(cmds):
+            if isinstance(cmd, Record):
+                seq = self._record(cmd)
+                if seq is None:
+                    return
+                if self.proxy.durable is not None:
+                    # Forward only once the batch holding this chunk is on disk.
+                    self._defer(seq, Side(cmd.direction), cmds[i + 1:])
+                    return
+            elif isinstance(cmd, Send):
+                t = self.transports[cmd.to]
+                if t is not None:
+                    t.write(cmd.data)
+            elif isinstance(cmd, HalfClose):
+                t = self.transports[cmd.to]
+                if t is not None and t.can_write_eof():
+                    t.write_eof()
+            elif isinstance(cmd, Close):
+                self._close(cmd.side, cmd.reset)
+            elif isinstance(cmd, Finish):
+                self._finish(cmd)
+
+    def _record(self, cmd: Record) -> int | None:
+        try:
+            return self.proxy.store.append_data(self.session.id, cmd.direction, cmd.data)
+        except Exception as e:
+            self.proxy.stats["store_errors"] += 1
+            self.proxy.hooks.store_failed(e)
+            self.run(self.relay.abort(f"store failed: {e}"))
+            return None
+
+    def _defer(self, seq: int, src: Side, rest: list[Command]) -> None:
+        self.block(src, "durable")
+
+        async def forward() -> None:
+            try:
+                await self.proxy.durable.durable(seq)
+            except Exception as e:
+                self.proxy.hooks.store_failed(e)
+                self.run(self.relay.abort(f"store failed: {e}"))
+                return
+            self.run(rest)
+            self.unblock(src, "durable")
+        asyncio.get_running_loop().create_task(forward())
+
+    def _close(self, side: Side, reset: bool) -> None:
+        t = self.transports[side]
+        if t is None:
+            return
+        if reset:
+            sock = t.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            t.abort()
+        else:
+            t.close()
+
+    def _finish(self, f: Finish) -> None:
+        self.proxy.conns.discard(self)
+        self.proxy.sessions.close(self.session)
+        try:
+            self.proxy.store.append_json(Kind.SESSION_CLOSE, {
+                "session": self.session.id, "reason": f.reason,
+                "client_bytes": f.client_bytes, "server_bytes": f.server_bytes,
+                "duration_ms": round((time.time_ns() - self.session.started_ns) / 1e6, 3)})
+        except Exception as e:
+            self.proxy.hooks.store_failed(e)
+
+    # -- the upstream side -------------------------------------------------------
+
+    async def connect_upstream(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.session.original_dst
+        try:
+            await asyncio.wait_for(loop.create_connection(
+                lambda: ServerProtocol(self), host, port), self.proxy.connect_timeout_s)
+        except (OSError, asyncio.TimeoutError) as e:
+            self.proxy.stats["upstream_failed"] += 1
+            self.run(self.relay.upstream_failed(_why(e) or "timeout"))
+            return
+        if self.transports[Side.CLIENT] is None or self.relay.finished:
+            self.run(self.relay.abort("client gone before upstream connected"))
+            return
+        self.unblock(Side.CLIENT, "upstream")
+
+    def upstream_made(self, transport: asyncio.Transport) -> None:
+        self.transports[Side.SERVER] = transport
+        _tune(transport, self.proxy.buffer_bytes)
+
+
+class _SideProtocol(asyncio.Protocol):
+    side: Side
+
+    def __init__(self) -> None:
+        self.conn: Connection | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.on_data(self.side, data)
+
+    def eof_received(self) -> bool:
+        self.conn.on_eof(self.side)
+        return True  # keep the transport half-open: the other direction goes on
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.conn.on_lost(self.side, exc)
+
+    # Our write buffer to this side is full: stop reading the other side.
+    def pause_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.block(self.side.other, "backpressure")
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn.unblock(self.side.other, "backpressure")
+
+
+class ServerProtocol(_SideProtocol):
+    side = Side.SERVER
+
+    def __init__(self, conn: Connection) -> None:
+        super().__init__()
+        self.conn = conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn.upstream_made(transport)
+
+
+class ClientProtocol(_SideProtocol):
+    side = Side.CLIENT
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__()
+        self.proxy = proxy
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not read until the upstream side exists. Python 3.11's selector
+        # transport starts reading *after* connection_made whatever we say
+        # here, so the pause is queued behind that.
+        asyncio.get_running_loop().call_soon(transport.pause_reading)
+        sock = transport.get_extra_info("socket")
+        try:
+            dst = original_dst(sock)
+        except NotRedirected:
+            # Not a redirected connection (someone dialled the port directly).
+            self.proxy.stats["not_redirected"] += 1
+            transport.abort()
+            return
+        peer = transport.get_extra_info("peername")
+        self._open(transport, (plain_ip(peer[0]), peer[1]), (plain_ip(dst[0]), dst[1]))
+
+    def _open(self, transport, client: tuple[str, int], dst: tuple[str, int]) -> None:
+        proxy = self.proxy
+        now = time.time_ns()
+        try:
+            sid = proxy.store.append_json(Kind.SESSION_OPEN, {
+                "client": client, "original_dst": dst, "time_ns": now}, now)
+        except Exception as e:
+            proxy.stats["store_errors"] += 1
+            proxy.hooks.store_failed(e)
+            _reset(transport)
+            return
+        session = Session(sid, client, dst, now)
+        proxy.sessions.add(session)
+        conn = self.conn = Connection(proxy, transport, session)
+        proxy.conns.add(conn)
+        proxy.stats["accepted"] += 1
+        _tune(transport, proxy.buffer_bytes)
+        why = None if proxy.accepting else "agent cannot record (store failing)"
+        why = why or proxy.policy.refuse(*dst)
+        if why:
+            proxy.stats["refused"] += 1
+            proxy.hooks.refused(session, why)
+            conn.run(conn.relay.upstream_failed(f"refused: {why}"))
+            return
+        loop = asyncio.get_running_loop()
+        loop.create_task(conn.connect_upstream())
+        loop.create_task(self._attribute(session))
+
+    async def _attribute(self, session: Session) -> None:
+        info = await self.proxy.hooks.attribute(session)
+        session.info = info
+        try:
+            self.proxy.store.append_json(Kind.SESSION_INFO, {"session": session.id, **info})
+        except Exception as e:
+            self.proxy.hooks.store_failed(e)
+
+
+def _tune(transport: asyncio.Transport, buffer_bytes: int) -> None:
+    transport.set_write_buffer_limits(high=buffer_bytes)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        # A transparent relay must not add Nagle delay the subject did not ask for.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    transport.abort()
+
+
+def _why(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

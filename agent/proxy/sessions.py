@@ -1,0 +1,78 @@
+"""The proxy's table of sessions, open and recently closed.
+
+The witness asks it whether a subject socket it saw in the kernel went
+through the proxy; closed sessions stay findable for `linger_s` because the
+kernel may report a short connection after the proxy has finished it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+Key = tuple[str, int, str, int]  # client ip, client port, original dst ip, port
+
+
+@dataclass(slots=True)
+class Session:
+    id: int
+    client: tuple[str, int]
+    original_dst: tuple[str, int]
+    started_ns: int
+    closed_ns: int | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> Key:
+        return (*self.client, *self.original_dst)
+
+
+class SessionTable:
+    def __init__(self, linger_s: float = 30.0) -> None:
+        self._open: dict[Key, Session] = {}
+        self._closed: OrderedDict[Key, Session] = OrderedDict()
+        self._lock = threading.Lock()
+        self.linger_s = linger_s
+        self.opened = 0
+
+    def add(self, s: Session) -> None:
+        with self._lock:
+            self._open[s.key] = s
+            self.opened += 1
+
+    def close(self, s: Session) -> None:
+        s.closed_ns = time.monotonic_ns()
+        with self._lock:
+            self._open.pop(s.key, None)
+            self._closed[s.key] = s
+            self._closed.move_to_end(s.key)
+            self._expire(s.closed_ns)
+
+    def _expire(self, now_ns: int) -> None:
+        horizon = now_ns - int(self.linger_s * 1e9)
+        while self._closed:
+            key, old = next(iter(self._closed.items()))
+            if old.closed_ns >= horizon:
+                break
+            del self._closed[key]
+
+    def match(self, client_ip: str, client_port: int, dst_ip: str, dst_port: int) -> bool:
+        key = (client_ip, client_port, dst_ip, dst_port)
+        with self._lock:
+            return key in self._open or key in self._closed
+
+    def find(self, client_ip: str, client_port: int, dst_ip: str, dst_port: int) -> Session | None:
+        key = (client_ip, client_port, dst_ip, dst_port)
+        with self._lock:
+            return self._open.get(key) or self._closed.get(key)
+
+    def open_sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._open.values())
+
+    def statistics(self) -> dict:
+        with self._lock:
+            return {"open": len(self._open), "recently_closed": len(self._closed),
+                    "opened_total": self.opened}
