@@ -30,6 +30,12 @@ def _nonneg(v: float) -> str | None:
     return None if v >= 0 else "must be 0 or more"
 
 
+def _at_most(limit: int):
+    def check(v: int) -> str | None:
+        return None if 0 < v <= limit else f"must be from 1 to {limit}"
+    return check
+
+
 def _one_of(*choices: str):
     def check(v: str) -> str | None:
         return None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
@@ -128,13 +134,25 @@ class ShipConfig:
     endpoint: str = ""     # host:port override (tests, private endpoints)
     instance_id: str = ""
     zone: str = ""
-    batch_entries: int = field(default=500, metadata=check(_positive))
+    batch_entries: int = field(default=500, metadata=check(_at_most(1000)))
     max_backlog_age_s: float = field(default=300.0, metadata=check(_positive))
+    # Plaintext channel, no credentials: for a loopback test server only.
+    insecure: bool = False
+    # Cursors and quarantined entries; kept out of the store directory,
+    # which belongs to the store alone.
+    state_dir: str = "/var/lib/tollgate-ship"
+    # Cloud Logging takes at most 10 MB per request; leave room for framing.
+    batch_bytes: int = field(default=9 << 20, metadata=check(_at_most(10_000_000)))
+    rpc_timeout_s: float = field(default=30.0, metadata=check(_positive))
+    retry_initial_s: float = field(default=1.0, metadata=check(_positive))
+    retry_max_s: float = field(default=60.0, metadata=check(_positive))
+    poll_interval_s: float = field(default=1.0, metadata=check(_positive))
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     subjects: tuple[str, ...] = field(default=("devin",), metadata=check(_users))
+    run_dir: str = "/run/tollgate"  # control socket; root only
     log_level: str = field(default="info",
                            metadata=check(_one_of("debug", "info", "warning", "error")))
     proxy: ProxyConfig = ProxyConfig()

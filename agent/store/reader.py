@@ -88,20 +88,29 @@ def scan_segment(path: Path, prev_hash: bytes | None = None,
     yield Tail(off, last_seq, last_hash, torn)
 
 
-def iter_records(store_dir: str | os.PathLike, strict: bool = True) -> Iterator[Record]:
+def iter_records(store_dir: str | os.PathLike, strict: bool = True,
+                 start_seq: int = 0) -> Iterator[Record]:
     """Every record of the store in order, checking crc, chain and sequence.
 
     strict: a broken frame anywhere but the very end of the last segment
     raises StoreCorrupt (a torn tail of the active segment is normal after a
     crash and is skipped).
+    start_seq: yield records from this seq on. Segments are named by their
+    first seq, so earlier segments are not read; the chain is checked from
+    the start of the first segment read (its link to the one before is not).
     """
     paths = segment_paths(store_dir)
-    prev_hash, expect = ZERO_HASH, 0
+    first = 0
     for i, path in enumerate(paths):
+        if int(path.stem) <= start_seq:
+            first = i
+    prev_hash, expect = (ZERO_HASH, 0) if first == 0 else (None, int(paths[first].stem))
+    for i, path in enumerate(paths[first:], first):
         for item in scan_segment(path, prev_hash, expect):
             if isinstance(item, Tail):
                 if item.torn and strict and i != len(paths) - 1:
                     raise StoreCorrupt(path.name, item.end, expect, item.torn)
                 break
-            yield item
             prev_hash, expect = item.hash, item.seq + 1
+            if item.seq >= start_seq:
+                yield item

@@ -1,0 +1,298 @@
+"""The `tollgate` command: parse, call, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+import orjson
+
+from agent import config as config_mod
+from agent.config import Config, ConfigError
+
+
+class Failure(click.ClickException):
+    """One line on stderr, exit code 2; never a traceback."""
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"tollgate: {self.format_message()}", err=True)
+
+
+def _load(ctx: click.Context) -> Config:
+    try:
+        return config_mod.load(ctx.obj["config_path"])
+    except ConfigError as e:
+        raise Failure(str(e)) from None
+
+
+def _json(obj: Any) -> None:
+    click.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2, default=str).decode())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help=f"config file (default {config_mod.DEFAULT_PATH})")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """tollgate: records everything a subject user sends and receives on the
+    network, and proves nothing went around the record."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+
+
+@main.command()
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Run the agent: apply rules, proxy and record until stopped."""
+    from agent import daemon, logs
+    cfg = _load(ctx)
+    logs.setup(cfg.log_level)
+    try:
+        daemon.run(cfg)
+    except daemon.StartError as e:
+        raise Failure(str(e)) from None
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="leave the sandbox up after the demo (until Ctrl-C)")
+def demo(keep: bool) -> None:
+    """Build a throwaway sandbox, send a subject's traffic through tollgate, show the record."""
+    from agent.demo import run_demo
+    try:
+        run_demo(keep=keep, echo=click.echo)
+    except RuntimeError as e:
+        raise Failure(str(e)) from None
+
+
+@main.group()
+def rules() -> None:
+    """Show, apply or remove tollgate's nftables rules."""
+
+
+@rules.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rules_show(ctx: click.Context, as_json: bool) -> None:
+    """Print the live table and whether it matches the config."""
+    from agent.daemon import ruleset_for
+    from agent.enforce import Nft
+    from agent.enforce.apply import verify
+    cfg = _load(ctx)
+    nft, want = Nft(), ruleset_for(cfg)
+    live = nft.list_table("inet", want.table)
+    problems = verify(nft, want)
+    if as_json:
+        _json({"table": live, "matches_config": not problems, "problems": problems})
+        return
+    if live is None:
+        click.echo(f"table inet {want.table}: absent (subjects are NOT confined)")
+    else:
+        click.echo(_nft_text(want.table))
+    click.echo("matches config" if not problems else "DIFFERS from config: " + "; ".join(problems))
+    sys.exit(0 if not problems else 1)
+
+
+def _nft_text(table: str) -> str:
+    import subprocess
+    return subprocess.run(["nft", "list", "table", "inet", table], capture_output=True,
+                          text=True).stdout.rstrip()
+
+
+@rules.command("apply")
+@click.pass_context
+def rules_apply(ctx: click.Context) -> None:
+    """Apply the rules now (the running agent does this itself on start)."""
+    from agent import control
+    from agent.daemon import ruleset_for
+    from agent.enforce import Nft, NftError
+    from agent.enforce.apply import apply
+    cfg = _load(ctx)
+    try:
+        control.request(cfg.run_dir, "rules_apply")
+    except control.NotRunning:
+        try:
+            apply(Nft(), ruleset_for(cfg))
+        except NftError as e:
+            raise Failure(str(e)) from None
+        control.record(cfg.run_dir, cfg.store.path, "EVENT",
+                       {"event": "rules_applied", "why": "operator"}, control.me())
+    click.echo("rules applied")
+
+
+@rules.command("remove")
+@click.option("--reason", default="", help="why; recorded with the act")
+@click.pass_context
+def rules_remove(ctx: click.Context, reason: str) -> None:
+    """Remove the rules: the subject's traffic is no longer forced or recorded."""
+    from agent import control
+    from agent.alerts import make_alert, AlertType
+    from agent.enforce import Nft
+    from agent.enforce.apply import remove
+    cfg = _load(ctx)
+    try:
+        reply = control.request(cfg.run_dir, "rules_remove", reason=reason)
+        removed = reply.get("removed")
+    except control.NotRunning:
+        alert = make_alert(AlertType.RULES_REMOVED, "operator removed tollgate's rules",
+                           reason=reason, by=control.me())
+        _record_alert_offline(cfg, alert)
+        removed = remove(Nft(), cfg.enforce.table)
+    click.echo("rules removed; the act is recorded" if removed else "no rules were in place")
+
+
+def _record_alert_offline(cfg: Config, alert: dict) -> None:
+    from agent.control import StoreLock
+    from agent.store import Kind, StoreWriter
+    lock = StoreLock(cfg.store.path)
+    if not lock.acquire():
+        raise Failure(f"{cfg.store.path}: store is locked by an agent that does not answer")
+    w = StoreWriter(cfg.store.path)
+    w.append_json(Kind.ALERT, alert)
+    w.close()
+    lock.release()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def sessions(ctx: click.Context, as_json: bool) -> None:
+    """List recorded sessions."""
+    from agent.review.replay import stamp
+    from agent.review.sessions import list_sessions
+    cfg = _load(ctx)
+    items = list_sessions(cfg.store.path)
+    if as_json:
+        _json([s.as_dict() for s in items])
+        return
+    click.echo(f"{'ID':>8}  {'START':24} {'SUBJECT':10} {'DESTINATION':28} {'SENT':>10} "
+               f"{'RECEIVED':>10}  {'STATE':8} PROCESS")
+    for s in items:
+        dst = f"{s.original_dst[0]}:{s.original_dst[1]}"
+        click.echo(f"{s.id:>8}  {stamp(s.start_ns):24} {s.subject:10} {dst:28} "
+                   f"{s.bytes[0]:>10} {s.bytes[1]:>10}  {s.state[:30]:8} {s.process}")
+
+
+@main.command()
+@click.argument("session_id", type=int)
+@click.option("--raw", type=click.Choice(["client", "server"]),
+              help="write the exact bytes of one direction to stdout")
+@click.pass_context
+def replay(ctx: click.Context, session_id: int, raw: str | None) -> None:
+    """Replay a session: both directions in order, with timestamps."""
+    from agent import control
+    from agent.review.replay import raw_bytes, render_text
+    from agent.review.sessions import session_records
+    from agent.store import Direction
+    cfg = _load(ctx)
+    records = list(session_records(cfg.store.path, session_id))
+    if not records:
+        raise Failure(f"no session {session_id} in {cfg.store.path}")
+    control.record(cfg.run_dir, cfg.store.path, "ACCESS",
+                   {"act": "replay", "session": session_id, "raw": raw}, control.me())
+    if raw:
+        out = sys.stdout.buffer
+        for chunk in raw_bytes(records, Direction[raw.upper()]):
+            out.write(chunk)
+        out.flush()
+        return
+    for line in render_text(records):
+        click.echo(line)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """What the running agent is doing, and what it has counted."""
+    from agent import control
+    cfg = _load(ctx)
+    try:
+        st = control.request(cfg.run_dir, "status")["status"]
+    except control.NotRunning:
+        if as_json:
+            _json({"running": False})
+        else:
+            click.echo("agent: not running (rules, if present, keep refusing subject traffic)")
+        sys.exit(3)
+    if as_json:
+        _json({"running": True, **st})
+        return
+    _print_tree(st)
+
+
+def _print_tree(d: dict, indent: int = 0) -> None:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            click.echo(" " * indent + f"{k}:")
+            _print_tree(v, indent + 2)
+        else:
+            click.echo(" " * indent + f"{k}: {v}")
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def alerts(ctx: click.Context, as_json: bool) -> None:
+    """List alerts, unacknowledged first."""
+    if ctx.invoked_subcommand:
+        return
+    from agent.review.replay import stamp
+    from agent.review.sessions import list_alerts
+    cfg = _load(ctx)
+    items = sorted(list_alerts(cfg.store.path), key=lambda a: (a["ack"] is not None, a["seq"]))
+    if as_json:
+        _json(items)
+        return
+    for a in items:
+        mark = "acked" if a["ack"] else "NEW"
+        click.echo(f"{a['id']}  {stamp(a['time_ns'])}  {mark:5} {a['severity']:8} "
+                   f"{a['type']:18} {a['summary']}")
+
+
+@alerts.command("show")
+@click.argument("alert_id")
+@click.pass_context
+def alerts_show(ctx: click.Context, alert_id: str) -> None:
+    """One alert with all its evidence."""
+    from agent.review.sessions import list_alerts
+    cfg = _load(ctx)
+    for a in list_alerts(cfg.store.path):
+        if a["id"] == alert_id:
+            _json(a)
+            return
+    raise Failure(f"no alert {alert_id}")
+
+
+@main.command()
+@click.option("--once", is_flag=True, required=True,
+              help="ship what the store holds now, then exit (`tollgate run` ships continuously)")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="config file (overrides the one given before the command)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ship(ctx: click.Context, once: bool, config_path: str | None, as_json: bool) -> None:
+    """Ship the store to Cloud Logging once; transient errors are retried until they pass."""
+    from google.api_core.exceptions import GoogleAPICallError
+    from agent.ship import Shipper, ShipperBusy, TransportError
+    if config_path:
+        ctx.obj["config_path"] = config_path
+    cfg = _load(ctx)
+    try:
+        shipper = Shipper(cfg, cfg.store.path)
+        result = shipper.run_once()
+    except (ShipperBusy, TransportError, GoogleAPICallError, FileNotFoundError) as e:
+        raise Failure(str(e)) from None
+    stats = shipper.statistics()
+    shipper.close()
+    if as_json:
+        _json({"result": result, "statistics": stats})
+        return
+    click.echo(f"shipped {result.records} records in {result.entries} entries; "
+               f"{result.rejected} refused and kept in {cfg.ship.state_dir}/quarantine")
+    click.echo(f"backlog: {stats.backlog_records} records, {stats.backlog_bytes} bytes")
+
+
+if __name__ == "__main__":
+    main()
