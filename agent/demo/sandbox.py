@@ -110,7 +110,7 @@ class Sandbox:
     def spawn(self, ns: str, argv: list[str], user: str | None = None,
               **kw) -> subprocess.Popen:
         kw.setdefault("stdout", subprocess.DEVNULL)
-        kw.setdefault("stderr", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.DEVNULL)  # an unread pipe would stall a chatty server
         p = subprocess.Popen(self.argv(ns, argv, user), start_new_session=True, **kw)
         self.procs.append(p)
         return p

@@ -99,7 +99,9 @@ class Connection:
         self.proxy, self.session, self.relay = proxy, session, Relay()
         self.transports: list[asyncio.Transport | None] = [client, None]
         # Why each side's reading is paused; it resumes only when none is left.
-        self._blocks: list[set[str]] = [{"upstream"}, set()]
+        # The subject's first bytes wait for attribution too: while its
+        # process waits for an answer it is alive, so it can be named.
+        self._blocks: list[set[str]] = [{"upstream", "attribution"}, set()]
 
     def block(self, side: Side, reason: str) -> None:
         t = self.transports[side]
@@ -309,7 +311,11 @@ class ClientProtocol(_SideProtocol):
         loop.create_task(self._attribute(session))
 
     async def _attribute(self, session: Session) -> None:
-        info = await self.proxy.hooks.attribute(session)
+        try:
+            info = await self.proxy.hooks.attribute(session)
+        finally:
+            if self.conn is not None:
+                self.conn.unblock(Side.CLIENT, "attribution")
         session.info = info
         try:
             self.proxy.store.append_json(Kind.SESSION_INFO, {"session": session.id, **info})

@@ -1,0 +1,119 @@
+"""Test peers run inside the sandbox: a server and a client that each report
+SHA-256 of what they sent and received, so a test can hold them against the
+store. Standalone script: `python peers.py server PORT OUT` / `client HOST PORT
+SIZE`, and `halfclose-server PORT REPLY_BYTES`, `halfclose-client HOST PORT`.
+"""
+
+import hashlib
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+
+CHUNK = 1 << 16
+
+
+def _send_random(sock, size, digest):
+    left = size
+    while left:
+        block = os.urandom(min(CHUNK, left))
+        digest.update(block)
+        sock.sendall(block)
+        left -= len(block)
+
+
+def _recv_all(sock, digest, limit=None):
+    total = 0
+    while limit is None or total < limit:
+        data = sock.recv(CHUNK if limit is None else min(CHUNK, limit - total))
+        if not data:
+            break
+        digest.update(data)
+        total += len(data)
+    return total
+
+
+def _family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def server(port, out):
+    ls = socket.socket(socket.AF_INET6)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    ls.bind(("::", port))
+    ls.listen(16)
+    while True:
+        conn, _ = ls.accept()
+        head = conn.recv(8, socket.MSG_WAITALL)
+        if len(head) < 8:  # a readiness probe, not a transfer
+            conn.close()
+            continue
+        size = struct.unpack("!Q", head)[0]
+        sent, recvd = hashlib.sha256(), hashlib.sha256(head)
+        t = threading.Thread(target=_send_random, args=(conn, size, sent))
+        t.start()
+        n = len(head) + _recv_all(conn, recvd)
+        t.join()
+        conn.close()
+        with open(out, "a") as f:
+            f.write(json.dumps({"recv_sha": recvd.hexdigest(), "recv_bytes": n,
+                                "sent_sha": sent.hexdigest()}) + "\n")
+
+
+def client(host, port, size):
+    s = socket.create_connection((host, port))
+    head = struct.pack("!Q", size)
+    s.sendall(head)
+    sent, recvd = hashlib.sha256(head), hashlib.sha256()
+
+    def send():
+        _send_random(s, size, sent)
+        s.shutdown(socket.SHUT_WR)
+    t = threading.Thread(target=send)
+    t.start()
+    n = _recv_all(s, recvd)
+    t.join()
+    print(json.dumps({"sent_sha": sent.hexdigest(), "recv_sha": recvd.hexdigest(),
+                      "recv_bytes": n}))
+
+
+def halfclose_server(port, reply_bytes):
+    ls = socket.socket(socket.AF_INET6)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    ls.bind(("::", port))
+    ls.listen(16)
+    while True:
+        conn, _ = ls.accept()
+        try:
+            got = _recv_all(conn, hashlib.sha256())  # until the client's EOF
+            conn.sendall(f"got {got} bytes;".encode() + b"r" * reply_bytes)
+        except OSError:  # a readiness probe that left early
+            pass
+        conn.close()
+
+
+def halfclose_client(host, port):
+    s = socket.create_connection((host, port))
+    s.sendall(b"q" * 100000)
+    s.shutdown(socket.SHUT_WR)
+    chunks = []
+    while data := s.recv(CHUNK):
+        chunks.append(data)
+    reply = b"".join(chunks)
+    print(json.dumps({"head": reply[:40].decode(errors="replace"), "len": len(reply)}))
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    if cmd == "server":
+        server(int(args[0]), args[1])
+    elif cmd == "client":
+        client(args[0], int(args[1]), int(args[2]))
+    elif cmd == "halfclose-server":
+        halfclose_server(int(args[0]), int(args[1]))
+    elif cmd == "halfclose-client":
+        halfclose_client(args[0], int(args[1]))

@@ -1,0 +1,59 @@
+"""One sandbox (bastion + corp namespaces), real servers and a real agent
+process for the module; tests run the subject's clients in the bastion."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.demo.agent_process import AgentProcess
+from agent.demo.sandbox import Sandbox
+from agent.demo.servers import HttpServer, Postgres, port_open
+from agent.demo.sandbox import CORP_V4, wait_for
+
+PEERS = str(Path(__file__).parent.parent / "peers.py")
+EXACT_PORT, HALFCLOSE_PORT = 7001, 7002
+
+pytestmark = pytest.mark.root
+
+
+def pytest_collection_modifyitems(items):
+    if os.geteuid() != 0:
+        for item in items:
+            item.add_marker(pytest.mark.skip(reason="needs root (CI runs as root)"))
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    sb = Sandbox(prefix="tgt", subject="tgsubject")
+    sb.up()
+    yield sb
+    sb.down()
+
+
+@pytest.fixture(scope="session")
+def servers(sandbox, tmp_path_factory):
+    pg, http = Postgres(sandbox).start(), HttpServer(sandbox).start()
+    out = tmp_path_factory.mktemp("peers") / "server.jsonl"
+    sandbox.spawn(sandbox.corp, [sys.executable, PEERS, "server", str(EXACT_PORT), str(out)])
+    sandbox.spawn(sandbox.corp, [sys.executable, PEERS, "halfclose-server",
+                                 str(HALFCLOSE_PORT), str(3 << 20)])
+    for port in (EXACT_PORT, HALFCLOSE_PORT):
+        wait_for(lambda: port_open(sandbox, sandbox.corp, CORP_V4, port), 15, what="peer")
+    yield {"pg": pg, "http": http, "exact_out": out}
+    pg.stop()
+    http.stop()
+
+
+@pytest.fixture(scope="session")
+def agent(sandbox, servers, tmp_path_factory):
+    a = AgentProcess(sandbox, workdir=str(tmp_path_factory.mktemp("agent")))
+    a.start()
+    yield a
+    a.stop()
+    # Finished segments are immutable (WORM); a test store must still go away.
+    subprocess.run(["chattr", "-R", "-i", str(a.store)], capture_output=True)

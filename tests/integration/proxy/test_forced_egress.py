@@ -1,0 +1,149 @@
+"""Issue 2: a subject's connections are forced through the proxy and recorded
+byte for byte; root's are not; the agent's death refuses, never leaks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import sys
+
+import pytest
+
+from agent.demo.sandbox import CORP_V4, CORP_V6, wait_for
+from agent.review.sessions import list_sessions, session_records
+from agent.review.replay import raw_bytes
+from agent.store import Direction
+
+from conftest import EXACT_PORT, HALFCLOSE_PORT, PEERS
+
+
+def sessions_to(agent, ip: str, port: int) -> list:
+    return [s for s in list_sessions(agent.store) if s.original_dst == (ip, port)]
+
+
+def payload(agent, session_id: int, direction: Direction) -> bytes:
+    return b"".join(raw_bytes(session_records(agent.store, session_id), direction))
+
+
+def new_session(agent, ip: str, port: int, before: int):
+    """The one session to (ip, port) recorded since `before` sessions existed."""
+    def closed():
+        found = sessions_to(agent, ip, port)[before:]
+        return found if found and all(s.close for s in found) else None
+    found = wait_for(closed, 10, what=f"a closed session to {ip}:{port}")
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("host", [CORP_V4, CORP_V6])
+def test_psql_query_and_result_are_recorded(agent, sandbox, host):
+    before = len(sessions_to(agent, host, 5432))
+    r = sandbox.subject_run(["psql", "-h", host, "-U", "postgres", "-d", "corp", "-Atc",
+                             "select 42 as answer, name from customers where id = 2"], text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "42|Grace"
+    s = new_session(agent, host, 5432, before)
+    assert b"select 42 as answer" in payload(agent, s.id, Direction.CLIENT)
+    assert b"Grace" in payload(agent, s.id, Direction.SERVER)
+    assert s.info["uid"] == sandbox_uid(sandbox)
+    assert s.info["chain"][0]["exe"].endswith("psql") or "psql" in s.info["chain"][0]["argv"][0]
+
+
+def sandbox_uid(sandbox) -> int:
+    import pwd
+    return pwd.getpwnam(sandbox.subject).pw_uid
+
+
+@pytest.mark.parametrize("url_host", [CORP_V4, f"[{CORP_V6}]"])
+def test_curl_request_and_response_are_recorded(agent, sandbox, servers, url_host):
+    ip = url_host.strip("[]")
+    before = len(sessions_to(agent, ip, 8080))
+    r = sandbox.subject_run(["curl", "-sS", "-g", f"http://{url_host}:8080/hello.txt"])
+    assert r.returncode == 0 and r.stdout == servers["http"].BODY
+    s = new_session(agent, ip, 8080, before)
+    assert payload(agent, s.id, Direction.CLIENT).startswith(b"GET /hello.txt HTTP/1.1\r\n")
+    assert payload(agent, s.id, Direction.SERVER).endswith(servers["http"].BODY)
+    # The CLI shows the same bytes.
+    raw = agent.cli("replay", str(s.id), "--raw", "server").stdout
+    assert raw == payload(agent, s.id, Direction.SERVER)
+
+
+def test_64mib_each_way_is_stored_exactly(agent, sandbox, servers):
+    size = 64 << 20
+    before = len(sessions_to(agent, CORP_V4, EXACT_PORT))
+    r = sandbox.subject_run([sys.executable, PEERS, "client", CORP_V4, str(EXACT_PORT),
+                             str(size)], text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    client = json.loads(r.stdout)
+    server = json.loads(servers["exact_out"].read_text().splitlines()[-1])
+    s = new_session(agent, CORP_V4, EXACT_PORT, before)
+    up = hashlib.sha256(payload(agent, s.id, Direction.CLIENT)).hexdigest()
+    down = hashlib.sha256(payload(agent, s.id, Direction.SERVER)).hexdigest()
+    assert client["recv_bytes"] == size and server["recv_bytes"] == size + 8
+    assert up == client["sent_sha"] == server["recv_sha"]
+    assert down == server["sent_sha"] == client["recv_sha"]
+    assert s.bytes == [size + 8, size]
+
+
+def test_half_close_reply_arrives_whole(agent, sandbox):
+    r = sandbox.subject_run([sys.executable, PEERS, "halfclose-client", CORP_V4,
+                             str(HALFCLOSE_PORT)], text=True)
+    assert r.returncode == 0, r.stderr
+    reply = json.loads(r.stdout)
+    assert reply["head"].startswith("got 100000 bytes;")
+    assert reply["len"] == len("got 100000 bytes;") + (3 << 20)
+
+
+def test_root_is_not_redirected_but_subject_loopback_is(agent, sandbox, servers):
+    loop_port = 8090
+    sandbox.spawn(sandbox.bastion, [sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                                    "--directory", str(servers["http"].dir), str(loop_port)])
+    from agent.demo.servers import port_open
+    wait_for(lambda: port_open(sandbox, sandbox.bastion, "127.0.0.1", loop_port), 10)
+    n_before = len(list_sessions(agent.store))
+    r = sandbox.run(sandbox.bastion, ["curl", "-sS", f"http://{CORP_V4}:8080/hello.txt"])
+    assert r.returncode == 0
+    r = sandbox.run(sandbox.bastion, ["curl", "-sS", f"http://127.0.0.1:{loop_port}/hello.txt"])
+    assert r.returncode == 0
+    assert len(list_sessions(agent.store)) == n_before  # root: nothing redirected
+    r = sandbox.subject_run(["curl", "-sS", f"http://127.0.0.1:{loop_port}/hello.txt"])
+    assert r.returncode == 0 and r.stdout == servers["http"].BODY
+    new_session(agent, "127.0.0.1", loop_port, 0)
+
+
+def test_agent_killed_subject_refused_then_recorded_after_restart(agent, sandbox, servers):
+    agent.stop(signal.SIGKILL)
+    try:
+        before = len(sessions_to(agent, CORP_V4, 8080))
+        seen = servers["exact_out"].read_text().count("\n")
+        probe = ("import socket,struct\ntry:\n s=socket.create_connection(('%s',%d),5)\n"
+                 " s.sendall(struct.pack('!Q',0)); s.shutdown(1); s.recv(1); print('through')\n"
+                 "except ConnectionRefusedError: print('refused')" % (CORP_V4, EXACT_PORT))
+        r = sandbox.subject_run([sys.executable, "-c", probe], text=True)
+        assert r.stdout.strip() == "refused", r
+        r = sandbox.subject_run(["curl", "-sS", "-m", "5", f"http://{CORP_V4}:8080/hello.txt"])
+        assert r.returncode == 7, r  # curl: couldn't connect
+        import time
+        time.sleep(0.5)
+        assert servers["exact_out"].read_text().count("\n") == seen  # never reached corp
+        # The rules are still in the kernel, unchanged.
+        rules = agent.cli("rules", "show")
+        assert rules.returncode == 0, rules.stdout + rules.stderr
+    finally:
+        agent.start()
+    r = sandbox.subject_run(["curl", "-sS", f"http://{CORP_V4}:8080/hello.txt"])
+    assert r.returncode == 0
+    s = new_session(agent, CORP_V4, 8080, before)
+    assert payload(agent, s.id, Direction.SERVER).endswith(servers["http"].BODY)
+
+
+def test_port_in_use_is_one_clear_line(agent, sandbox, tmp_path):
+    """A second agent on the same port: one line, exit 2, no traceback."""
+    from agent.demo.agent_process import AgentProcess
+    other = AgentProcess(sandbox, workdir=str(tmp_path), port=15001)
+    r = other.cli("run", text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert r.stderr.strip().splitlines()[-1].startswith("tollgate: ")
+    assert "proxy.port" in r.stderr and "Address already in use" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,49 @@
+"""Bad config values: one line naming file and key, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from agent import config
+
+
+def tollgate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ('subjects = ["root"]\nbogus = 1\n', "bogus: unknown key"),
+    ('subjects = ["root"]\n[proxy]\nport = 70000\n', "proxy.port: must be a port number"),
+    ('subjects = ["root"]\n[proxy]\nport = "x"\n', "proxy.port: must be an integer"),
+    ('subjects = ["no-such-user-tg"]\n', "subjects: user 'no-such-user-tg' does not exist"),
+    ('subjects = ["root"]\n[store]\ndurability = "sometimes"\n', "store.durability: must be one of"),
+    ('subjects = ["root"]\n[proxy]\ndeny = ["not-an-ip"]\n', "proxy.deny: 'not-an-ip'"),
+    ('subjects = ["root"\n', "not valid TOML"),
+])
+def test_bad_value_is_one_clear_line(tmp_path, body, needle):
+    f = tmp_path / "tollgate.toml"
+    f.write_text(body)
+    r = tollgate("--config", str(f), "run")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"tollgate: {f}: ") and needle in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_file_named(tmp_path):
+    r = tollgate("--config", str(tmp_path / "nope.toml"), "run")
+    assert r.returncode == 2 and r.stderr.strip().endswith("nope.toml: file not found")
+
+
+def test_good_file_loads_typed(tmp_path):
+    f = tmp_path / "t.toml"
+    f.write_text('subjects = ["root"]\n[store]\ndurability = "fsync"\nfsync_interval_ms = 3\n')
+    cfg = config.load(f)
+    assert cfg.store.durability == "fsync" and cfg.store.fsync_interval_ms == 3.0
+    assert cfg.subject_uids() == (0,)
+    assert cfg.proxy.port == 15001
