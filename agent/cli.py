@@ -294,5 +294,108 @@ def ship(ctx: click.Context, once: bool, config_path: str | None, as_json: bool)
     click.echo(f"backlog: {stats.backlog_records} records, {stats.backlog_bytes} bytes")
 
 
+@main.command("verify")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False),
+              help="verification key file from `tollgate keys init` (checks seal MACs)")
+@click.option("--store", "store_dir", help="store directory (default: from the config)")
+@click.option("--live", is_flag=True, help="tolerate a partial last record (agent running)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def verify_cmd(ctx: click.Context, key_file: str | None, store_dir: str | None, live: bool,
+               as_json: bool) -> None:
+    """Prove the store whole: checksums, chain, segments, seals. Exit 1 on any failure."""
+    from agent.store import SealKeyError, load_verification_key, verify
+    store_dir = store_dir or _load(ctx).store.path
+    try:
+        key = load_verification_key(key_file) if key_file else None
+    except SealKeyError as e:
+        raise Failure(str(e)) from None
+    r = verify(store_dir, key, allow_torn_tail=live)
+    if as_json:
+        _json(r.to_json())
+    else:
+        _print_verify(r)
+    sys.exit(0 if r.ok else 1)
+
+
+def _print_verify(r) -> None:
+    click.echo(f"store {r.store_id}: records {r.first_seq}..{r.last_seq} ({r.records} records,"
+               f" {r.bytes} bytes, {len(r.segments)} segments) in {r.seconds:.2f}s")
+    if r.gc_before is not None:
+        click.echo(f"earlier records removed by recorded gc; store starts at seq {r.gc_before}")
+    seals = f"{r.seals} seals, epochs {r.first_epoch}..{r.last_epoch}" if r.seals else "no seals"
+    click.echo(f"sealed up to seq {r.sealed_upto} ({seals}); {r.unsealed_records} records after"
+               f" the last seal" + ("" if r.keyed else "; seal MACs NOT checked (no --key)"))
+    for f in r.failures:
+        click.echo(f"FAILED at {f.segment} offset {f.offset} seq {f.seq}: {f.reason}")
+    click.echo("OK" if r.ok else "NOT OK")
+
+
+@main.group()
+def keys() -> None:
+    """The forward-secure sealing key."""
+
+
+@keys.command("init")
+@click.option("--force", is_flag=True, help="replace an existing key (old seals then need the old key)")
+@click.pass_context
+def keys_init(ctx: click.Context, force: bool) -> None:
+    """Create the sealing key and print the verification key to keep OFF this host."""
+    from agent.store import SealKeyError, init_key
+    from agent.store.keys import verification_key_text
+    cfg = _load(ctx)
+    try:
+        k0 = init_key(cfg.store.key_path, force=force)
+    except (SealKeyError, OSError) as e:
+        raise Failure(str(e)) from None
+    click.echo(f"sealing key created: {cfg.store.key_path}")
+    click.echo("verification key (store it off this host; `tollgate verify --key FILE`):")
+    click.echo(verification_key_text(k0))
+
+
+@main.command("gc")
+@click.option("--unshipped", is_flag=True,
+              help="allow deleting segments that were never shipped (no shipping cursor)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def gc_cmd(ctx: click.Context, unshipped: bool, as_json: bool) -> None:
+    """Delete segments older than store.retention_days that are already shipped; recorded."""
+    from agent import control
+    from agent.store.gc import delete_segments, gc_event, plan_gc
+    cfg = _load(ctx)
+    plan = plan_gc(cfg.store.path, cfg.store.retention_days, _shipped_upto(cfg),
+                   allow_unshipped=unshipped)
+    if plan:
+        # the record goes first: a crash before the deletion leaves evidence, not a gap
+        try:
+            control.record(cfg.run_dir, cfg.store.path, "EVENT", gc_event(plan), control.me())
+        except RuntimeError as e:
+            raise Failure(str(e)) from None
+        delete_segments(cfg.store.path, plan)
+    if as_json:
+        _json({"deleted": plan})
+        return
+    click.echo(f"deleted {len(plan)} segments" + "".join(f"\n  {d['segment']}" for d in plan))
+
+
+def _shipped_upto(cfg: Config) -> int | None:
+    """Last seq every shipping lane has confirmed; None when nothing ships."""
+    from pathlib import Path
+    positions = []
+    try:
+        store_id = (Path(cfg.store.path) / "store.id").read_text().strip()
+    except OSError:
+        return None
+    for p in Path(cfg.ship.state_dir).glob("cursor-*.json"):
+        try:
+            doc = orjson.loads(p.read_bytes())
+            if doc["store_id"] != store_id:
+                return None  # a cursor of another store says nothing about this one
+            positions.append(doc["next_seq"] - 1)
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+            return None  # an unreadable cursor proves nothing was shipped
+    return min(positions) if cfg.ship.enabled and positions else None
+
+
 if __name__ == "__main__":
     main()

@@ -1,24 +1,41 @@
 """Appending records: one writer per store, many callers, one lock.
 
 Invariant 1 (record before forward) rests on append() returning only when
-the frame is in the page cache (durability "write") or is queued for the next
-group fsync (durability "fsync"; callers wait on wait_durable()).
+the frame is in the page cache (durability "write"); in "fsync" mode callers
+then await GroupCommit.durable(seq) (commit.py).
+
+Besides appending, the writer keeps the store whole:
+- on open it cuts a torn tail back to the last whole record (length, crc,
+  chain), keeps the cut bytes beside the segment and records RECOVERED;
+- it rotates segments by size and age; a finished segment is fsynced, made
+  immutable, and summarised (head, last seq, bytes) in the next SEGMENT_START;
+- it seals (seal.py) every seal_interval_s or seal_interval_bytes;
+- a failed append leaves no partial frame, flips `healthy` off, and keeps
+  records the caller defers (alerts) in memory until probe() or the next
+  append succeeds, which writes them first, then a store_recovered EVENT.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
+import hashlib
 import os
 import secrets
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import orjson
 
+from agent.store import seal as sealing
 from agent.store.format import (
-    FRAME_OVERHEAD, MAX_PAYLOAD, ZERO_HASH, Direction, Kind, data_payload_head,
+    FRAME_OVERHEAD, MAX_PAYLOAD, ZERO_HASH, Direction, Kind, Record, data_payload_head,
     encode_header, frame_digest, segment_name,
 )
+from agent.store.immutable import probe as probe_immutable, set_immutable
+from agent.store.keys import SealKey
 from agent.store.reader import Tail, scan_segment, segment_paths
 
 
@@ -26,21 +43,83 @@ class StoreError(Exception):
     """An append failed: the caller must cut what depends on it (fail closed)."""
 
 
+class StoreSettings(Protocol):
+    """The StoreConfig fields the writer reads (the store imports no config)."""
+    path: str
+    durability: str
+    segment_max_bytes: int
+    segment_max_age_s: float
+    seal_interval_s: float
+    seal_interval_bytes: int
+    key_path: str
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class StoreWriter:
     def __init__(self, store_dir: str | os.PathLike, *,
-                 segment_max_bytes: int = 64 << 20, durability: str = "write"):
+                 segment_max_bytes: int = 64 << 20, durability: str = "write",
+                 segment_max_age_s: float | None = None, seal_key: SealKey | None = None,
+                 seal_interval_s: float = 1.0, seal_interval_bytes: int = 1 << 20,
+                 immutable: bool = True, max_deferred: int = 10_000,
+                 maintain_interval_s: float | None = None):
         self.dir = Path(store_dir)
         self.segment_max_bytes = segment_max_bytes
+        self.segment_max_age_ns = int(segment_max_age_s * 1e9) if segment_max_age_s else None
         self.durability = durability
+        self.seal_key = seal_key
+        self.seal_interval_ns = int(seal_interval_s * 1e9)
+        self.seal_interval_bytes = seal_interval_bytes
+        self.immutable = immutable
         self._lock = threading.Lock()
+        self._seal_lock = threading.Lock()   # one key ratchet at a time
         self._fd = -1
+        self._seg_path = Path()
         self._seg_bytes = 0
+        self._seg_started_ns = time.time_ns()
         self._next_seq = 0
         self._head = ZERO_HASH
         self._synced_seq = -1
+        self._dirty = False                  # a failed write may have left bytes past _seg_bytes
         self.appended_records = 0
         self.appended_bytes = 0
+        self.fsyncs = 0
+        self.healthy = True
+        self.last_error: str | None = None
+        self._failed_at_ns = 0
+        self._failures = 0
+        self._deferred: collections.deque[tuple[Kind, bytes]] = collections.deque()
+        self._max_deferred = max_deferred
+        self._deferred_dropped = 0
+        self.immutable_error: str | None = None if immutable else "disabled by the caller"
+        self._immutable_set = 0
+        self._last_seal: dict | None = None  # {"epoch", "seq", "ts"} of the newest seal
+        self._pending_ratchet: int | None = None  # seq of a seal whose key is not yet erased
+        self._seal_bytes = 0                 # appended since the last seal
+        self._seal_at_ns = time.monotonic_ns()
+        self.seals = 0
+        self.recovered: dict | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self._open()
+        if maintain_interval_s:
+            self.start_maintenance(maintain_interval_s)
+
+    @classmethod
+    def from_config(cls, cfg: StoreSettings, *, maintain_interval_s: float = 0.1) -> "StoreWriter":
+        """The writer as the daemon runs it: sealing when the key exists, upkeep thread on."""
+        key = SealKey(cfg.key_path) if Path(cfg.key_path).exists() else None
+        return cls(cfg.path, segment_max_bytes=cfg.segment_max_bytes,
+                   durability=cfg.durability, segment_max_age_s=cfg.segment_max_age_s,
+                   seal_key=key, seal_interval_s=cfg.seal_interval_s,
+                   seal_interval_bytes=cfg.seal_interval_bytes,
+                   maintain_interval_s=maintain_interval_s)
 
     # -- opening and recovery ------------------------------------------------
 
@@ -48,40 +127,106 @@ class StoreWriter:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         self.store_id = self._load_store_id()
+        if self.immutable:
+            self.immutable_error = probe_immutable(self.dir)
         paths = segment_paths(self.dir)
         if not paths:
-            self._start_segment(prev_segment=None)
+            self._create_segment(previous=None)
             return
+        if len(paths) > 1:
+            self._make_immutable(paths[-2])  # a crash may have come mid-rotation
         last = paths[-1]
-        prev_hash, expect = self._chain_before(paths)
-        tail = self._tail_of(last, prev_hash, expect)
-        self._fd = os.open(last, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self._seg_path = last
-        self._seg_bytes = tail.end
-        size = os.fstat(self._fd).st_size
-        if tail.last_seq >= 0:
-            self._next_seq, self._head = tail.last_seq + 1, tail.last_hash
-        if size > tail.end:
-            # A torn tail: cut it back to the last whole record, then say so.
-            os.ftruncate(self._fd, tail.end)
-            os.fsync(self._fd)
-            self.append_json(Kind.RECOVERED, {
-                "segment": last.name, "kept_bytes": tail.end,
-                "dropped_bytes": size - tail.end, "reason": tail.torn})
+        set_immutable(last, False)
+        tail, first, last_seal = self._scan_last(last)
+        if first is None:
+            self._restart_empty_segment(paths, tail)
+            return
+        self._seg_started_ns = first.ts_ns
+        self._next_seq, self._head = tail.last_seq + 1, tail.last_hash
+        self._last_seal = last_seal or orjson.loads(first.payload).get("last_seal")
+        self._fd = self._open_append(last)
+        self._seg_path, self._seg_bytes = last, tail.end
+        if os.fstat(self._fd).st_size > tail.end:
+            self._cut_torn_tail(tail)
+        self._synced_seq = self._next_seq - 1 if self.recovered else -1
+        self._resume_key()
 
-    def _chain_before(self, paths: list[Path]) -> tuple[bytes, int]:
-        """Chain head and next seq at the start of the last segment."""
-        if len(paths) < 2:
-            return ZERO_HASH, 0
-        tail = self._tail_of(paths[-2], None, None)
-        return tail.last_hash, tail.last_seq + 1
+    def _scan_last(self, path: Path) -> tuple[Tail, Record | None, dict | None]:
+        """Whole part of the active segment: its tail, first record, newest seal.
+
+        The first record must be a SEGMENT_START with the seq the name says;
+        after it each record must chain on (scan_segment checks from there).
+        """
+        first = last_seal = None
+        for item in scan_segment(path, None, int(path.stem)):
+            if isinstance(item, Tail):
+                tail = item
+            elif first is None and item.kind != Kind.SEGMENT_START:
+                tail = Tail(0, -1, ZERO_HASH, "first record is not a segment start")
+                break
+            else:
+                first = first or item
+                if item.kind == Kind.SEAL:
+                    last_seal = self._seal_state(item) or last_seal
+        return tail, first, last_seal
 
     @staticmethod
-    def _tail_of(path: Path, prev_hash: bytes | None, expect: int | None) -> Tail:
-        for item in scan_segment(path, prev_hash, expect):
-            if isinstance(item, Tail):
-                return item
-        raise AssertionError("scan_segment always ends with a Tail")
+    def _seal_state(rec: Record) -> dict | None:
+        try:
+            s = sealing.parse_seal(rec.payload)
+        except ValueError:
+            return None  # verify reports it; the writer just carries on from the last good one
+        return {"epoch": s["epoch"], "seq": rec.seq, "ts": rec.ts_ns, "key_id": s["key_id"].hex()}
+
+    def _restart_empty_segment(self, paths: list[Path], tail: Tail) -> None:
+        """The active segment holds no whole record: rebuild its SEGMENT_START."""
+        last = paths[-1]
+        previous = None
+        if len(paths) > 1:
+            prev = paths[-2]
+            ptail, pfirst, pseal = self._scan_last(prev)
+            self._next_seq, self._head = ptail.last_seq + 1, ptail.last_hash
+            self._last_seal = pseal or orjson.loads(pfirst.payload).get("last_seal")
+            previous = self._summary(prev, int(prev.stem), ptail.end)
+        self._fd = self._open_append(last)
+        self._seg_path, self._seg_bytes = last, 0
+        if os.fstat(self._fd).st_size:
+            self._cut_torn_tail(tail, previous=previous)
+        else:
+            self._append_locked(Kind.SEGMENT_START, self._start_payload(previous), time.time_ns())
+        self._resume_key()
+
+    def _cut_torn_tail(self, tail: Tail, previous: dict | None = None) -> None:
+        """Keep the torn bytes beside the segment (evidence), cut, then say so."""
+        path = self._seg_path
+        torn = path.read_bytes()[tail.end:]
+        keep = path.with_name(f"{path.name}.torn-{time.time_ns()}")
+        fd = os.open(keep, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, torn)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.ftruncate(self._fd, tail.end)
+        os.fsync(self._fd)
+        fsync_dir(self.dir)
+        if tail.end == 0:
+            self._append_locked(Kind.SEGMENT_START, self._start_payload(previous), time.time_ns())
+        self.recovered = {"segment": path.name, "kept_bytes": tail.end,
+                          "dropped_bytes": len(torn), "reason": tail.torn,
+                          "dropped_sha256": hashlib.sha256(torn).hexdigest(),
+                          "saved_as": keep.name}
+        self._append_locked(Kind.RECOVERED, orjson.dumps(self.recovered), time.time_ns())
+
+    def _resume_key(self) -> None:
+        """After a crash the newest seal may be on disk with its key not yet erased."""
+        ls, key = self._last_seal, self.seal_key
+        if key and ls and ls.get("key_id") == key.key_id.hex() and ls["epoch"] >= key.epoch:
+            key.advance(ls["epoch"] + 1)
+
+    @staticmethod
+    def _open_append(path: Path) -> int:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     def _load_store_id(self) -> str:
         p = self.dir / "store.id"
@@ -90,25 +235,62 @@ class StoreWriter:
         except FileNotFoundError:
             sid = secrets.token_hex(16)
             tmp = p.with_suffix(".tmp")
-            tmp.write_text(sid + "\n")
+            with open(tmp, "w") as f:
+                f.write(sid + "\n")
+                os.fsync(f.fileno())  # every segment names it: it must survive a crash
             os.replace(tmp, p)
+            fsync_dir(self.dir)
             return sid
 
-    def _start_segment(self, prev_segment: dict | None) -> None:
+    # -- segments ------------------------------------------------------------------
+
+    def _summary(self, path: Path, first_seq: int, size: int | None = None) -> dict:
+        return {"segment": path.name, "first_seq": first_seq, "last_seq": self._next_seq - 1,
+                "bytes": self._seg_bytes if size is None else size, "head": self._head.hex()}
+
+    def _start_payload(self, previous: dict | None) -> bytes:
+        return orjson.dumps({"store_id": self.store_id, "previous": previous,
+                             "last_seal": self._last_seal})
+
+    def _create_segment(self, previous: dict | None) -> None:
+        """Open the next segment and write its SEGMENT_START; on failure nothing changes."""
         path = self.dir / segment_name(self._next_seq)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
-                           | os.O_CLOEXEC, 0o600)
-        self._seg_path = path
-        self._seg_bytes = 0
-        self._append_locked(Kind.SEGMENT_START, orjson.dumps(
-            {"store_id": self.store_id, "previous": prev_segment}), time.time_ns())
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o600)
+        saved = self._fd, self._seg_path, self._seg_bytes, self._seg_started_ns
+        self._fd, self._seg_path, self._seg_bytes = fd, path, 0
+        self._seg_started_ns = time.time_ns()
+        try:
+            fsync_dir(self.dir)  # before the first record: a failure must change nothing
+            self._append_locked(Kind.SEGMENT_START, self._start_payload(previous),
+                                self._seg_started_ns)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            self._fd, self._seg_path, self._seg_bytes, self._seg_started_ns = saved
+            raise
 
     def _rotate(self) -> None:
-        os.fsync(self._fd)
-        os.close(self._fd)
-        prev = {"segment": self._seg_path.name, "bytes": self._seg_bytes,
-                "last_seq": self._next_seq - 1, "head": self._head.hex()}
-        self._start_segment(prev)
+        old_fd, old_path = self._fd, self._seg_path
+        os.fsync(old_fd)
+        self.fsyncs += 1
+        self._synced_seq = self._next_seq - 1
+        self._create_segment(self._summary(old_path, int(old_path.stem)))
+        os.close(old_fd)
+        self._make_immutable(old_path)
+
+    def _make_immutable(self, path: Path) -> None:
+        if not self.immutable:
+            return
+        self.immutable_error = set_immutable(path, True)
+        self._immutable_set += self.immutable_error is None
+
+    def _rotation_due(self, now_ns: int) -> bool:
+        if self._seg_bytes >= self.segment_max_bytes:
+            return True
+        return (self.segment_max_age_ns is not None
+                and now_ns - self._seg_started_ns >= self.segment_max_age_ns
+                and self._next_seq - 1 > int(self._seg_path.stem))
 
     # -- appending -------------------------------------------------------------
 
@@ -117,40 +299,60 @@ class StoreWriter:
         """Append one record; returns its seq. Raises StoreError on any failure."""
         ts = ts_ns if ts_ns is not None else time.time_ns()
         with self._lock:
-            if self._seg_bytes >= self.segment_max_bytes:
+            self._guard(self._recover_locked)
+            if self._rotation_due(ts):
                 self._guard(self._rotate)
-            return self._append_locked(kind, payload, ts, prefix)
+            seq = self._guard(self._append_locked, kind, payload, ts, prefix)
+            self._seal_if_due()
+            return seq
 
     def _append_locked(self, kind: Kind, payload, ts: int, prefix: bytes = b"") -> int:
         length = len(prefix) + len(payload)
         if length > MAX_PAYLOAD:
             raise StoreError(f"record of {length} bytes exceeds {MAX_PAYLOAD}")
+        if self._dirty:
+            os.ftruncate(self._fd, self._seg_bytes)
+            self._dirty = False
         seq = self._next_seq
         header = encode_header(kind, length, seq, ts, self._head)
         parts = [header, prefix, payload] if prefix else [header, payload]
         digest, crc = frame_digest(*parts)
         parts.append(crc)
-        self._guard(self._write_all, parts)
+        self._write_all(parts)
+        size = length + FRAME_OVERHEAD
         self._head, self._next_seq = digest, seq + 1
-        self._seg_bytes += length + FRAME_OVERHEAD
+        self._seg_bytes += size
+        self._seal_bytes += size
         self.appended_records += 1
-        self.appended_bytes += length + FRAME_OVERHEAD
+        self.appended_bytes += size
         return seq
 
-    def _write_all(self, parts: list[bytes]) -> None:
+    def _write_all(self, parts: list) -> None:
         total = sum(len(p) for p in parts)
-        written = os.writev(self._fd, parts)
-        if written != total:
-            # A short write leaves a torn frame; cut it so the file stays whole.
-            os.ftruncate(self._fd, self._seg_bytes)
-            raise OSError(f"short write: {written} of {total} bytes")
+        try:
+            written = os.writev(self._fd, parts)
+            if written != total:
+                # a regular file writes short only when the disk fills up
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}"
+                                            f" (short write: {written} of {total} bytes)")
+        except OSError:
+            # Never leave a torn frame: cut back to the last whole record.
+            try:
+                os.ftruncate(self._fd, self._seg_bytes)
+            except OSError:
+                self._dirty = True
+            raise
 
-    @staticmethod
-    def _guard(fn, *args):
+    def _guard(self, fn: Callable, *args: Any) -> Any:
         try:
             return fn(*args)
         except OSError as e:
-            raise StoreError(f"store append failed: {e.strerror or e}") from e
+            why = f"store append failed: {e.strerror or e}"
+            if self.healthy:
+                self._failed_at_ns = time.time_ns()
+            self.healthy, self.last_error = False, why
+            self._failures += 1
+            raise StoreError(why) from e
 
     def append_json(self, kind: Kind, obj: dict, ts_ns: int | None = None) -> int:
         return self.append(kind, orjson.dumps(obj), ts_ns)
@@ -159,15 +361,153 @@ class StoreWriter:
                     ts_ns: int | None = None) -> int:
         return self.append(Kind.DATA, data, ts_ns, data_payload_head(session_id, direction))
 
+    # -- failing closed and coming back ------------------------------------------------
+
+    def defer_json(self, kind: Kind, obj: dict) -> int | None:
+        """Append now if possible, else keep it in memory until the store works.
+
+        For alerts about the store itself: they must not be lost while it fails.
+        Returns the seq, or None when deferred.
+        """
+        payload = orjson.dumps(obj)
+        try:
+            return self.append(kind, payload)
+        except StoreError:
+            with self._lock:
+                if len(self._deferred) >= self._max_deferred:
+                    self._deferred.popleft()
+                    self._deferred_dropped += 1
+                self._deferred.append((kind, payload))
+            return None
+
+    def probe(self) -> bool:
+        """Try to write what was deferred; True when the store appends again."""
+        with self._lock:
+            try:
+                self._guard(self._recover_locked)
+            except StoreError:
+                return False
+            return True
+
+    def _recover_locked(self) -> None:
+        if self.healthy and not self._deferred:
+            return
+        while self._deferred:
+            kind, payload = self._deferred[0]
+            self._append_locked(kind, payload, time.time_ns())
+            self._deferred.popleft()
+        if not self.healthy:
+            self._append_locked(Kind.EVENT, orjson.dumps({
+                "event": "store_recovered", "failed_at_ns": self._failed_at_ns,
+                "failed_appends": self._failures, "error": self.last_error,
+                "deferred_dropped": self._deferred_dropped}), time.time_ns())
+            self.healthy, self._failures, self._deferred_dropped = True, 0, 0
+
+    # -- sealing -------------------------------------------------------------------------
+
+    def _seal_if_due(self) -> None:
+        """Seal by bytes or time; a failed seal marks the store unhealthy, not the caller's record."""
+        if not self._seal_due(time.monotonic_ns()):
+            return
+        try:
+            self._guard(self._seal_locked)
+        except StoreError:
+            pass
+
+    def _seal_due(self, now: int) -> bool:
+        if self.seal_key is None or self._pending_ratchet is not None:
+            return False
+        if self._last_seal and self._last_seal["seq"] == self._next_seq - 1:
+            return False  # nothing new since the last seal
+        return (self._seal_bytes >= self.seal_interval_bytes
+                or now - self._seal_at_ns >= self.seal_interval_ns)
+
+    def _seal_locked(self) -> None:
+        key = self.seal_key
+        ts = max(time.time_ns(), self._last_seal["ts"] if self._last_seal else 0)
+        upto, head = self._next_seq - 1, self._head
+        payload = sealing.seal_payload(key.mac_key(), key.key_id, self.store_id, key.epoch,
+                                       upto, head, ts)
+        seq = self._append_locked(Kind.SEAL, payload, ts)
+        self._last_seal = {"epoch": key.epoch, "seq": seq, "ts": ts, "key_id": key.key_id.hex()}
+        self._pending_ratchet = seq
+        self._seal_bytes, self._seal_at_ns = 0, time.monotonic_ns()
+        self.seals += 1
+
+    def _ratchet(self) -> None:
+        """Erase the key of the newest seal, once that seal is on disk.
+
+        The order matters: if the key went first and the seal were lost in a
+        crash, the next seal would skip an epoch and verify would fail.
+        """
+        with self._seal_lock:
+            seq = self._pending_ratchet
+            if seq is None:
+                return
+            if self._synced_seq < seq:
+                self.sync()
+            try:
+                self.seal_key.advance(self._last_seal["epoch"] + 1)
+            except OSError as e:
+                raise StoreError(f"cannot advance the sealing key: {e.strerror}") from e
+            self._pending_ratchet = None
+
+    def seal_now(self) -> int | None:
+        """Seal the chain head now and erase its key; returns the seal's seq."""
+        if self.seal_key is None:
+            return None
+        self._ratchet()
+        with self._lock:
+            if self._last_seal and self._last_seal["seq"] == self._next_seq - 1:
+                return self._last_seal["seq"]
+            self._guard(self._seal_locked)
+        self._ratchet()
+        return self._last_seal["seq"]
+
+    # -- upkeep ------------------------------------------------------------------------
+
+    def maintain(self) -> None:
+        """Periodic work: retry a failed store, rotate by age, seal by time, erase keys."""
+        with self._lock:
+            if not self.healthy or self._deferred:
+                try:
+                    self._guard(self._recover_locked)
+                except StoreError:
+                    return
+            if self.segment_max_age_ns and self._rotation_due(time.time_ns()):
+                self._guard(self._rotate)
+            self._seal_if_due()
+        self._ratchet()
+
+    def start_maintenance(self, interval_s: float) -> None:
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.maintain()
+                except StoreError:
+                    pass  # healthy is off and last_error says why; the caller watches those
+        self._thread = threading.Thread(target=loop, name="tollgate-store", daemon=True)
+        self._thread.start()
+
     # -- durability ------------------------------------------------------------
 
     def sync(self) -> int:
         """fsync everything appended so far; returns the last durable seq."""
         with self._lock:
             upto = self._next_seq - 1
-            fd = self._fd
-        self._guard(os.fsync, fd)
+            # A dup, so a rotation closing the segment meanwhile cannot break the fsync
+            # (rotation fsyncs the old segment itself before closing it).
+            fd = self._guard(os.dup, self._fd)
+        try:
+            self._guard(os.fsync, fd)
+        finally:
+            os.close(fd)
+        self.fsyncs += 1
         self._synced_seq = max(self._synced_seq, upto)
+        return self._synced_seq
+
+    @property
+    def synced_seq(self) -> int:
         return self._synced_seq
 
     @property
@@ -175,13 +515,36 @@ class StoreWriter:
         return self._next_seq - 1, self._head
 
     def statistics(self) -> dict:
+        key = self.seal_key
         return {"records": self.appended_records, "bytes": self.appended_bytes,
                 "next_seq": self._next_seq, "segment": self._seg_path.name,
-                "synced_seq": self._synced_seq, "durability": self.durability}
+                "synced_seq": self._synced_seq, "durability": self.durability,
+                "fsyncs": self.fsyncs, "healthy": self.healthy, "last_error": self.last_error,
+                "deferred": len(self._deferred), "store_id": self.store_id,
+                "immutable": "supported" if self.immutable_error is None
+                             else f"unsupported: {self.immutable_error}",
+                "immutable_segments": self._immutable_set,
+                "sealing": "on" if key else "off: no key",
+                "seal_epoch": key.epoch if key else None, "seals": self.seals,
+                "sealed_upto": self._last_seal["seq"] - 1 if self._last_seal else -1,
+                "recovered": self.recovered}
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._fd < 0:
+            return
+        try:
+            self.seal_now()
+        except StoreError:
+            pass  # closing anyway; the next open seals what is unsealed
         with self._lock:
-            if self._fd >= 0:
+            try:
                 os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = -1
+            except OSError:
+                pass  # nothing more to do here: appends already reported the failure
+            os.close(self._fd)
+            self._fd = -1
+        if self.seal_key:
+            self.seal_key.close()
