@@ -114,7 +114,11 @@ class WitnessConfig:
     guard: bool = True
     match_window_ms: float = field(default=500.0, metadata=check(_positive))
     sweep_interval_s: float = field(default=2.0, metadata=check(_positive))
+    # Ring buffer size in pages, rounded up to a power of two; a full buffer
+    # loses events (counted, recorded as events_lost), so size for bursts.
     perf_pages: int = field(default=64, metadata=check(_positive))
+    # Report every TCP state change, not only SYN_SENT/ESTABLISHED/CLOSE (costly).
+    all_tcp_states: bool = False
 
 
 @dataclass(frozen=True, slots=True)

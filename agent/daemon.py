@@ -17,12 +17,12 @@ import time
 from typing import Any
 
 from agent import __version__
-from agent.alerts import AlertType, record_alert
+from agent.alerts import AlertType, make_alert
 from agent.config import Config
 from agent.control import StoreLock, serve
 from agent.enforce import Nft, render
 from agent.enforce import apply as rules
-from agent.proxy import attribution
+from agent.proxy import attribution, dns
 from agent.proxy.policy import Policy
 from agent.proxy.server import Proxy
 from agent.proxy.sessions import Session, SessionTable
@@ -37,15 +37,7 @@ class StartError(Exception):
 
 def ruleset_for(cfg: Config):
     return render(cfg.enforce.table, cfg.subject_uids(), cfg.proxy.port,
-                  cfg.dns.port if cfg.dns.enabled and _dns_available() else None)
-
-
-def _dns_available() -> bool:
-    try:
-        import agent.proxy.dns  # noqa: F401
-        return True
-    except ImportError:
-        return False
+                  cfg.dns.port if cfg.dns.enabled else None)
 
 
 class Agent:
@@ -56,7 +48,6 @@ class Agent:
         self.nft = Nft()
         self.ruleset = ruleset_for(cfg)
         self.enforcing = True
-        self.pending_alerts: list[tuple[AlertType, str, dict]] = []
         self.store_healthy = True
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
@@ -69,8 +60,10 @@ class Agent:
         self.lock = StoreLock(cfg.store.path)
         if not self.lock.acquire():
             raise StartError(f"{cfg.store.path}: another tollgate agent is writing this store")
-        self.store = StoreWriter(cfg.store.path, segment_max_bytes=cfg.store.segment_max_bytes,
-                                 durability=cfg.store.durability)
+        try:
+            self.store = StoreWriter.from_config(cfg.store)
+        except Exception as e:
+            raise StartError(f"{cfg.source}: store: {e}") from None
         self.durable = self._group_commit()
         self._event("agent_start", version=__version__, pid=os.getpid(), config=cfg.source,
                     subjects=list(cfg.subjects), uids=list(cfg.subject_uids()))
@@ -84,17 +77,35 @@ class Agent:
             await self.proxy.listen(cfg.proxy.listen, cfg.proxy.port)
         except OSError as e:
             raise StartError(f"{cfg.source}: proxy.port: {e.strerror}") from None
+        self.dns = await self._start_dns()
         self.control = await serve(cfg.run_dir, self.handle)
         self.tasks.append(asyncio.create_task(self._watch_rules()))
         log.info("ready: rules applied, proxy on port %d, subjects %s",
                  cfg.proxy.port, ",".join(cfg.subjects))
         _sd_notify("READY=1\nSTATUS=recording")
 
+    async def _start_dns(self) -> list:
+        cfg = self.cfg
+        if not cfg.dns.enabled:
+            return []
+        resolver = cfg.dns.resolver or dns.system_resolver()
+        if not resolver:
+            raise StartError(f"{cfg.source}: dns.resolver: not set and /etc/resolv.conf "
+                             "names no nameserver")
+        make = lambda: dns.DnsRecorder(self.store, resolver, self.attribute_udp,
+                                       self.store_failed)
+        try:
+            return await dns.listen(cfg.proxy.listen, cfg.dns.port, make)
+        except OSError as e:
+            raise StartError(f"{cfg.source}: dns.port: {e.strerror}") from None
+
     def _group_commit(self):
         if self.cfg.store.durability != "fsync":
             return None
         from agent.store.commit import GroupCommit
-        return GroupCommit(self.store, self.cfg.store.fsync_interval_ms)
+        commit = GroupCommit(self.store, self.cfg.store.fsync_interval_ms)
+        commit.start()
+        return commit
 
     async def stop(self, reason: str) -> None:
         _sd_notify("STOPPING=1")
@@ -103,14 +114,14 @@ class Agent:
         await self.proxy.close(f"agent stopping: {reason}")
         self.control.close()
         self._event("agent_stop", reason=reason, rules_left_in_place=self.enforcing)
+        if self.durable is not None:
+            await self.durable.aclose()
         self.store.close()
         self.lock.release()
 
     def _event(self, what: str, **fields: Any) -> None:
-        try:
-            self.store.append_json(Kind.EVENT, {"event": what, **fields})
-        except Exception as e:
-            self.store_failed(e)
+        if self.store.defer_json(Kind.EVENT, {"event": what, **fields}) is None:
+            self.store_failed(RuntimeError(self.store.last_error or "append failed"))
 
     # -- rules -----------------------------------------------------------------------
 
@@ -143,6 +154,11 @@ class Agent:
         return await loop.run_in_executor(None, attribution.attribute, session.client,
                                           session.original_dst, self.cfg.subject_uids())
 
+    async def attribute_udp(self, client: tuple[str, int], dst: tuple[str, int]) -> dict:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, attribution.attribute, client, dst,
+                                          self.cfg.subject_uids(), socket.IPPROTO_UDP)
+
     def refused(self, session: Session, why: str) -> None:
         kind = AlertType.POLICY_DENIED if self.store_healthy else AlertType.PROXY_REFUSED
         self._alert(kind, f"connection to {session.original_dst[0]}:{session.original_dst[1]} "
@@ -150,37 +166,30 @@ class Agent:
                     original_dst=session.original_dst, reason=why, probe="proxy")
 
     def store_failed(self, error: Exception) -> None:
-        """Fail closed: refuse new sessions until the store takes appends again."""
+        """Fail closed: refuse new sessions until the store takes appends again.
+        The alert waits in the writer's memory and is written when it can be."""
         if not self.store_healthy:
             return
         self.store_healthy = False
         self.proxy.accepting = False
         log.error("store failed, refusing subject connections: %s", error)
-        self.pending_alerts.append((AlertType.STORE_FAILED, "store append failed; sessions cut "
-                                    "and new ones refused", {"error": str(error),
-                                                             "time_ns": time.time_ns()}))
+        self.store.defer_json(Kind.ALERT, make_alert(
+            AlertType.STORE_FAILED, "store append failed; sessions cut and new ones refused",
+            error=str(error)))
         self.tasks.append(asyncio.get_running_loop().create_task(self._recover_store()))
 
     async def _recover_store(self) -> None:
-        while self.pending_alerts:
+        while not await asyncio.to_thread(self.store.probe):
             await asyncio.sleep(1.0)
-            try:
-                while self.pending_alerts:
-                    kind, summary, ev = self.pending_alerts[0]
-                    record_alert(self.store, kind, summary, **ev)
-                    self.pending_alerts.pop(0)
-            except Exception:
-                continue
         self.store_healthy = True
         self.proxy.accepting = True
         log.info("store appends again; accepting subject connections")
 
     def _alert(self, kind: AlertType, summary: str, **evidence: Any) -> None:
-        try:
-            record_alert(self.store, kind, summary, **evidence)
-        except Exception as e:
-            self.pending_alerts.append((kind, summary, evidence))
-            self.store_failed(e)
+        alert = make_alert(kind, summary, **evidence)
+        log.warning("alert %s %s: %s", alert["id"], alert["type"], summary)
+        if self.store.defer_json(Kind.ALERT, alert) is None:
+            self.store_failed(RuntimeError(self.store.last_error or "append failed"))
 
     # -- control socket ----------------------------------------------------------------
 
@@ -207,10 +216,10 @@ class Agent:
         return {"version": __version__, "pid": os.getpid(),
                 "uptime_s": round((time.time_ns() - self.started_ns) / 1e9, 1),
                 "enforcing": self.enforcing, "store_healthy": self.store_healthy,
-                "pending_alerts": len(self.pending_alerts),
                 "rules": {"table": self.ruleset.table, **self.counters,
                           **_safe(rules.counters, self.nft, self.ruleset.table)},
-                "proxy": self.proxy.statistics(), "sessions": self.sessions.statistics(),
+                "proxy": self.proxy.statistics(),
+                "dns": [r.stats for r in self.dns], "sessions": self.sessions.statistics(),
                 "store": self.store.statistics()}
 
 

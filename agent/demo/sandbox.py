@@ -48,6 +48,12 @@ class Sandbox:
             ip.link("set", index=ip.link_lookup(ifname=b)[0], net_ns_fd=self.corp)
         self._address(self.bastion, a, BASTION_V4, BASTION_V6)
         self._address(self.corp, b, CORP_V4, CORP_V6)
+        # Every destination routes to corp, so a connect to any address (the
+        # metadata server included) reaches the nat hook rather than failing
+        # with "network unreachable" before it.
+        with IPRoute(netns=self.bastion) as ip:
+            ip.route("add", dst="default", gateway=CORP_V4)
+            ip.route("add", dst="default", gateway=CORP_V6, family=10)
         self.ensure_user()
         return self
 

@@ -7,7 +7,7 @@ changes an element, not the rules.
   nat output:    subject TCP          -> redirect to the proxy port
                  subject UDP/53       -> redirect to the DNS recorder
   filter output: subject TCP          -> accept (already redirected)
-                 subject UDP to the DNS recorder on loopback -> accept
+                 subject UDP to the DNS recorder (127.0.0.1/::1) -> accept
                  anything else of a subject (UDP, QUIC, ICMP, SCTP) -> counted, rejected
 
 Redirect happens on the nat *output* hook, so it covers every destination,
@@ -35,11 +35,11 @@ class Ruleset:
         objs: list[dict] = [{"table": {"family": FAMILY, "name": self.table}}]
         objs.append({"set": {**t, "name": "subjects", "type": "uid",
                              **({"elem": sorted(self.subject_uids)} if self.subject_uids else {})}})
-        objs.append({"chain": {**t, "name": "redirect", "type": "nat", "hook": "output",
+        objs.append({"chain": {**t, "name": "steer", "type": "nat", "hook": "output",
                                "prio": -100, "policy": "accept"}})
         objs.append({"chain": {**t, "name": "confine", "type": "filter", "hook": "output",
                                "prio": 0, "policy": "accept"}})
-        objs += [{"rule": {**t, "chain": "redirect", "expr": e}} for e in self._redirects()]
+        objs += [{"rule": {**t, "chain": "steer", "expr": e}} for e in self._redirects()]
         objs += [{"rule": {**t, "chain": "confine", "expr": e}} for e in self._confine()]
         return objs
 
@@ -53,9 +53,12 @@ class Ruleset:
     def _confine(self) -> list[list[dict]]:
         rules = [[_subject(), _l4("tcp"), {"accept": None}]]
         if self.dns_port:
-            rules.append([_subject(), _match({"meta": {"key": "oifname"}}, "lo"),
-                          _match({"payload": {"protocol": "udp", "field": "dport"}}, self.dns_port),
-                          {"accept": None}])
+            # After the redirect the destination is loopback; the output
+            # interface the hook reports is still the original route's.
+            for proto, lo in (("ip", "127.0.0.1"), ("ip6", "::1")):
+                rules.append([_subject(), _match({"payload": {"protocol": proto, "field": "daddr"}}, lo),
+                              _match({"payload": {"protocol": "udp", "field": "dport"}}, self.dns_port),
+                              {"accept": None}])
         rules.append([_subject(), {"counter": {"packets": 0, "bytes": 0}}, {"reject": {"type": "icmpx", "expr": "port-unreachable"}}])
         return rules
 

@@ -17,17 +17,24 @@ import psutil
 from pyroute2 import DiagSocket
 
 TCP_STATES = (1 << 1) | (1 << 2) | (1 << 3)  # ESTABLISHED, SYN_SENT, SYN_RECV
+ALL_STATES = 0xFFF
 MAX_CHAIN = 16
 
 
-def find_socket(client: tuple[str, int], dst: tuple[str, int]) -> tuple[int, int] | None:
-    """(uid, inode) of the client's socket with this 4-tuple, if it still exists."""
+def find_socket(client: tuple[str, int], dst: tuple[str, int],
+                protocol: int = socket.IPPROTO_TCP) -> tuple[int, int] | None:
+    """(uid, inode) of the client's socket with this 4-tuple, if it still exists.
+    An unconnected UDP socket has no peer, so for UDP the local end decides."""
     family = socket.AF_INET6 if ":" in client[0] else socket.AF_INET
+    udp = protocol == socket.IPPROTO_UDP
     with DiagSocket() as ds:
         ds.bind()
-        for msg in ds.get_sock_stats(family=family, states=TCP_STATES):
-            if (msg["idiag_sport"] == client[1] and msg["idiag_dport"] == dst[1]
-                    and msg["idiag_src"] == client[0] and msg["idiag_dst"] == dst[0]):
+        for msg in ds.get_sock_stats(family=family, protocol=protocol,
+                                     states=ALL_STATES if udp else TCP_STATES):
+            if msg["idiag_sport"] != client[1]:
+                continue
+            if udp or (msg["idiag_dport"] == dst[1] and msg["idiag_src"] == client[0]
+                       and msg["idiag_dst"] == dst[0]):
                 return msg["idiag_uid"], msg["idiag_inode"]
     return None
 
@@ -88,10 +95,10 @@ def chain(pid: int, subject_uids: Iterable[int]) -> list[dict]:
 
 
 def attribute(client: tuple[str, int], dst: tuple[str, int],
-              subject_uids: Iterable[int]) -> dict:
+              subject_uids: Iterable[int], protocol: int = socket.IPPROTO_TCP) -> dict:
     """Everything we can prove about who made the connection; never raises."""
     try:
-        found = find_socket(client, dst)
+        found = find_socket(client, dst, protocol)
     except Exception as e:  # netlink trouble must not cost the session
         return {"error": f"sock_diag: {e}"}
     if found is None:

@@ -16,7 +16,11 @@ from agent.demo.servers import HttpServer, Postgres, port_open
 from agent.demo.sandbox import CORP_V4, wait_for
 
 PEERS = str(Path(__file__).parent.parent / "peers.py")
-EXACT_PORT, HALFCLOSE_PORT = 7001, 7002
+EXACT_PORT, HALFCLOSE_PORT, UDP_PORT = 7001, 7002, 7003
+# Logs every datagram it receives: proof that blocked UDP never arrived.
+UDP_SINK = ("import socket,sys\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n"
+            "s.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_V6ONLY,0)\ns.bind(('::',int(sys.argv[1])))\n"
+            "while True:\n d,a=s.recvfrom(65535)\n open(sys.argv[2],'a').write(repr(d)+'\\n')")
 
 pytestmark = pytest.mark.root
 
@@ -42,6 +46,12 @@ def servers(sandbox, tmp_path_factory):
     sandbox.spawn(sandbox.corp, [sys.executable, PEERS, "server", str(EXACT_PORT), str(out)])
     sandbox.spawn(sandbox.corp, [sys.executable, PEERS, "halfclose-server",
                                  str(HALFCLOSE_PORT), str(3 << 20)])
+    sandbox.spawn(sandbox.corp, ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                                 f"--listen-address={CORP_V4}", "--bind-interfaces",
+                                 "--address=/corp.example/10.77.0.2", "--user=root",
+                                 "--pid-file="])
+    sandbox.spawn(sandbox.corp, [sys.executable, "-c", UDP_SINK, str(UDP_PORT),
+                                 str(tmp_path_factory.getbasetemp() / "udp_sink.log")])
     for port in (EXACT_PORT, HALFCLOSE_PORT):
         wait_for(lambda: port_open(sandbox, sandbox.corp, CORP_V4, port), 15, what="peer")
     yield {"pg": pg, "http": http, "exact_out": out}
@@ -51,7 +61,8 @@ def servers(sandbox, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def agent(sandbox, servers, tmp_path_factory):
-    a = AgentProcess(sandbox, workdir=str(tmp_path_factory.mktemp("agent")))
+    a = AgentProcess(sandbox, workdir=str(tmp_path_factory.mktemp("agent")),
+                     extra=f'[dns]\nresolver = "{CORP_V4}"\n')
     a.start()
     yield a
     a.stop()

@@ -1,0 +1,251 @@
+"""Cross-check: every subject TCP socket must be one the proxy accepted.
+
+nftables redirects with DNAT, so the subject's own socket still names the
+original destination; the proxy knows each accepted connection by client
+address and original destination. A subject socket that reached ESTABLISHED
+(or still sits in SYN_SENT, its SYNs leaving the host) and that the proxy
+does not know within match_window_ms is a bypass. A socket refused before
+it established carried nothing and is only counted.
+
+The other kernel events turn straight into their alerts. on_event() runs on
+the witness's poll thread and only files the event; the proxy is asked once
+per socket, in tick(), when the socket's window has passed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.alerts import Appender, AlertType, record_alert
+from agent.witness.events import (
+    AF_INET, Event, ExecEvent, ForkEvent, Header, NetnsEvent, SocketEvent, TcpEvent,
+    UdpEvent, UidEvent,
+)
+from agent.witness.procs import ProcessTable
+
+PROBE_TCP = "tracepoint:sock:inet_sock_set_state"
+PROBE_UDP = "tracepoint:sock:sock_send_length"
+PROBE_SOCKET = "tracepoint:syscalls:sys_enter_socket+sys_exit_socket"
+PROBE_NETNS = "tracepoint:syscalls:unshare/setns/clone/clone3"
+PROBE_UID = "tracepoint:sched:sched_process_exec+syscalls:set*uid"
+_AF_PACKET, _EPERM = 17, 1
+_CHECKED_MEMORY = 65536
+# The same UDP destination from the same process raises one alert per window.
+_UDP_REPEAT_S = 5.0
+
+
+class SessionLookup(Protocol):
+    def match(self, client_ip: str, client_port: int, dst_ip: str, dst_port: int) -> bool:
+        """True if the proxy accepted (client_ip, client_port) for original
+        destination (dst_ip, dst_port), open or recently closed."""
+        ...
+
+
+Tuple4 = tuple[str, int, str, int]
+
+
+@dataclass(slots=True)
+class _Conn:
+    opened: TcpEvent            # who connected (captured at SYN_SENT)
+    last: TcpEvent              # latest state, with the bound source port
+    deadline_ns: int
+    states: list[str] = field(default_factory=list)
+    established: bool = False
+    closed: bool = False
+
+
+def wall_ns(mono_ns: int) -> int:
+    """bpf_ktime_get_ns() (CLOCK_MONOTONIC) -> wall clock ns."""
+    return time.time_ns() - time.monotonic_ns() + mono_ns
+
+
+def alternatives(ip: str) -> tuple[str, ...]:
+    """An address and its v4-mapped twin, as the proxy may have seen either."""
+    addr = ipaddress.ip_address(ip)
+    if addr.version == 6 and addr.ipv4_mapped:
+        return ip, str(addr.ipv4_mapped)
+    return (ip,)
+
+
+def matches(sessions: SessionLookup, t: Tuple4) -> bool:
+    src, sport, dst, dport = t
+    return any(sessions.match(s, sport, d, dport)
+               for s in alternatives(src) for d in alternatives(dst))
+
+
+def tuple_evidence(family: int, t: Tuple4) -> dict:
+    src, sport, dst, dport = t
+    return {"family": "ipv4" if family == AF_INET else "ipv6", "protocol": "tcp",
+            "src": src, "sport": sport, "dst": dst, "dport": dport,
+            "original_destination": f"{dst}:{dport}" if family == AF_INET
+            else f"[{dst}]:{dport}"}
+
+
+class CrossCheck:
+    def __init__(self, store: Appender, sessions: SessionLookup, procs: ProcessTable, *,
+                 window_ms: float, udp_allowed_ports: frozenset[int] = frozenset()):
+        self.store, self.sessions, self.procs = store, sessions, procs
+        self.window_ns = int(window_ms * 1e6)
+        self.udp_allowed_ports = udp_allowed_ports
+        self._live: dict[int, _Conn] = {}               # socket address -> open socket
+        self._due: list[tuple[int, int, _Conn]] = []    # (deadline, seq, socket)
+        self._seq = 0
+        self._checked: OrderedDict[Tuple4, bool] = OrderedDict()
+        self._udp_last: dict[tuple, float] = {}
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    # -- events (poll thread) ---------------------------------------------------
+
+    def on_event(self, ev: Event) -> None:
+        self.counts[type(ev).__name__] += 1
+        handler = self._HANDLERS.get(type(ev))
+        if handler is not None:
+            handler(self, ev)
+
+    def _on_tcp(self, ev: TcpEvent) -> None:
+        with self._lock:
+            conn = self._live.get(ev.sk)
+            if conn is not None and ev.newstate == "SYN_SENT":
+                conn.closed = True    # its CLOSE event was lost; this is a new socket
+                conn = None
+            if conn is None:
+                # A socket address is reused as soon as the socket is freed:
+                # a closed one is never looked up by address again.
+                conn = self._live[ev.sk] = _Conn(ev, ev, 0)
+                self._schedule(conn, ev.ts_ns)
+            if ev.sport:
+                conn.last = ev
+            conn.states.append(ev.newstate)
+            if ev.newstate == "ESTABLISHED":
+                conn.established = True
+                self._schedule(conn, ev.ts_ns)
+            elif ev.newstate == "CLOSE":
+                conn.closed = True
+                del self._live[ev.sk]
+
+    def _schedule(self, conn: _Conn, ts_ns: int) -> None:
+        conn.deadline_ns = ts_ns + self.window_ns
+        self._seq += 1
+        heapq.heappush(self._due, (conn.deadline_ns, self._seq, conn))
+
+    # -- the window (poll thread, after each poll) ----------------------------------
+
+    def tick(self, now_ns: int | None = None) -> None:
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        for conn in self._take_due(now):
+            self._judge(conn)
+
+    def _take_due(self, now: int) -> list[_Conn]:
+        due = []
+        with self._lock:
+            while self._due and self._due[0][0] <= now:
+                deadline, _, conn = heapq.heappop(self._due)
+                if conn.deadline_ns == deadline:      # else rescheduled later
+                    if self._live.get(conn.opened.sk) is conn:
+                        del self._live[conn.opened.sk]
+                    due.append(conn)
+        return due
+
+    def _judge(self, conn: _Conn) -> None:
+        ev = conn.last
+        t = (ev.saddr, ev.sport, ev.daddr, ev.dport)
+        if not ev.sport:              # closed before a port was bound: nothing sent
+            self.counts["tcp_unbound"] += 1
+            return
+        matched = matches(self.sessions, t)
+        self._remember(t, matched)
+        if matched:
+            self.counts["tcp_matched"] += 1
+        elif conn.established or not conn.closed:
+            self.counts["tcp_bypass"] += 1
+            self._bypass(conn, t)
+        else:
+            self.counts["tcp_refused_unmatched"] += 1
+
+    def _remember(self, t: Tuple4, matched: bool) -> None:
+        with self._lock:
+            self._checked[t] = matched
+            while len(self._checked) > _CHECKED_MEMORY:
+                self._checked.popitem(last=False)
+
+    def known(self, t: Tuple4) -> bool:
+        """Whether the event path has this socket (pending or already judged)."""
+        with self._lock:
+            return t in self._checked or any(
+                (c.last.saddr, c.last.sport, c.last.daddr, c.last.dport) == t
+                for _, _, c in self._due)
+
+    def _bypass(self, conn: _Conn, t: Tuple4) -> None:
+        who = conn.opened
+        state = "established" if conn.established else "syn_sent"
+        self.alert(AlertType.BYPASS,
+                   f"{who.comm} (pid {who.tgid}, uid {who.uid}) connected to "
+                   f"{t[2]}:{t[3]} without the proxy ({state})",
+                   who, PROBE_TCP, **tuple_evidence(who.family, t),
+                   tcp_states=conn.states, socket=hex(who.sk),
+                   match_window_ms=self.window_ns / 1e6)
+
+    # -- the other paths -----------------------------------------------------------
+
+    def _on_udp(self, ev: UdpEvent) -> None:
+        if ev.dport in self.udp_allowed_ports:
+            return
+        key = (ev.tgid, ev.daddr, ev.dport)
+        now = time.monotonic()
+        if now - self._udp_last.get(key, -_UDP_REPEAT_S) < _UDP_REPEAT_S:
+            self.counts["udp_repeat"] += 1
+            return
+        self._udp_last[key] = now
+        dest = f"{ev.daddr}:{ev.dport}" if ev.family else "connected peer (unknown)"
+        self.alert(AlertType.UDP_BLOCKED, f"{ev.comm} (pid {ev.tgid}) sent UDP to {dest}",
+                   ev, PROBE_UDP, protocol="udp", dst=ev.daddr, dport=ev.dport,
+                   original_destination=dest, send_result=ev.ret, syscall=ev.syscall)
+
+    def _on_socket(self, ev: SocketEvent) -> None:
+        kind = "packet" if ev.family == _AF_PACKET else "raw"
+        refused = ev.ret == -_EPERM
+        self.alert(AlertType.RAW_SOCKET,
+                   f"{ev.comm} (pid {ev.tgid}) asked for a {kind} socket"
+                   + (" (refused)" if refused else ""),
+                   ev, PROBE_SOCKET, socket_family=ev.family, socket_type=ev.type,
+                   socket_protocol=ev.protocol, result=ev.ret, refused=ev.ret < 0)
+
+    def _on_netns(self, ev: NetnsEvent) -> None:
+        self.alert(AlertType.NETNS,
+                   f"{ev.comm} (pid {ev.tgid}) left its network namespace "
+                   f"(syscall {ev.syscall}, result {ev.ret})",
+                   ev, PROBE_NETNS, flags=hex(ev.flags), syscall=ev.syscall, result=ev.ret,
+                   old_netns=ev.old_netns, new_netns=ev.new_netns)
+
+    def _on_uid(self, ev: UidEvent) -> None:
+        how = "set-user-ID exec" if ev.syscall == 0 else f"syscall {ev.syscall}"
+        self.alert(AlertType.UID_CHANGE,
+                   f"{ev.comm} (pid {ev.tgid}) changed uid {ev.old_uid}->{ev.new_uid}, "
+                   f"euid {ev.old_euid}->{ev.new_euid} ({how})",
+                   ev, PROBE_UID, old_uid=ev.old_uid, new_uid=ev.new_uid,
+                   old_euid=ev.old_euid, new_euid=ev.new_euid, syscall=ev.syscall)
+
+    def alert(self, type_: AlertType, summary: str, who: Header, probe: str, **more) -> None:
+        self.counts[f"alert_{type_.value}"] += 1
+        record_alert(self.store, type_, summary, time_ns=wall_ns(who.ts_ns),
+                     **who.evidence(), process_chain=self.procs.chain(who.tgid),
+                     probe=probe, **more)
+
+    _HANDLERS = {
+        TcpEvent: _on_tcp, UdpEvent: _on_udp, SocketEvent: _on_socket,
+        NetnsEvent: _on_netns, UidEvent: _on_uid,
+        ExecEvent: lambda self, ev: self.procs.on_exec(ev),
+        ForkEvent: lambda self, ev: self.procs.on_fork(ev),
+    }
+
+    def statistics(self) -> dict:
+        with self._lock:
+            pending = len(self._due)
+        return {"pending_sockets": pending, **self.counts}

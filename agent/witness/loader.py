@@ -1,0 +1,189 @@
+"""Compile bpf/*.c through BCC, attach, and turn the ring buffer into typed events.
+
+The concern files are compiled as one BCC program (subjects.c first) so they
+share the subject maps and the one ring buffer. Parameters go in through
+cflags; kernel struct offsets come from BTF (btf.py). Records the ring buffer
+could not take are counted in the kernel and handed to on_lost, never dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import psutil
+
+from agent.witness import btf
+from agent.witness.events import Event, decode
+
+log = logging.getLogger("tollgate.witness")
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+# subjects.c holds the shared maps and helpers, so it comes first.
+SOURCES = ("subjects.c", "process.c", "tcp_connect.c", "udp_send.c", "sockets.c",
+           "netns.c", "guard.c")
+CGROUP_ROOT = "/sys/fs/cgroup/unified"
+_BPF_F_ALLOW_MULTI = 2
+MAX_SUBJECT_TASKS = 65536
+MAX_SOCKETS = 65536
+
+
+class WitnessUnavailable(Exception):
+    """BPF cannot be used here: no BCC, no privilege, or the program did not load."""
+
+
+def _bcc():
+    try:
+        import bcc
+    except ImportError as e:
+        raise WitnessUnavailable(
+            "BCC is not importable (install python3-bpfcc and use a venv made with "
+            "--system-site-packages)") from e
+    return bcc
+
+
+def ring_pages(requested: int) -> int:
+    """The ring buffer needs a power-of-two page count; round up."""
+    return 1 << max(0, requested - 1).bit_length()
+
+
+def program_text(sources: Iterable[str] = SOURCES) -> str:
+    return "\n".join((BPF_DIR / name).read_text() for name in sources)
+
+
+def cflags(pages: int, all_tcp_states: bool = False) -> list[str]:
+    try:
+        offsets = btf.offset_cflags()
+    except (OSError, btf.BTFError) as e:
+        raise WitnessUnavailable(f"kernel BTF unusable: {e}") from e
+    return [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={ring_pages(pages)}",
+            f"-DMAX_SUBJECT_TASKS={MAX_SUBJECT_TASKS}", f"-DMAX_SOCKETS={MAX_SOCKETS}",
+            *(["-DTG_ALL_TCP_STATES"] if all_tcp_states else []), *offsets]
+
+
+def subject_descendants(uids: Iterable[int]) -> dict[int, int]:
+    """pid -> inherited uid for running processes that are or descend from a subject."""
+    uids = set(uids)
+    procs = {p.pid: p.info for p in psutil.process_iter(["ppid", "uids"])}
+    found: dict[int, int] = {}
+
+    def origin(pid: int, depth: int = 0) -> int | None:
+        if pid in found:
+            return found[pid]
+        info = procs.get(pid)
+        if info is None or depth > 64 or info["uids"] is None:
+            return None
+        uid = info["uids"].real
+        return uid if uid in uids else origin(info["ppid"], depth + 1)
+
+    for pid in procs:
+        uid = origin(pid)
+        if uid is not None:
+            found[pid] = uid
+    return found
+
+
+class Probes:
+    """The compiled program: attach, poll events, count losses, detach."""
+
+    def __init__(self, subject_uids: Iterable[int], *, pages: int, guard: bool,
+                 on_event: Callable[[Event], None], all_tcp_states: bool = False):
+        self.subject_uids = tuple(subject_uids)
+        self.pages = ring_pages(pages)
+        self.guard = guard
+        self.all_tcp_states = all_tcp_states
+        self._on_event = on_event
+        self._bpf = None
+        self._guard_fn = None
+        self._cgroup_fd = -1
+        self._lost_seen = 0
+        self.attached: list[str] = []
+        self.handler_errors = 0
+
+    def start(self) -> None:
+        bcc = _bcc()
+        if os.geteuid() != 0:
+            raise WitnessUnavailable("the witness needs root (CAP_BPF, CAP_PERFMON)")
+        try:
+            self._bpf = bcc.BPF(text=program_text().encode(), cflags=cflags(self.pages, self.all_tcp_states))
+        except Exception as e:  # BCC raises bare Exception for compile and load errors
+            raise WitnessUnavailable(f"BPF program did not compile or load: {e}") from e
+        self._fill_subjects()
+        self._bpf[b"events"].open_ring_buffer(self._on_ring)
+        self.attached = self._autoloaded()
+        if self.guard:
+            self._attach_guard(bcc)
+
+    def _fill_subjects(self) -> None:
+        uids, tgids = self._bpf[b"subject_uids"], self._bpf[b"subject_tgids"]
+        for uid in self.subject_uids:
+            uids[ct.c_uint32(uid)] = ct.c_uint8(1)
+        for pid, uid in subject_descendants(self.subject_uids).items():
+            tgids[ct.c_uint32(pid)] = ct.c_uint32(uid)
+
+    def _autoloaded(self) -> list[str]:
+        """Names of the tracepoints BCC attached from the TRACEPOINT_PROBE macros."""
+        names = [f"tracepoint:{_text(tp)}" for tp in self._bpf.tracepoint_fds]
+        names += [f"raw_tracepoint:{_text(tp)}"
+                  for tp in self._bpf.raw_tracepoint_fds]
+        return sorted(names)
+
+    def _attach_guard(self, bcc) -> None:
+        try:
+            fn = self._bpf.load_func(b"tg_guard_sock_create", bcc.BPF.CGROUP_SOCK)
+            fd = os.open(CGROUP_ROOT, os.O_RDONLY | os.O_DIRECTORY)
+        except Exception as e:
+            raise WitnessUnavailable(f"guard program did not load: {e}") from e
+        try:
+            bcc.BPF.attach_func(fn, fd, bcc.BPFAttachType.CGROUP_INET_SOCK_CREATE,
+                                _BPF_F_ALLOW_MULTI)
+        except Exception as e:
+            os.close(fd)
+            raise WitnessUnavailable(f"guard did not attach to {CGROUP_ROOT}: {e}") from e
+        self._guard_fn, self._cgroup_fd = fn, fd
+        self.attached.append(f"cgroup_inet_sock_create:{CGROUP_ROOT}")
+
+    def _on_ring(self, _ctx, data, size) -> None:
+        # An exception here would be swallowed by ctypes: count and log it instead.
+        try:
+            event = decode(data, size)
+            if event is not None:
+                self._on_event(event)
+        except Exception:
+            self.handler_errors += 1
+            log.exception("witness event handling failed")
+
+    def poll(self, timeout_ms: int) -> None:
+        self._bpf.ring_buffer_poll(timeout_ms)
+
+    def take_lost(self) -> int:
+        """Records lost since the last call (ring buffer full)."""
+        total = sum(self._bpf[b"lost"][ct.c_int(0)])
+        delta, self._lost_seen = total - self._lost_seen, total
+        return delta
+
+    def subject_pids(self) -> set[int]:
+        return {k.value for k in self._bpf[b"subject_tgids"].keys()}
+
+    def close(self) -> None:
+        if self._bpf is None:
+            return
+        if self._guard_fn is not None:
+            import bcc
+            try:
+                bcc.BPF.detach_func(self._guard_fn, self._cgroup_fd,
+                                    bcc.BPFAttachType.CGROUP_INET_SOCK_CREATE)
+            finally:
+                os.close(self._cgroup_fd)
+                self._guard_fn = None
+        self._bpf.cleanup()
+        self._bpf = None
+        self.attached = []
+
+
+def _text(name: bytes | str) -> str:
+    return name.decode() if isinstance(name, bytes) else name

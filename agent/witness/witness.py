@@ -1,0 +1,121 @@
+"""The witness: kernel probes, the cross-check and the sweep, on two threads.
+
+The poll thread drains the ring buffer into the cross-check, judges sockets
+whose window has passed and turns lost-event counts into `events_lost`
+records. The sweep thread runs sock_diag every sweep_interval_s. Both only
+append to the store (thread-safe) and read the proxy's session table
+through SessionLookup; neither touches the daemon's event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from agent.alerts import Appender, AlertType, record_alert
+from agent.config import Config
+from agent.witness.crosscheck import CrossCheck, SessionLookup
+from agent.witness.events import Event
+from agent.witness.loader import Probes
+from agent.witness.procs import ProcessTable
+from agent.witness.sweep import Sweep
+
+log = logging.getLogger("tollgate.witness")
+
+POLL_MS = 50
+LOST_CHECK_S = 0.25
+DNS_PORT = 53
+
+
+class Witness:
+    def __init__(self, config: Config, store: Appender, sessions: SessionLookup):
+        self.config = config
+        self.store = store
+        wc = config.witness
+        uids = frozenset(config.subject_uids())
+        self.procs = ProcessTable(uids.__contains__)
+        self.check = CrossCheck(store, sessions, self.procs, window_ms=wc.match_window_ms,
+                                udp_allowed_ports=frozenset({DNS_PORT}) if config.dns.enabled
+                                else frozenset())
+        self._listeners: list[Callable[[Event], None]] = []
+        self.probes = Probes(uids, pages=wc.perf_pages, guard=wc.guard,
+                             on_event=self._dispatch, all_tcp_states=wc.all_tcp_states)
+        self.sweep = Sweep(self.check, uids, self.probes.subject_pids)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.lost = 0
+
+    def subscribe(self, listener: Callable[[Event], None]) -> None:
+        """Also hand every decoded event to listener (on the poll thread; keep it short)."""
+        self._listeners.append(listener)
+
+    def _dispatch(self, event: Event) -> None:
+        self.check.on_event(event)
+        for listener in self._listeners:
+            listener(event)
+
+    def start(self) -> None:
+        """Compile and attach (raises WitnessUnavailable), then start the threads."""
+        self.probes.start()
+        self._stop.clear()
+        self._threads = [threading.Thread(target=self._poll_loop, name="tollgate-witness",
+                                          daemon=True),
+                         threading.Thread(target=self._sweep_loop, name="tollgate-sweep",
+                                          daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        self.probes.close()
+
+    def _poll_loop(self) -> None:
+        next_lost = 0.0
+        while not self._stop.is_set():
+            self.probes.poll(POLL_MS)
+            self.check.tick()
+            if time.monotonic() >= next_lost:
+                self._report_lost()
+                next_lost = time.monotonic() + LOST_CHECK_S
+        self.probes.poll(0)      # what is already in the buffer still counts
+        self.check.tick()
+        self._report_lost()
+
+    def _report_lost(self) -> None:
+        n = self.probes.take_lost()
+        if n:
+            self.lost += n
+            record_alert(self.store, AlertType.EVENTS_LOST,
+                         f"{n} kernel events lost: the ring buffer was full",
+                         count=n, total=self.lost, probe="ring buffer events",
+                         ring_buffer_pages=self.probes.pages)
+
+    def _sweep_loop(self) -> None:
+        interval = self.config.witness.sweep_interval_s
+        while True:
+            try:
+                self.sweep.run_once()
+            except Exception:    # a failed sweep must not end the witness; counted
+                self.sweep.errors += 1
+                log.exception("socket sweep failed")
+            if self._stop.wait(interval):
+                return
+
+    def statistics(self) -> dict:
+        return {"events": {k: v for k, v in self.check.counts.items()
+                           if k.endswith("Event")},
+                "lost": self.lost,
+                "alerts": {k[len("alert_"):]: v for k, v in self.check.counts.items()
+                           if k.startswith("alert_")},
+                "sockets": {k: v for k, v in self.check.statistics().items()
+                            if k.startswith("tcp_") or k == "pending_sockets"},
+                "attached": list(self.probes.attached),
+                "guard": self.probes.guard,
+                "ring_buffer_pages": self.probes.pages,
+                "handler_errors": self.probes.handler_errors,
+                "sweeps": self.sweep.runs, "sweep_errors": self.sweep.errors}

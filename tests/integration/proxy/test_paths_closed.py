@@ -1,0 +1,91 @@
+"""The paths TCP redirection alone leaves open: DNS is recorded, other UDP is
+rejected, the metadata server is refused, and the rules defend themselves."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from agent.demo.sandbox import CORP_V4, wait_for
+from agent.review.sessions import list_alerts, list_sessions, session_records
+from agent.review.replay import raw_bytes
+from agent.store import Direction
+
+from conftest import UDP_PORT
+
+
+def alerts_of(agent, kind: str) -> list[dict]:
+    return [a for a in list_alerts(agent.store) if a["type"] == kind]
+
+
+def test_dns_query_is_answered_and_recorded(agent, sandbox):
+    r = sandbox.subject_run(["dig", "+short", "+time=3", "+tries=1", f"@{CORP_V4}",
+                             "db.corp.example", "A"], text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "10.77.0.2", r
+    s = wait_for(lambda: [s for s in list_sessions(agent.store)
+                          if s.original_dst == (CORP_V4, 53) and s.close], 10, what="dns session")[-1]
+    recs = list(session_records(agent.store, s.id))
+    query = b"".join(raw_bytes(recs, Direction.CLIENT))
+    answer = b"".join(raw_bytes(recs, Direction.SERVER))
+    assert b"\x02db\x04corp\x07example\x00" in query
+    assert answer[:2] == query[:2] and bytes([10, 77, 0, 2]) in answer
+    assert s.info.get("uid") is not None
+
+
+def test_other_udp_is_rejected_and_never_arrives(agent, sandbox, tmp_path_factory):
+    sink = tmp_path_factory.getbasetemp() / "udp_sink.log"
+    probe = ("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+             f"s.connect(('{CORP_V4}',{UDP_PORT}))\ns.settimeout(3)\n"
+             "try:\n s.send(b'quic?'); s.recv(10); print('answer')\n"
+             "except (ConnectionRefusedError, PermissionError): print('blocked')\n"
+             "except socket.timeout: print('timeout')")
+    r = sandbox.subject_run([sys.executable, "-c", probe], text=True)
+    assert r.stdout.strip() == "blocked", r
+    # Root's datagram goes through: the sink works, the subject's was stopped.
+    root = probe.replace("s.recv(10); print('answer')", "print('sent')")
+    assert "print('sent')" in root
+    assert sandbox.run(sandbox.bastion, [sys.executable, "-c", root], text=True).stdout.strip() == "sent"
+    wait_for(lambda: sink.exists() and sink.read_text(), 5, what="root datagram")
+    assert sink.read_text().count("quic?") == 1
+
+
+def test_metadata_server_is_refused_and_alerted(agent, sandbox):
+    probe = ("import socket\ntry:\n socket.create_connection(('169.254.169.254',80),5).recv(1)\n"
+             " print('connected')\nexcept (ConnectionResetError, ConnectionRefusedError) as e: print('refused')")
+    r = sandbox.subject_run([sys.executable, "-c", probe], text=True)
+    assert r.stdout.strip() == "refused", r
+    denied = wait_for(lambda: alerts_of(agent, "policy_denied"), 5, what="policy_denied alert")
+    ev = denied[-1]["evidence"]
+    assert ev["original_dst"] == ["169.254.169.254", 80] and "deny list" in ev["reason"]
+
+
+def test_tampered_rules_are_restored_and_alerted(agent, sandbox):
+    before = len(alerts_of(agent, "rules_tampered"))
+    sandbox.run(sandbox.bastion, ["nft", "flush", "chain", "inet", "tollgate", "steer"],
+                check=True)
+    t0 = time.monotonic()
+    wait_for(lambda: len(alerts_of(agent, "rules_tampered")) > before, 5, what="tamper alert")
+    assert time.monotonic() - t0 < 1.5
+    wait_for(lambda: agent.cli("rules", "show").returncode == 0, 5, what="rules restored")
+
+
+def test_rules_remove_is_recorded_then_apply_restores(agent, sandbox):
+    r = agent.cli("rules", "remove", "--reason", "maintenance window", text=True)
+    assert r.returncode == 0 and "recorded" in r.stdout, r
+    try:
+        removed = alerts_of(agent, "rules_removed")[-1]
+        assert removed["evidence"]["reason"] == "maintenance window"
+        assert removed["evidence"]["by"]["uid"] == 0
+        assert agent.cli("rules", "show").returncode == 1
+        time.sleep(0.5)  # the watcher must not put back what the operator removed
+        assert agent.cli("rules", "show").returncode == 1
+    finally:
+        assert agent.cli("rules", "apply").returncode == 0
+    assert agent.cli("rules", "show").returncode == 0
+
+
+def test_status_reports_the_parts(agent):
+    import orjson
+    st = orjson.loads(agent.cli("status", "--json").stdout)
+    assert st["running"] and st["enforcing"] and st["store_healthy"]
+    assert st["proxy"]["accepted"] >= 1 and "records" in st["store"]
