@@ -24,7 +24,7 @@ def _send_random(sock, size, digest):
         left -= len(block)
 
 
-def _recv_all(sock, digest, limit=None):
+def _recv_all(sock, digest, limit=None, counter=None):
     total = 0
     while limit is None or total < limit:
         data = sock.recv(CHUNK if limit is None else min(CHUNK, limit - total))
@@ -32,6 +32,8 @@ def _recv_all(sock, digest, limit=None):
             break
         digest.update(data)
         total += len(data)
+        if counter is not None:
+            counter[0] = total
     return total
 
 
@@ -53,10 +55,15 @@ def server(port, out):
             continue
         size = struct.unpack("!Q", head)[0]
         sent, recvd = hashlib.sha256(), hashlib.sha256(head)
-        t = threading.Thread(target=_send_random, args=(conn, size, sent))
+        t = threading.Thread(target=_send_random, args=(conn, size, sent), daemon=True)
         t.start()
-        n = len(head) + _recv_all(conn, recvd)
-        t.join()
+        box = [0]
+        try:
+            _recv_all(conn, recvd, counter=box)
+            t.join()
+        except OSError:  # the relay died: what arrived so far is the record
+            pass
+        n = len(head) + box[0]
         conn.close()
         with open(out, "a") as f:
             f.write(json.dumps({"recv_sha": recvd.hexdigest(), "recv_bytes": n,
@@ -72,12 +79,17 @@ def client(host, port, size):
     def send():
         _send_random(s, size, sent)
         s.shutdown(socket.SHUT_WR)
-    t = threading.Thread(target=send)
+    t = threading.Thread(target=send, daemon=True)
     t.start()
-    n = _recv_all(s, recvd)
-    t.join()
+    box = [0]
+    try:
+        box[0] = _recv_all(s, recvd, counter=box)
+        t.join()
+        error = None
+    except OSError as e:  # cut mid-transfer: still say exactly what arrived
+        error = e.strerror
     print(json.dumps({"sent_sha": sent.hexdigest(), "recv_sha": recvd.hexdigest(),
-                      "recv_bytes": n}))
+                      "recv_bytes": box[0], "error": error}))
 
 
 def halfclose_server(port, reply_bytes):

@@ -1,0 +1,208 @@
+"""The witness against the real kernel, guard on, with a proxy that knows
+only what each test tells it (no proxy runs here)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import pytest
+
+from agent.witness.events import TcpEvent
+
+from . import helpers
+from .conftest import running_witness, witness_config
+
+PORT = 18431
+BURST_PORT = 18432
+MATCH_PORT = 18433
+SUBJ_CONNECT = r"""
+import json, os, socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam); s.connect((sys.argv[1], int(sys.argv[2])))
+print(json.dumps({"pid": os.getpid(), "sport": s.getsockname()[1]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def server(netns_inode):
+    procs = [helpers.start_server(p) for p in (PORT, BURST_PORT, MATCH_PORT)]
+    yield
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def preexisting(server):
+    """A subject connection made before the witness starts: only the sweep sees it."""
+    code = ("import socket, sys, time; s = socket.create_connection(('127.0.0.1', %d)); "
+            "print(s.getsockname()[1], flush=True); time.sleep(120)" % PORT)
+    p = subprocess.Popen(helpers.subject_cmd([helpers.SUBJECT_PYTHON, "-c", code]),
+                         stdout=subprocess.PIPE, text=True)
+    sport = int(p.stdout.readline())
+    yield p.pid, sport
+    p.kill()
+    p.wait()
+
+
+@pytest.fixture(scope="module")
+def witness(preexisting, store, sessions):
+    w = running_witness(witness_config(guard=True, perf_pages=64), store, sessions)
+    seen: list = []
+    w.subscribe(seen.append)
+    w.seen = seen
+    yield w
+    w.stop()
+
+
+def test_subject_connect_is_a_bypass_with_evidence(witness, store_dir, netns_inode):
+    out = helpers.run_subject(SUBJ_CONNECT, "127.0.0.1", str(PORT))
+    a = helpers.wait_alert(store_dir, type="bypass", sport=out["sport"])
+    ev = a["evidence"]
+    assert (ev["dst"], ev["dport"], ev["src"]) == ("127.0.0.1", PORT, "127.0.0.1")
+    assert ev["original_destination"] == f"127.0.0.1:{PORT}"
+    assert ev["tgid"] == out["pid"] and ev["comm"] == "python3"
+    assert ev["uid"] == helpers.ensure_subject().pw_uid
+    assert ev["netns_inode"] == netns_inode and ev["cgroup_id"] > 0
+    assert ev["probe"] == "tracepoint:sock:inet_sock_set_state"
+    assert "ESTABLISHED" in ev["tcp_states"]
+    assert ev["process_chain"][0]["pid"] == out["pid"]
+    assert ev["process_chain"][0]["argv"][:2] == [helpers.SUBJECT_PYTHON, "-c"]
+
+
+def test_subject_connect_ipv6(witness, store_dir):
+    out = helpers.run_subject(SUBJ_CONNECT, "::1", str(PORT))
+    a = helpers.wait_alert(store_dir, type="bypass", sport=out["sport"])
+    assert a["evidence"]["family"] == "ipv6"
+    assert a["evidence"]["original_destination"] == f"[::1]:{PORT}"
+
+
+def test_matched_connection_is_no_alert(witness, store_dir, sessions):
+    sessions.dst_ports.add(MATCH_PORT)
+    out = helpers.run_subject(SUBJ_CONNECT, "127.0.0.1", str(MATCH_PORT))
+    time.sleep(0.6)
+    assert [e for e in witness.seen if isinstance(e, TcpEvent) and e.sport == out["sport"]]
+    assert helpers.none_match(store_dir, type="bypass", sport=out["sport"])
+
+
+def test_root_connection_is_not_reported(witness, store_dir):
+    cmd = ["ip", "netns", "exec", helpers.NETNS, helpers.SUBJECT_PYTHON, "-c",
+           SUBJ_CONNECT, "127.0.0.1", str(PORT)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    sport = int(out.split('"sport": ')[1].split("}")[0])
+    time.sleep(0.6)
+    assert not [e for e in witness.seen if isinstance(e, TcpEvent) and e.sport == sport]
+    assert helpers.none_match(store_dir, type="bypass", sport=sport)
+
+
+def test_tcp_fast_open_is_seen(witness, store_dir):
+    out = helpers.run_subject(
+        "import json, os, socket\ns = socket.socket()\n"
+        "s.sendto(b'hello', socket.MSG_FASTOPEN, ('127.0.0.1', %d))\n"
+        "print(json.dumps({'pid': os.getpid(), 'sport': s.getsockname()[1]}))" % PORT)
+    a = helpers.wait_alert(store_dir, type="bypass", sport=out["sport"])
+    assert a["evidence"]["tgid"] == out["pid"]
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "::1"])
+def test_udp_datagram_is_udp_blocked(witness, store_dir, addr):
+    port = 18440 if ":" not in addr else 18441
+    helpers.run_subject(
+        "import json, socket, sys\nfam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
+        "s = socket.socket(fam, socket.SOCK_DGRAM)\ns.sendto(b'q', (sys.argv[1], int(sys.argv[2])))\n"
+        "print(json.dumps({}))", addr, str(port))
+    a = helpers.wait_alert(store_dir, type="udp_blocked", dport=port)
+    assert a["evidence"]["dst"] == addr
+
+
+def test_dns_udp_is_not_udp_blocked(witness, store_dir):
+    helpers.run_subject("import json, socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                        "s.sendto(b'q', ('127.0.0.1', 53))\nprint(json.dumps({}))")
+    time.sleep(0.3)
+    assert helpers.none_match(store_dir, type="udp_blocked", dport=53)
+
+
+@pytest.fixture(scope="module")
+def raw_python(tmp_path_factory):
+    """A copy of python3 with CAP_NET_RAW in its file capabilities."""
+    return helpers.copy_python(tmp_path_factory.mktemp("rawpy"), caps="cap_net_raw+ep")
+
+
+SOCKET_TRY = r"""
+import json, socket, sys
+try:
+    socket.socket(int(sys.argv[1]), socket.SOCK_RAW, int(sys.argv[2])); err = 0
+except OSError as e:
+    err = e.errno
+print(json.dumps({"errno": err}))
+"""
+
+
+def test_raw_socket_refused_by_guard(witness, store_dir, raw_python):
+    out = helpers.run_subject(SOCKET_TRY, str(int(socket.AF_INET)), "1", python=raw_python)
+    assert out["errno"] == 1   # EPERM from the cgroup guard
+    a = helpers.wait_alert(store_dir, type="raw_socket", socket_family=2)
+    assert a["evidence"]["refused"] is True and a["evidence"]["result"] == -1
+
+
+def test_packet_socket_attempt_is_reported(witness, store_dir, raw_python):
+    out = helpers.run_subject(SOCKET_TRY, "17", "0", python=raw_python)
+    # No hook on this kernel refuses AF_PACKET (BPF LSM programs do not load): reported.
+    assert out["errno"] == 0
+    helpers.wait_alert(store_dir, type="raw_socket", socket_family=17)
+
+
+def test_unshare_net_is_a_netns_alert(witness, store_dir, netns_inode):
+    subprocess.run(helpers.subject_cmd(["unshare", "-rn", "true"]), check=True)
+    a = helpers.wait_alert(store_dir, type="netns", comm="unshare")
+    assert a["evidence"]["old_netns"] == netns_inode
+    assert a["evidence"]["new_netns"] not in (0, netns_inode)
+
+
+@pytest.fixture(scope="module")
+def setuid_python(tmp_path_factory):
+    return helpers.copy_python(tmp_path_factory.mktemp("suid"), setuid_root=True)
+
+
+def test_setuid_helper_stays_a_subject(witness, store_dir, setuid_python):
+    code = ("import json, os, socket, sys\nos.setuid(0)\n" + SUBJ_CONNECT.split("\n", 2)[2]
+            .replace("json.dumps({", "json.dumps({'uid': os.getuid(), "))
+    out = helpers.run_subject(code, "127.0.0.1", str(PORT), python=setuid_python)
+    assert out["uid"] == 0
+    a = helpers.wait_alert(store_dir, type="bypass", sport=out["sport"])
+    assert a["evidence"]["uid"] == 0 and a["evidence"]["tgid"] == out["pid"]
+    helpers.wait_alert(store_dir, type="uid_change", tgid=out["pid"], syscall=0)
+    helpers.wait_alert(store_dir, type="uid_change", tgid=out["pid"], new_uid=0)
+
+
+def test_sweep_finds_socket_opened_before_start(witness, store_dir, preexisting):
+    pid, sport = preexisting
+    a = helpers.wait_alert(store_dir, timeout=3, type="preexisting_socket", sport=sport)
+    assert a["evidence"]["dport"] == PORT and a["evidence"]["probe"] == "sock_diag sweep"
+
+
+def test_burst_of_known_connections_has_no_false_bypass(witness, store_dir, sessions):
+    sessions.dst_ports.add(BURST_PORT)
+    before = witness.check.counts["tcp_matched"]
+    code = ("import json, socket, time\nt = time.monotonic()\n"
+            "for i in range(2000):\n"
+            "    s = socket.create_connection(('127.0.0.1', %d)); s.close()\n"
+            "    time.sleep(max(0, t + i * 0.004 - time.monotonic()))\n"
+            "print(json.dumps({'s': time.monotonic() - t}))" % BURST_PORT)
+    out = helpers.run_subject(code)
+    assert out["s"] < 10
+    deadline = time.monotonic() + 3
+    while witness.check.counts["tcp_matched"] - before < 2000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert witness.check.counts["tcp_matched"] - before == 2000
+    assert helpers.none_match(store_dir, type="bypass", dport=BURST_PORT)
+    assert witness.statistics()["lost"] == 0
+
+
+def test_statistics_shape(witness):
+    st = witness.statistics()
+    assert "tracepoint:sock:inet_sock_set_state" in st["attached"]
+    assert any(a.startswith("cgroup_inet_sock_create") for a in st["attached"])
+    assert st["events"]["TcpEvent"] > 0 and st["alerts"]["bypass"] >= 1
