@@ -397,5 +397,21 @@ def _shipped_upto(cfg: Config) -> int | None:
     return min(positions) if cfg.ship.enabled and positions else None
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool) -> None:
+    """Check this host can run the agent: kernel, BCC, config, store, rules, shipping, clock."""
+    from agent.doctor import format_line, run_checks
+    checks = run_checks(ctx.obj["config_path"])
+    ok = all(c.ok for c in checks)
+    if as_json:
+        _json({"ok": ok, "checks": [c.as_dict() for c in checks]})
+    else:
+        for c in checks:
+            click.echo(format_line(c))
+    sys.exit(0 if ok else 1)
+
+
 if __name__ == "__main__":
     main()

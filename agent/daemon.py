@@ -78,11 +78,28 @@ class Agent:
         except OSError as e:
             raise StartError(f"{cfg.source}: proxy.port: {e.strerror}") from None
         self.dns = await self._start_dns()
+        self.witness = self._start_witness()
         self.control = await serve(cfg.run_dir, self.handle)
         self.tasks.append(asyncio.create_task(self._watch_rules()))
         log.info("ready: rules applied, proxy on port %d, subjects %s",
                  cfg.proxy.port, ",".join(cfg.subjects))
         _sd_notify("READY=1\nSTATUS=recording")
+
+    def _start_witness(self):
+        """The kernel's own view; without it a bypass would go unseen, so an
+        enabled witness that cannot attach stops the start."""
+        if not self.cfg.witness.enabled:
+            return None
+        from agent.witness import Witness, WitnessUnavailable
+        w = Witness(self.cfg, self.store, self.sessions)
+        try:
+            w.start()
+        except WitnessUnavailable as e:
+            raise StartError(f"{self.cfg.source}: witness: {e} (set witness.enabled = false "
+                             "to run without it)") from None
+        self._event("witness_attached", **{k: v for k, v in w.statistics().items()
+                                           if k in ("attached", "guard")})
+        return w
 
     async def _start_dns(self) -> list:
         cfg = self.cfg
@@ -112,6 +129,8 @@ class Agent:
         for t in self.tasks:
             t.cancel()
         await self.proxy.close(f"agent stopping: {reason}")
+        if self.witness is not None:
+            self.witness.stop()
         self.control.close()
         self._event("agent_stop", reason=reason, rules_left_in_place=self.enforcing)
         if self.durable is not None:
@@ -219,7 +238,9 @@ class Agent:
                 "rules": {"table": self.ruleset.table, **self.counters,
                           **_safe(rules.counters, self.nft, self.ruleset.table)},
                 "proxy": self.proxy.statistics(),
-                "dns": [r.stats for r in self.dns], "sessions": self.sessions.statistics(),
+                "dns": [r.stats for r in self.dns],
+                "witness": self.witness.statistics() if self.witness else "disabled",
+                "sessions": self.sessions.statistics(),
                 "store": self.store.statistics()}
 
 

@@ -99,7 +99,9 @@ class Sandbox:
     # -- running things inside ----------------------------------------------------
 
     def argv(self, ns: str, argv: list[str], user: str | None = None) -> list[str]:
-        prefix = ["ip", "netns", "exec", ns]
+        # nsenter, not `ip netns exec`: the latter remounts /sys, hiding
+        # tracefs and BTF from the agent's eBPF witness.
+        prefix = ["nsenter", f"--net=/run/netns/{ns}"]
         if user:
             prefix += ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}",
                        "--init-groups", "--reset-env"]

@@ -4,11 +4,18 @@ opens the upstream side, and carries out each session's relay commands.
 Backpressure is asyncio's own: a side's transport pauses the *other* side's
 reading when its write buffer passes the high-water mark, so memory stays
 bounded by buffer_bytes per direction whatever the transfer size.
+
+Large chunks are appended in one recorder thread (hashing and writev release
+the GIL), so the store works on one core while the loop relays on the other;
+the side they came from stays paused until its chunk is recorded, and only
+then is it forwarded. Small chunks are appended inline: a thread hop would
+cost more latency than it saves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import socket
 import struct
@@ -23,6 +30,8 @@ from agent.store.format import Kind
 
 log = logging.getLogger("tollgate.proxy")
 _LINGER_RST = struct.pack("ii", 1, 0)
+# Chunks at least this big are recorded off the event loop (see above).
+OFFLOAD_BYTES = 32 << 10
 
 
 class Store(Protocol):
@@ -53,6 +62,9 @@ class Proxy:
         self.accepting = True
         self.servers: list[asyncio.base_events.Server] = []
         self.conns: set[Connection] = set()
+        # One thread: appends it takes keep their order, as inline ones do.
+        self.recorder = concurrent.futures.ThreadPoolExecutor(1, "tollgate-record")
+        self.recording: set[asyncio.Future] = set()
         self.stats = {"accepted": 0, "refused": 0, "not_redirected": 0,
                       "upstream_failed": 0, "store_errors": 0}
 
@@ -71,6 +83,11 @@ class Proxy:
             c.run(c.relay.abort(reason))
         for s in self.servers:
             await s.wait_closed()
+        # An append still in the recorder finishes (and its callback runs,
+        # registered first) before the daemon may close the store.
+        if self.recording:
+            await asyncio.wait(set(self.recording))
+        self.recorder.shutdown(wait=False)
 
     def statistics(self) -> dict:
         return {**self.stats, "open": len(self.conns), "accepting": self.accepting}
@@ -102,6 +119,8 @@ class Connection:
         # The subject's first bytes wait for attribution too: while its
         # process waits for an answer it is alive, so it can be named.
         self._blocks: list[set[str]] = [{"upstream", "attribution"}, set()]
+        self._recording = 0               # chunks in the recorder thread
+        self._finished: Finish | None = None  # waits for them, so CLOSE comes last
 
     def block(self, side: Side, reason: str) -> None:
         t = self.transports[side]
@@ -133,6 +152,9 @@ class Connection:
     def run(self, cmds: list[Command]) -> None:
         for i, cmd in enumerate(cmds):
             if isinstance(cmd, Record):
+                if len(cmd.data) >= OFFLOAD_BYTES:
+                    self._record_off_loop(cmd, cmds[i + 1:])
+                    return
                 seq = self._record(cmd)
                 if seq is None:
                     return
@@ -161,6 +183,33 @@ class Connection:
             self.proxy.hooks.store_failed(e)
             self.run(self.relay.abort(f"store failed: {e}"))
             return None
+
+    def _record_off_loop(self, cmd: Record, rest: list[Command]) -> None:
+        """Append in the recorder thread; forward (rest) only once it is in."""
+        src = Side(cmd.direction)
+        self.block(src, "record")
+        self._recording += 1
+        fut = asyncio.get_running_loop().run_in_executor(
+            self.proxy.recorder, self.proxy.store.append_data, self.session.id,
+            cmd.direction, cmd.data)
+        self.proxy.recording.add(fut)
+
+        def recorded(f: asyncio.Future) -> None:
+            self._recording -= 1
+            self.proxy.recording.discard(f)
+            e = f.exception() if not f.cancelled() else asyncio.CancelledError()
+            if e is not None:
+                self.proxy.stats["store_errors"] += 1
+                self.proxy.hooks.store_failed(e)
+                self.run(self.relay.abort(f"store failed: {e}"))
+            elif self.proxy.durable is not None:
+                self._defer(f.result(), src, rest)  # blocks src until durable
+            else:
+                self.run(rest)
+            self.unblock(src, "record")
+            if self._recording == 0 and self._finished is not None:
+                self._close_record(self._finished)
+        fut.add_done_callback(recorded)
 
     def _defer(self, seq: int, src: Side, rest: list[Command]) -> None:
         self.block(src, "durable")
@@ -191,6 +240,13 @@ class Connection:
     def _finish(self, f: Finish) -> None:
         self.proxy.conns.discard(self)
         self.proxy.sessions.close(self.session)
+        if self._recording:
+            self._finished = f  # recorded() writes it after the last chunk
+            return
+        self._close_record(f)
+
+    def _close_record(self, f: Finish) -> None:
+        self._finished = None
         try:
             self.proxy.store.append_json(Kind.SESSION_CLOSE, {
                 "session": self.session.id, "reason": f.reason,

@@ -44,7 +44,7 @@ def stored(store, sid: int, d: Direction) -> bytes:
 
 def test_kill9_during_traffic_fsync_mode(crash_sandbox, tmp_path):
     sb, server_out = crash_sandbox
-    agent = AgentProcess(sb, workdir=str(tmp_path), extra="durability = \"fsync\"\n")
+    agent = AgentProcess(sb, workdir=str(tmp_path), extra='durability = "fsync"\n[witness]\nenabled = false\n')
     rng = random.Random(4)
     try:
         for round_ in range(ROUNDS):

@@ -89,3 +89,30 @@ def test_status_reports_the_parts(agent):
     st = orjson.loads(agent.cli("status", "--json").stdout)
     assert st["running"] and st["enforcing"] and st["store_healthy"]
     assert st["proxy"]["accepted"] >= 1 and "records" in st["store"]
+
+
+def test_connection_while_rule_deleted_is_bypass_then_rule_is_back(agent, sandbox):
+    """Tamper, then bypass: root deletes the redirect rule and the subject
+    connects straight away, before the watcher can restore it. The witness
+    sees the direct connection in the kernel and raises `bypass`."""
+    import json as _json
+    import pwd
+    live = _json.loads(sandbox.run(sandbox.bastion, ["nft", "-j", "list", "chain", "inet",
+                                                     "tollgate", "steer"], text=True).stdout)
+    handle = next(o["rule"]["handle"] for o in live["nftables"]
+                  if "rule" in o and any("redirect" in e and e["redirect"]["port"] == 15001
+                                         for e in o["rule"]["expr"]))
+    uid = pwd.getpwnam(sandbox.subject).pw_uid
+    connect = (f"import socket,time; s=socket.create_connection(('{CORP_V4}',8080),3); "
+               "s.sendall(b'GET /hello.txt HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100)); time.sleep(1)")
+    before = len(alerts_of(agent, "bypass"))
+    sandbox.run(sandbox.bastion, ["sh", "-c",
+                f"nft delete rule inet tollgate steer handle {handle} && "
+                f"setpriv --reuid={uid} --regid={uid} --clear-groups {sys.executable} -c \"{connect}\""],
+                check=True)
+    bypass = wait_for(lambda: alerts_of(agent, "bypass")[before:], 3, what="bypass alert")[0]
+    ev = bypass["evidence"]
+    assert ev["uid"] == uid and 8080 in (ev.get("dport"), ev.get("original_destination", [0, 0])[1]) \
+        or "8080" in _json.dumps(ev), ev
+    assert alerts_of(agent, "rules_tampered")
+    wait_for(lambda: agent.cli("rules", "show").returncode == 0, 5, what="rules restored")
