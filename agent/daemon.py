@@ -79,6 +79,7 @@ class Agent:
             raise StartError(f"{cfg.source}: proxy.port: {e.strerror}") from None
         self.dns = await self._start_dns()
         self.witness = self._start_witness()
+        self.shipper = self._start_shipper()
         self.control = await serve(cfg.run_dir, self.handle)
         self.tasks.append(asyncio.create_task(self._watch_rules()))
         log.info("ready: rules applied, proxy on port %d, subjects %s",
@@ -100,6 +101,20 @@ class Agent:
         self._event("witness_attached", **{k: v for k, v in w.statistics().items()
                                            if k in ("attached", "guard")})
         return w
+
+    def _start_shipper(self):
+        """The copy off the host runs in its own threads; it reads the store's
+        files and never slows the relay."""
+        if not self.cfg.ship.enabled:
+            return None
+        import threading
+        from agent.ship import Shipper
+        shipper = Shipper(self.cfg, self.cfg.store.path, alerts=self.store,
+                          head_seq=lambda: self.store.head[0])
+        self.ship_stop = threading.Event()
+        threading.Thread(target=shipper.run_forever, args=(self.ship_stop,), daemon=True,
+                         name="shipper").start()
+        return shipper
 
     async def _start_dns(self) -> list:
         cfg = self.cfg
@@ -131,6 +146,8 @@ class Agent:
         await self.proxy.close(f"agent stopping: {reason}")
         if self.witness is not None:
             self.witness.stop()
+        if self.shipper is not None:
+            self.ship_stop.set()
         self.control.close()
         self._event("agent_stop", reason=reason, rules_left_in_place=self.enforcing)
         if self.durable is not None:
@@ -240,6 +257,8 @@ class Agent:
                 "proxy": self.proxy.statistics(),
                 "dns": [r.stats for r in self.dns],
                 "witness": self.witness.statistics() if self.witness else "disabled",
+                "ship": _safe(lambda: _plain(self.shipper.statistics())) if self.shipper
+                else "disabled",
                 "sessions": self.sessions.statistics(),
                 "store": self.store.statistics()}
 
@@ -249,6 +268,11 @@ def _safe(fn, *args) -> dict:
         return fn(*args)
     except Exception as e:
         return {"error": str(e)}
+
+
+def _plain(stats) -> dict:
+    import dataclasses
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
 
 
 def _sd_notify(state: str) -> None:

@@ -19,6 +19,7 @@ class AgentProcess:
                  extra: str = "") -> None:
         self.sb = sb
         self.work = Path(workdir or tempfile.mkdtemp(prefix="tg-agent-"))
+        self.work.mkdir(parents=True, exist_ok=True)
         self.store = self.work / "store"
         self.run_dir = self.work / "run"
         self.config = self.work / "tollgate.toml"
