@@ -1,0 +1,29 @@
+"""The bench command, in its quick mode, still runs end to end and prints
+every row of its table (no timing is asserted: that is the bench's job)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.table import ROWS
+
+ROOT = Path(__file__).resolve().parents[3]
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")]
+
+
+@pytest.mark.timeout(120)
+def test_quick_bench_prints_every_row():
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    for row in ROWS:
+        assert any(line.startswith(f"| {row}") for line in table), (row, r.stdout)
+    assert "direct" in table[0] and "haproxy" in table[0]
