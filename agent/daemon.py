@@ -303,4 +303,6 @@ async def _main(cfg: Config) -> None:
 
 
 def run(cfg: Config) -> None:
+    # The stdlib loop, on purpose: under uvloop a paused new transport was
+    # seen to deliver data before the upstream existed (tests caught it).
     asyncio.run(_main(cfg))

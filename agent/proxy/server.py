@@ -164,8 +164,11 @@ class Connection:
                     return
             elif isinstance(cmd, Send):
                 t = self.transports[cmd.to]
-                if t is not None:
-                    t.write(cmd.data)
+                if t is None:
+                    # The peer has gone: like TCP, answer further data with a reset.
+                    self.run(self.relay.abort(f"{cmd.to.name.lower()} gone; data cannot be delivered"))
+                    return
+                t.write(cmd.data)
             elif isinstance(cmd, HalfClose):
                 t = self.transports[cmd.to]
                 if t is not None and t.can_write_eof():
@@ -323,10 +326,11 @@ class ClientProtocol(_SideProtocol):
         self.proxy = proxy
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Not read until the upstream side exists. Python 3.11's selector
-        # transport starts reading *after* connection_made whatever we say
-        # here, so the pause is queued behind that.
-        asyncio.get_running_loop().call_soon(transport.pause_reading)
+        # Not read until the upstream side exists. Python 3.11.2's selector
+        # transport starts reading *after* connection_made even when paused
+        # here, so the pause is made again once that has happened.
+        transport.pause_reading()
+        asyncio.get_running_loop().call_soon(_repause, transport)
         sock = transport.get_extra_info("socket")
         try:
             dst = original_dst(sock)
@@ -377,6 +381,16 @@ class ClientProtocol(_SideProtocol):
             self.proxy.store.append_json(Kind.SESSION_INFO, {"session": session.id, **info})
         except Exception as e:
             self.proxy.hooks.store_failed(e)
+
+
+def _repause(transport: asyncio.Transport) -> None:
+    # Only the stdlib selector transport has the flaw; uvloop honours the
+    # first pause (and would read at once on a resume).
+    if not isinstance(transport, asyncio.selector_events._SelectorTransport):
+        return
+    if not transport.is_closing() and not transport.is_reading():
+        transport.resume_reading()
+        transport.pause_reading()
 
 
 def _tune(transport: asyncio.Transport, buffer_bytes: int) -> None:

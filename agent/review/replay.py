@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Iterable, Iterator
 
+from agent.review.text import printable, stamp
 from agent.store import Direction, Kind, Record
 
+__all__ = ["render_text", "raw_bytes", "printable", "stamp", "ARROW"]
+
 ARROW = {Direction.CLIENT: "subject -> dst", Direction.SERVER: "dst -> subject"}
-
-
-def stamp(ts_ns: int) -> str:
-    return dt.datetime.fromtimestamp(ts_ns / 1e9, dt.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def printable(data: bytes, limit: int | None = None) -> str:
-    """Text as text; other bytes escaped, so nothing the subject sent can
-    drive the reviewer's terminal."""
-    chunk = data if limit is None else data[:limit]
-    out = chunk.decode("utf-8", "backslashreplace")
-    out = "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in out)
-    if limit is not None and len(data) > limit:
-        out += f"... ({len(data) - limit} more bytes)"
-    return out
 
 
 def render_text(records: Iterable[Record]) -> Iterator[str]:

@@ -103,13 +103,22 @@ def test_connection_while_rule_deleted_is_bypass_then_rule_is_back(agent, sandbo
                   if "rule" in o and any("redirect" in e and e["redirect"]["port"] == 15001
                                          for e in o["rule"]["expr"]))
     uid = pwd.getpwnam(sandbox.subject).pw_uid
-    connect = (f"import socket,time; s=socket.create_connection(('{CORP_V4}',8080),3); "
+    import tempfile
+    from pathlib import Path
+    gate = Path(tempfile.mkdtemp(prefix="tg-gate-"))  # test basetemp is 0700: not visible to the subject
+    gate.chmod(0o755)
+    go = gate / "go"
+    # The subject is already running and polls for `go`, so it connects within
+    # a millisecond of the deletion, well before the watcher restores the rule.
+    connect = (f"import os,socket,time\nwhile not os.path.exists('{go}'): time.sleep(0.0005)\n"
+               f"s=socket.create_connection(('{CORP_V4}',8080),3)\n"
                "s.sendall(b'GET /hello.txt HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100)); time.sleep(1)")
     before = len(alerts_of(agent, "bypass"))
-    sandbox.run(sandbox.bastion, ["sh", "-c",
-                f"nft delete rule inet tollgate steer handle {handle} && "
-                f"setpriv --reuid={uid} --regid={uid} --clear-groups {sys.executable} -c \"{connect}\""],
-                check=True)
+    subject = sandbox.spawn(sandbox.bastion, [sys.executable, "-c", connect], user=sandbox.subject)
+    time.sleep(0.5)
+    sandbox.run(sandbox.bastion, ["sh", "-c", f"nft delete rule inet tollgate steer handle "
+                                  f"{handle} && touch {go}"], check=True)
+    subject.wait(10)
     bypass = wait_for(lambda: alerts_of(agent, "bypass")[before:], 3, what="bypass alert")[0]
     ev = bypass["evidence"]
     assert ev["uid"] == uid and 8080 in (ev.get("dport"), ev.get("original_destination", [0, 0])[1]) \
