@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Any
 
@@ -29,6 +30,9 @@ from agent.proxy.sessions import Session, SessionTable
 from agent.store import Kind, StoreWriter
 
 log = logging.getLogger("tollgate.daemon")
+
+
+KERNEL_ATTRIBUTION_WAIT_MS = 50  # the ring buffer is polled continuously; events arrive in ~1 ms
 
 
 class StartError(Exception):
@@ -52,6 +56,7 @@ class Agent:
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.counters = {"rules_restored": 0}
+        self.connects = None  # the witness's view of who connected, when it runs
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -98,6 +103,9 @@ class Agent:
         except WitnessUnavailable as e:
             raise StartError(f"{self.cfg.source}: witness: {e} (set witness.enabled = false "
                              "to run without it)") from None
+        from agent.witness.connections import ConnectTable
+        self.connects = ConnectTable(w.procs)
+        w.subscribe(self.connects.on_event)
         self._event("witness_attached", **{k: v for k, v in w.statistics().items()
                                            if k in ("attached", "guard")})
         return w
@@ -186,6 +194,16 @@ class Agent:
     # -- hooks the proxy calls -------------------------------------------------------
 
     async def attribute(self, session: Session) -> dict:
+        """From the witness's connect event when it has one (cheap, and names
+        even a process that has exited); else from sock_diag and /proc."""
+        if self.connects is not None:
+            for _ in range(KERNEL_ATTRIBUTION_WAIT_MS):
+                info = self.connects.attribution(session.client, session.original_dst)
+                if info is not None:
+                    self.connects.hits += 1
+                    return info
+                await asyncio.sleep(0.001)
+            self.connects.misses += 1
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, attribution.attribute, session.client,
                                           session.original_dst, self.cfg.subject_uids())
@@ -257,6 +275,9 @@ class Agent:
                 "proxy": self.proxy.statistics(),
                 "dns": [r.stats for r in self.dns],
                 "witness": self.witness.statistics() if self.witness else "disabled",
+                "attribution": ({"kernel_hits": self.connects.hits,
+                                 "proc_fallbacks": self.connects.misses}
+                                if self.connects else "sock_diag"),
                 "ship": _safe(lambda: _plain(self.shipper.statistics())) if self.shipper
                 else "disabled",
                 "sessions": self.sessions.statistics(),
@@ -303,6 +324,9 @@ async def _main(cfg: Config) -> None:
 
 
 def run(cfg: Config) -> None:
+    # Attribution walks /proc in worker threads; with the default 5 ms GIL
+    # switch interval each walk could hold the relay's thread off for that long.
+    sys.setswitchinterval(0.0005)
     # The stdlib loop, on purpose: under uvloop a paused new transport was
     # seen to deliver data before the upstream existed (tests caught it).
     asyncio.run(_main(cfg))

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from agent import config as config_mod
-from agent.config import Config, ConfigError
+from agent.config import Config, ConfigError, WitnessConfig
 
 MIN_FREE_BYTES = 1 << 30
 MIN_YEAR = 2024
@@ -100,13 +100,15 @@ def mounts(fstype: str) -> list[str]:
         return [line.split()[1] for line in f if line.split()[2] == fstype]
 
 
-def check_cgroup2() -> Check:
+def check_cgroup2(guard: bool = True) -> Check:
+    """The guard attaches at the loader's fixed path, so that path must be cgroup2."""
     from agent.witness.loader import CGROUP_ROOT
     found = mounts("cgroup2")
+    if not guard:
+        return passed("cgroup2", "skipped: witness guard is off")
     if not found:
         return failed("cgroup2", "no cgroup2 file system is mounted",
-                      "mount -t cgroup2 none /sys/fs/cgroup/unified (or boot with "
-                      "systemd.unified_cgroup_hierarchy=1)")
+                      f"mount -t cgroup2 none {CGROUP_ROOT}")
     if CGROUP_ROOT not in found:
         return failed("cgroup2", f"cgroup2 is at {', '.join(found)}, but the witness guard "
                       f"attaches at {CGROUP_ROOT}",
@@ -273,9 +275,21 @@ def clock_synced() -> bool | None:
 
 # -- all of it ---------------------------------------------------------------------
 
-KERNEL_CHECKS: tuple[Callable[[], Check], ...] = (
-    check_bpf_syscall, check_btf, check_tracefs, check_cgroup2, check_nftables,
-    check_bcc_headers)
+# What the eBPF witness needs; nothing else in the agent does.
+WITNESS_CHECKS: tuple[Callable[[], Check], ...] = (
+    check_bpf_syscall, check_btf, check_tracefs, check_bcc_headers)
+
+
+def kernel_checks(cfg: Config | None) -> list[Check]:
+    witness = cfg.witness if cfg else WitnessConfig()
+    checks = []
+    for fn in WITNESS_CHECKS:
+        name = fn.__name__.removeprefix("check_").removesuffix("_headers")
+        checks.append(safely(name, fn) if witness.enabled
+                      else passed(name, "skipped: witness.enabled is false"))
+    checks.append(safely("cgroup2", check_cgroup2, witness.enabled and witness.guard))
+    checks.append(safely("nftables", check_nftables))
+    return checks
 
 
 def safely(name: str, fn: Callable[..., Check], *args: object) -> Check:
@@ -288,8 +302,7 @@ def safely(name: str, fn: Callable[..., Check], *args: object) -> Check:
 
 def run_checks(config_path: str | None = None) -> list[Check]:
     cfg_check, cfg = load_config(config_path)
-    checks = [cfg_check]
-    checks += [safely(fn.__name__.removeprefix("check_"), fn) for fn in KERNEL_CHECKS]
+    checks = [cfg_check, *kernel_checks(cfg)]
     subjects = check_subjects(list(cfg.subjects) if cfg else raw_subjects(config_path))
     checks.append(subjects)
     fallback = Config()  # paths of the defaults when the file does not load

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from agent.review import attribution
+from agent.review.decoders import DETECT_BYTES, detect
+from agent.review.view import decoder_protocol
 from agent.store import Kind, Record, iter_records
 
 
@@ -18,6 +21,9 @@ class SessionSummary:
     end_ns: int | None = None
     close: dict | None = None
     bytes: list[int] = field(default_factory=lambda: [0, 0])  # client->server, server->client
+    open_protocol: str | None = None  # what SESSION_OPEN says (DNS over UDP only)
+    # the first bytes of each direction, for protocol detection
+    first: list[bytearray] = field(default_factory=lambda: [bytearray(), bytearray()], repr=False)
 
     @property
     def state(self) -> str:
@@ -41,26 +47,49 @@ class SessionSummary:
             return chain[0]["user"]
         return str(self.info.get("uid", "?"))
 
+    @property
+    def chain(self) -> list[dict]:
+        """The process chain, login first."""
+        return attribution.session_chain(self.info)
+
+    @property
+    def protocol(self) -> str:
+        """Detected from the first bytes (as the replay's decoder does); "-" before any."""
+        named = decoder_protocol(self.open_protocol)
+        if named:
+            return named
+        if not any(self.first):
+            return "-"
+        return detect(bytes(self.first[0]), bytes(self.first[1]), self.original_dst[1]) or "opaque"
+
     def as_dict(self) -> dict:
         return {"id": self.id, "start_ns": self.start_ns, "end_ns": self.end_ns,
                 "client": list(self.client), "original_dst": list(self.original_dst),
-                "subject": self.subject, "process": self.process,
+                "subject": self.subject, "process": self.process, "protocol": self.protocol,
                 "client_bytes": self.bytes[0], "server_bytes": self.bytes[1],
-                "state": self.state, "attribution": self.info, "close": self.close}
+                "state": self.state, "chain": self.chain, "attribution": self.info,
+                "close": self.close}
+
+
+def _add_data(s: SessionSummary, r: Record) -> None:
+    _, d, data = r.data()
+    s.bytes[d] += len(data)
+    first = s.first[d]
+    if len(first) < DETECT_BYTES:
+        first += data[:DETECT_BYTES - len(first)]
 
 
 def fold_sessions(records: Iterable[Record]) -> dict[int, SessionSummary]:
     sessions: dict[int, SessionSummary] = {}
     for r in records:
         if r.kind == Kind.DATA:
-            sid, d, data = r.data()
-            s = sessions.get(sid)
+            s = sessions.get(r.data()[0])
             if s is not None:
-                s.bytes[d] += len(data)
+                _add_data(s, r)
         elif r.kind == Kind.SESSION_OPEN:
             j = r.json()
             sessions[r.seq] = SessionSummary(r.seq, r.ts_ns, tuple(j["client"]),
-                                             tuple(j["original_dst"]))
+                                             tuple(j["original_dst"]), open_protocol=j.get("protocol"))
         elif r.kind in (Kind.SESSION_INFO, Kind.SESSION_CLOSE):
             j = r.json()
             s = sessions.get(j.get("session"))
@@ -78,30 +107,47 @@ def list_sessions(store_dir: str) -> list[SessionSummary]:
                   key=lambda s: s.id)
 
 
+def session_of(r: Record) -> int | None:
+    """The session a record belongs to, if it is a session record."""
+    if r.kind == Kind.DATA:
+        return r.data()[0]
+    if r.kind == Kind.SESSION_OPEN:
+        return r.seq
+    if r.kind in (Kind.SESSION_INFO, Kind.SESSION_CLOSE):
+        sid = r.json().get("session")
+        return sid if isinstance(sid, int) else None
+    return None
+
+
 def session_records(store_dir: str, session_id: int) -> Iterator[Record]:
-    """The records of one session, in store order."""
-    for r in iter_records(store_dir, strict=False):
-        if r.seq < session_id:
-            continue
-        if r.kind == Kind.DATA:
-            if r.data()[0] == session_id:
-                yield r
-        elif r.kind in (Kind.SESSION_OPEN, Kind.SESSION_INFO, Kind.SESSION_CLOSE):
-            j = r.json()
-            if r.seq == session_id or j.get("session") == session_id:
-                yield r
-                if r.kind == Kind.SESSION_CLOSE:
-                    return
+    """The records of one session, in store order, from its SESSION_OPEN
+    (whose seq is the session id, so earlier segments are not read)."""
+    for r in iter_records(store_dir, strict=False, start_seq=session_id):
+        if session_of(r) == session_id:
+            yield r
+            if r.kind == Kind.SESSION_CLOSE:
+                return
 
 
 def list_alerts(store_dir: str) -> list[dict]:
-    alerts, acks = [], {}
+    """Every alert with its ack (or None) and the process chain behind it."""
+    alerts, acks, infos = [], {}, {}
     for r in iter_records(store_dir, strict=False):
         if r.kind == Kind.ALERT:
             alerts.append({**r.json(), "seq": r.seq})
         elif r.kind == Kind.ACK:
             j = r.json()
             acks[j.get("alert")] = j
+        elif r.kind == Kind.SESSION_INFO:
+            j = r.json()
+            infos[j.get("session")] = j
     for a in alerts:
         a["ack"] = acks.get(a["id"])
+        chain, source = attribution.alert_chain(a, infos)
+        a["chain"], a["chain_source"] = chain, source
     return alerts
+
+
+def sorted_alerts(alerts: list[dict]) -> list[dict]:
+    """Unacknowledged first, then in store order."""
+    return sorted(alerts, key=lambda a: (a["ack"] is not None, a["seq"]))

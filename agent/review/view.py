@@ -91,6 +91,11 @@ class SessionView:
         self._raw_from: dict[Direction, int] = {} if decode else {d: 0 for d in Direction}
         self.closed = False
 
+    @property
+    def protocol(self) -> str | None:
+        """The decoder's protocol once detected (``opaque`` when none fits)."""
+        return self._protocol
+
     def add(self, r: Record) -> list[Item]:
         if r.kind == Kind.SESSION_OPEN:
             return [self._open(r)]
@@ -138,33 +143,36 @@ class SessionView:
 
     def _drain(self, ts_ns: int) -> list[Item]:
         assert self._decoder is not None
-        items: list[Item] = []
-        while (event := self._decoder.next_event()) is not None:
+        events = list(iter(self._decoder.next_event, None))
+        items = self._protocol_change(ts_ns, events)
+        for event in events:
             items += self._event(ts_ns, event)
-        items += self._protocol_change(ts_ns)
         return items
 
     def _event(self, ts_ns: int, event: Event) -> list[Item]:
         d = event.direction
         if d in self._raw_from and isinstance(event, (Opaque, Encrypted)):
-            return []  # these bytes are shown as Raw items already
+            return []  # these bytes are shown as Raw items
         items: list[Item] = [Decoded(ts_ns, event)]
         if isinstance(event, Undecodable) and d not in self._raw_from:
             items += self._go_raw(d, event.offset)
         return items
 
-    def _protocol_change(self, ts_ns: int) -> list[Item]:
+    def _protocol_change(self, ts_ns: int, events: list[Event]) -> list[Item]:
         protocol = self._decoder.protocol if self._decoder else None
         if protocol is None or protocol == self._protocol:
             return []
         first, self._protocol = self._protocol is None, protocol
         items: list[Item] = [Detected(ts_ns, protocol)]
-        if protocol == "opaque":
-            # No decoder (left): every byte from here is shown as recorded,
-            # from the start when nothing was ever decoded.
-            for d in Direction:
-                if d not in self._raw_from:
-                    items += self._go_raw(d, 0 if first else self._fed[d])
+        if protocol != "opaque":
+            return items
+        # No decoder (left): bytes are shown as recorded, from the start when
+        # nothing was decoded, else from where the failed decoder stopped.
+        # A direction with an Undecodable goes raw at that event (see _event).
+        stopped = {e.direction for e in events if isinstance(e, Undecodable)}
+        for d in Direction:
+            if d not in self._raw_from and (first or d not in stopped):
+                items += self._go_raw(d, 0 if first else self._fed[d])
         return items
 
     def _go_raw(self, d: Direction, offset: int) -> list[Raw]:
