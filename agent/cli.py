@@ -155,50 +155,136 @@ def _record_alert_offline(cfg: Config, alert: dict) -> None:
 
 
 @main.command()
+@click.option("--subject", help="user name or uid")
+@click.option("--dst", help="ip, ip:port, [ipv6]:port, CIDR or :port")
+@click.option("--protocol", help="detected protocol: postgres, mysql, http, redis, tls, ssh, dns, opaque")
+@click.option("--since", help="open at or after: ISO time (UTC unless given) or a time ago (10m, 2h, 1d)")
+@click.option("--until", help="open at or before: ISO time or a time ago")
+@click.option("--grep", help="text in what the subject asked (queries, requests, commands), any case")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def sessions(ctx: click.Context, as_json: bool) -> None:
-    """List recorded sessions."""
-    from agent.review.replay import stamp
-    from agent.review.sessions import list_sessions
+def sessions(ctx: click.Context, subject: str | None, dst: str | None, protocol: str | None,
+             since: str | None, until: str | None, grep: str | None, as_json: bool) -> None:
+    """List recorded sessions with their process chains; filter them."""
+    from agent.review import search
+    from agent.review.listing import session_lines
     cfg = _load(ctx)
-    items = list_sessions(cfg.store.path)
+    try:
+        wanted = search.SessionFilter(
+            subject=subject, dst=search.parse_destination(dst) if dst else None, protocol=protocol,
+            since_ns=search.parse_time(since) if since else None,
+            until_ns=search.parse_time(until) if until else None, grep=grep)
+    except ValueError as e:
+        raise Failure(str(e)) from None
+    items = search.search_sessions(cfg.store.path, wanted)
     if as_json:
         _json([s.as_dict() for s in items])
         return
-    click.echo(f"{'ID':>8}  {'START':24} {'SUBJECT':10} {'DESTINATION':28} {'SENT':>10} "
-               f"{'RECEIVED':>10}  {'STATE':8} PROCESS")
-    for s in items:
-        dst = f"{s.original_dst[0]}:{s.original_dst[1]}"
-        click.echo(f"{s.id:>8}  {stamp(s.start_ns):24} {s.subject:10} {dst:28} "
-                   f"{s.bytes[0]:>10} {s.bytes[1]:>10}  {s.state[:30]:8} {s.process}")
+    for line in session_lines(items):
+        click.echo(line)
+
+
+def _audit(cfg: Config, act: dict) -> None:
+    """The ACCESS record of a replay, export or report: written before the act."""
+    from agent import control
+    try:
+        control.record(cfg.run_dir, cfg.store.path, "ACCESS", act, control.me())
+    except RuntimeError as e:
+        raise Failure(f"cannot record this access, so not doing it: {e}") from None
+
+
+def _open_session(cfg: Config, session_id: int, follow: bool = False):
+    from agent.review.replay import open_session
+    try:
+        return open_session(cfg.store.path, session_id, follow)
+    except LookupError as e:
+        raise Failure(str(e)) from None
 
 
 @main.command()
 @click.argument("session_id", type=int)
 @click.option("--raw", type=click.Choice(["client", "server"]),
               help="write the exact bytes of one direction to stdout")
+@click.option("--hex", "as_hex", is_flag=True, help="hexdump of both directions, record by record")
+@click.option("--text", "as_text", is_flag=True, help="the bytes as text, not decoded")
+@click.option("--json", "as_json", is_flag=True, help="the decoded events as JSON")
+@click.option("--follow", "-f", is_flag=True, help="a live session: keep printing until it closes")
 @click.pass_context
-def replay(ctx: click.Context, session_id: int, raw: str | None) -> None:
-    """Replay a session: both directions in order, with timestamps."""
-    from agent import control
-    from agent.review.replay import raw_bytes, render_text
-    from agent.review.sessions import session_records
+def replay(ctx: click.Context, session_id: int, raw: str | None, as_hex: bool, as_text: bool,
+           as_json: bool, follow: bool) -> None:
+    """Replay a session decoded (queries and results, requests, ...), with timestamps."""
+    from agent.review.replay import VIEWS, json_document, raw_bytes
     from agent.store import Direction
     cfg = _load(ctx)
-    records = list(session_records(cfg.store.path, session_id))
-    if not records:
-        raise Failure(f"no session {session_id} in {cfg.store.path}")
-    control.record(cfg.run_dir, cfg.store.path, "ACCESS",
-                   {"act": "replay", "session": session_id, "raw": raw}, control.me())
-    if raw:
-        out = sys.stdout.buffer
-        for chunk in raw_bytes(records, Direction[raw.upper()]):
-            out.write(chunk)
-        out.flush()
-        return
-    for line in render_text(records):
-        click.echo(line)
+    chosen = [name for name, on in (("raw", raw), ("hex", as_hex), ("text", as_text), ("json", as_json)) if on]
+    if len(chosen) > 1:
+        raise Failure("choose one of --raw, --hex, --text, --json")
+    view = chosen[0] if chosen else "decoded"
+    records = _open_session(cfg, session_id, follow)
+    _audit(cfg, {"act": "replay", "session": session_id, "view": view, "raw": raw, "follow": follow})
+    try:
+        if raw:
+            out = sys.stdout.buffer
+            for chunk in raw_bytes(records, Direction[raw.upper()]):
+                out.write(chunk)
+                if follow:
+                    out.flush()
+            out.flush()
+        elif as_json and not follow:
+            _json(json_document(records))
+        else:
+            for line in VIEWS[view](records):
+                click.echo(line)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+@main.command()
+@click.argument("session_id", type=int)
+@click.option("--pcap", "pcap_file", required=True, type=click.Path(dir_okay=False),
+              help="write a pcapng file (Wireshark, tshark) of the session's TCP conversation")
+@click.pass_context
+def export(ctx: click.Context, session_id: int, pcap_file: str) -> None:
+    """Export a session as a packet capture that Wireshark and tshark decode."""
+    import os
+    from agent.review.pcap import write_pcapng
+    cfg = _load(ctx)
+    records = _open_session(cfg, session_id)
+    _audit(cfg, {"act": "export", "session": session_id, "format": "pcapng",
+                 "file": os.path.abspath(pcap_file)})
+    try:
+        with open(pcap_file, "wb") as f:
+            packets = write_pcapng(records, f)
+    except OSError as e:
+        raise Failure(f"{pcap_file}: {e.strerror or e}") from None
+    click.echo(f"wrote {packets} packets of session {session_id} to {pcap_file}")
+
+
+@main.command()
+@click.option("--html", "html_file", required=True, type=click.Path(dir_okay=False),
+              help="write one self-contained HTML page")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False),
+              help="verification key file (checks seal MACs in the verify section)")
+@click.pass_context
+def report(ctx: click.Context, html_file: str, key_file: str | None) -> None:
+    """A static page for a reviewer: sessions, alerts, a timeline, the verify status."""
+    import os
+    from agent.review.report import gather, render_html
+    from agent.store import SealKeyError, load_verification_key
+    cfg = _load(ctx)
+    try:
+        key = load_verification_key(key_file) if key_file else None
+    except SealKeyError as e:
+        raise Failure(str(e)) from None
+    data = gather(cfg.store.path, key)
+    _audit(cfg, {"act": "report", "file": os.path.abspath(html_file), "sessions": len(data.sessions)})
+    try:
+        with open(html_file, "w", encoding="utf-8") as f:
+            f.write(render_html(data))
+    except OSError as e:
+        raise Failure(f"{html_file}: {e.strerror or e}") from None
+    click.echo(f"wrote {html_file}: {len(data.sessions)} sessions, {len(data.alerts)} alerts, "
+               f"store verify {'OK' if data.verify.ok else 'NOT OK'}")
 
 
 @main.command()
@@ -235,34 +321,55 @@ def _print_tree(d: dict, indent: int = 0) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def alerts(ctx: click.Context, as_json: bool) -> None:
-    """List alerts, unacknowledged first."""
+    """List alerts with their process chains, unacknowledged first."""
     if ctx.invoked_subcommand:
         return
-    from agent.review.replay import stamp
-    from agent.review.sessions import list_alerts
+    from agent.review.listing import alert_lines
+    from agent.review.sessions import list_alerts, sorted_alerts
     cfg = _load(ctx)
-    items = sorted(list_alerts(cfg.store.path), key=lambda a: (a["ack"] is not None, a["seq"]))
+    items = sorted_alerts(list_alerts(cfg.store.path))
     if as_json:
         _json(items)
         return
-    for a in items:
-        mark = "acked" if a["ack"] else "NEW"
-        click.echo(f"{a['id']}  {stamp(a['time_ns'])}  {mark:5} {a['severity']:8} "
-                   f"{a['type']:18} {a['summary']}")
+    for line in alert_lines(items):
+        click.echo(line)
+
+
+def _find_alert(cfg: Config, alert_id: str) -> dict:
+    from agent.review.sessions import list_alerts
+    for a in list_alerts(cfg.store.path):
+        if a["id"] == alert_id:
+            return a
+    raise Failure(f"no alert {alert_id}")
 
 
 @alerts.command("show")
 @click.argument("alert_id")
 @click.pass_context
 def alerts_show(ctx: click.Context, alert_id: str) -> None:
-    """One alert with all its evidence."""
-    from agent.review.sessions import list_alerts
+    """One alert with all its evidence and its process chain."""
+    _json(_find_alert(_load(ctx), alert_id))
+
+
+@alerts.command("ack")
+@click.argument("alert_id")
+@click.option("--reason", required=True, help="why it needs no further action; recorded")
+@click.pass_context
+def alerts_ack(ctx: click.Context, alert_id: str, reason: str) -> None:
+    """Acknowledge an alert: an ACK record saying who, when and why (append-only)."""
+    from agent import control
     cfg = _load(ctx)
-    for a in list_alerts(cfg.store.path):
-        if a["id"] == alert_id:
-            _json(a)
-            return
-    raise Failure(f"no alert {alert_id}")
+    alert = _find_alert(cfg, alert_id)
+    if alert["ack"]:
+        who = (alert["ack"].get("by") or {}).get("user", "?")
+        raise Failure(f"alert {alert_id} is already acknowledged by {who}")
+    me = control.me()
+    try:
+        seq = control.record(cfg.run_dir, cfg.store.path, "ACK",
+                             {"alert": alert_id, "reason": reason, "operator": me["user"]}, me)
+    except RuntimeError as e:
+        raise Failure(str(e)) from None
+    click.echo(f"alert {alert_id} acknowledged (record {seq})")
 
 
 @main.command()

@@ -24,7 +24,7 @@ from agent.review.decoders import (
     RedisReply, ResultSet, SshBanner, SshKexInit, Startup, TlsCertificate, TlsClientHello, TlsServerHello,
     Undecodable,
 )
-from agent.review.text import clean, indent, printable, stamp
+from agent.review.text import address, clean, indent, printable, stamp
 from agent.review.view import Attributed, Closed, Decoded, Detected, Item, Opened, Raw
 
 __all__ = ["TextRenderer", "render_items", "item_json", "action_text", "ARROWS"]
@@ -33,6 +33,7 @@ ARROWS = {"c": "->", "s": "<-"}
 # Bytes of a body or an undecoded run shown in the terminal (--raw has all).
 PREVIEW_BYTES = 4096
 CELL_WIDTH = 80
+MAX_REPLY_LINES = 200
 # Protocol plumbing a reviewer does not need between the statements (--json keeps it).
 QUIET_MESSAGES = {
     "Sync", "Flush", "ParseComplete", "BindComplete", "CloseComplete", "NoData", "Bind", "Describe",
@@ -134,6 +135,8 @@ def redis_value(value: Any) -> Lines:
         sub = redis_value(v)
         lines.append(f"{i}) {sub[0]}")
         lines += ["   " + line for line in sub[1:]]
+        if len(lines) > MAX_REPLY_LINES:  # e.g. COMMAND DOCS: thousands of lines of no interest
+            return lines[:MAX_REPLY_LINES] + [f"... ({len(value) - i} more elements; --json has all)"]
     return lines
 
 
@@ -240,8 +243,7 @@ class TextRenderer:
             return _stamped(item.ts_ns, item.direction.value, [head, *indent(printable(item.data, PREVIEW_BYTES))])
         if isinstance(item, Opened):
             return _stamped(item.ts_ns, " ", [
-                f"session {item.session}: {item.client[0]}:{item.client[1]} -> "
-                f"{item.original_dst[0]}:{item.original_dst[1]}"
+                f"session {item.session}: {address(item.client)} -> {address(item.original_dst)}"
                 + (f" ({item.protocol})" if item.protocol else "")])
         if isinstance(item, Attributed):
             return _attributed(item)

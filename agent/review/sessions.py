@@ -137,7 +137,7 @@ def list_alerts(store_dir: str) -> list[dict]:
             alerts.append({**r.json(), "seq": r.seq})
         elif r.kind == Kind.ACK:
             j = r.json()
-            acks[j.get("alert")] = j
+            acks[j.get("alert")] = {**j, "time_ns": r.ts_ns}
         elif r.kind == Kind.SESSION_INFO:
             j = r.json()
             infos[j.get("session")] = j

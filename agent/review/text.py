@@ -45,6 +45,12 @@ def stamp(ts_ns: int) -> str:
         "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def address(addr: tuple[str, int] | list) -> str:
+    """``ip:port``, with brackets around an IPv6 address."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 def indent(text: str, prefix: str = "    ") -> list[str]:
     """Lines of ``text``, each prefixed; split on ``\\n`` only, so other
     line-breaking characters stay visible as escapes."""

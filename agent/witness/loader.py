@@ -26,7 +26,15 @@ BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 # subjects.c holds the shared maps and helpers, so it comes first.
 SOURCES = ("subjects.c", "process.c", "tcp_connect.c", "udp_send.c", "sockets.c",
            "netns.c", "guard.c")
-CGROUP_ROOT = "/sys/fs/cgroup/unified"
+def cgroup2_root(mounts_file: str = "/proc/mounts") -> str | None:
+    """Where the cgroup2 hierarchy is mounted: /sys/fs/cgroup on a unified
+    host, /sys/fs/cgroup/unified on a hybrid one (like the CI kernel)."""
+    try:
+        with open(mounts_file) as f:
+            found = [line.split()[1] for line in f if line.split()[2] == "cgroup2"]
+    except OSError:
+        return None
+    return min(found, key=len) if found else None
 _BPF_F_ALLOW_MULTI = 2
 MAX_SUBJECT_TASKS = 65536
 MAX_SOCKETS = 65536
@@ -135,7 +143,10 @@ class Probes:
     def _attach_guard(self, bcc) -> None:
         try:
             fn = self._bpf.load_func(b"tg_guard_sock_create", bcc.BPF.CGROUP_SOCK)
-            fd = os.open(CGROUP_ROOT, os.O_RDONLY | os.O_DIRECTORY)
+            root = cgroup2_root()
+            if root is None:
+                raise OSError("no cgroup2 file system is mounted")
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         except Exception as e:
             raise WitnessUnavailable(f"guard program did not load: {e}") from e
         try:
@@ -143,9 +154,9 @@ class Probes:
                                 _BPF_F_ALLOW_MULTI)
         except Exception as e:
             os.close(fd)
-            raise WitnessUnavailable(f"guard did not attach to {CGROUP_ROOT}: {e}") from e
+            raise WitnessUnavailable(f"guard did not attach to the cgroup2 root: {e}") from e
         self._guard_fn, self._cgroup_fd = fn, fd
-        self.attached.append(f"cgroup_inet_sock_create:{CGROUP_ROOT}")
+        self.attached.append(f"cgroup_inet_sock_create:{root}")
 
     def _on_ring(self, _ctx, data, size) -> None:
         # An exception here would be swallowed by ctypes: count and log it instead.
