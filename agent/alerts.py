@@ -62,6 +62,8 @@ def make_alert(type_: AlertType, summary: str, **evidence: Any) -> dict:
 def record_alert(store: Appender, type_: AlertType, summary: str, **evidence: Any) -> dict:
     """Append an alert record; returns the alert (with its id)."""
     alert = make_alert(type_, summary, **evidence)
-    store.append_json(Kind.ALERT, alert, alert["time_ns"])
+    # The record's own time is when it was written (detection); the alert's
+    # time_ns is when the thing happened (the kernel's event time).
+    store.append_json(Kind.ALERT, alert)
     log.warning("alert %s %s: %s", alert["id"], alert["type"], summary)
     return alert

@@ -233,14 +233,56 @@ class Bench:
         return {"open": opened, "rss_mib": rss, "rss_before_mib": before}
 
     def bypass_latency(self, agent: Agent) -> dict | str:
-        """Hook: time from a bypassing connect to the witness's ALERT record.
+        """Time from a bypassing connect to the witness's alert record.
 
-        Needs the witness running in the daemon; until then n/a. When wired:
-        per try, delete the nftables table (as a subject that gained root
-        would), let the subject connect, and time the ALERT's ts_ns against
-        the connect's, p50/p99 over scale.bypass_tries.
+        The operator removes the rules (`tollgate rules remove`, so the agent
+        does not put them back); the subject then connects straight to corp
+        scale.bypass_tries times, 20 ms apart, printing each connect's wall
+        time and source port. Each bypass alert's store time, matched by
+        source port, gives the latency. Rules are applied again after.
         """
-        return "n/a (witness not wired)"
+        cli = [sys.executable, "-m", "agent.cli", "--config", str(agent.config)]
+        self.sb.run(self.sb.bastion, [*cli, "rules", "remove", "--reason", "bench"], check=True)
+        try:
+            r = self.sb.subject_run([sys.executable, "-c", _BYPASS_CLIENT, CORP_V4,
+                                     str(SERVER_PORT), str(self.scale.bypass_tries)],
+                                    text=True, timeout=120)
+            sent = dict(tuple(map(int, line.split())) for line in r.stdout.split("\n") if line)
+            time.sleep(1.0)  # the last window closes
+            detected = _bypass_alert_times(agent.store)
+        finally:
+            self.sb.run(self.sb.bastion, [*cli, "rules", "apply"], check=True)
+        lat = sorted((detected[p] - t) / 1e6 for p, t in sent.items() if p in detected)
+        if not lat:
+            return "n/a (no bypass detected)"
+        return {"p50_ms": lat[len(lat) // 2], "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+                "detected": len(lat), "tries": len(sent)}
+
+
+# One connect every 20 ms; prints "<source port> <wall ns before connect>".
+_BYPASS_CLIENT = """
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(n):
+    s = socket.socket()
+    t = time.time_ns()
+    s.connect((host, port))
+    print(s.getsockname()[1], t, flush=True)
+    s.close()
+    time.sleep(0.02)
+"""
+
+
+def _bypass_alert_times(store: Path) -> dict[int, int]:
+    """source port -> store time of its bypass alert."""
+    from agent.store import Kind, iter_records
+    out = {}
+    for r in iter_records(store, strict=False):
+        if r.kind == Kind.ALERT:
+            a = r.json()
+            if a.get("type") == "bypass":
+                out.setdefault(int(a["evidence"].get("sport", 0)), r.ts_ns)
+    return out
 
 
 def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results) -> None:
@@ -261,8 +303,9 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results) -> Non
         for durability in ("write", "fsync"):
             col = f"tollgate {durability}" + (f" ({loop})" if len(scale.loops) > 1 else "")
             _step(f"{col}: start agent")
+            # As shipped: the witness on (it also names each connection's process).
             agent = Agent(sb, work / f"agent-{loop}-{durability}", durability=durability,
-                          loop=loop, witness=False).start()
+                          loop=loop, witness=True).start()
             try:
                 res.put("bulk1", col, b.bulk(*srv, 1))
                 res.put("bulk8", col, b.bulk(*srv, 8))

@@ -11,6 +11,12 @@
  * Only what the verdict needs goes to user space: SYN_SENT, ESTABLISHED,
  * and CLOSE of a socket that never established; -DTG_ALL_TCP_STATES
  * (WitnessConfig.all_tcp_states) asks for every state change.
+ *
+ * With -DPROXY_PORT, the proxy's side of each redirected connection is
+ * reported too: an accepted socket on the proxy port reaching ESTABLISHED,
+ * whose peer is the subject's socket. That is the kernel's own proof that a
+ * connection went into the proxy, microseconds after the subject's side
+ * established, so the cross-check need not wait long to call a bypass.
  */
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
@@ -26,6 +32,10 @@ struct tg_conn {
 };
 
 BPF_HASH(conns, u64, struct tg_conn, MAX_SOCKETS);
+
+struct tracepoint__sock__inet_sock_set_state;
+static __always_inline void
+tg_emit_tcp(struct tracepoint__sock__inet_sock_set_state *args, u64 sk, struct tg_header *who);
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
@@ -46,6 +56,12 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     } else if (args->oldstate == TCP_SYN_RECV || args->oldstate == TCP_NEW_SYN_RECV
                || args->newstate == TCP_SYN_RECV || args->oldstate == TCP_LISTEN) {
         conns.delete(&sk);
+#ifdef PROXY_PORT
+        if (args->newstate == TCP_ESTABLISHED && args->sport == PROXY_PORT) {
+            struct tg_header nobody = {.type = TG_EV_TCP_STATE};  /* softirq: no task to name */
+            tg_emit_tcp(args, sk, &nobody);
+        }
+#endif
         return 0;
     }
     struct tg_conn *conn = conns.lookup(&sk);
@@ -65,10 +81,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         && !(args->newstate == TCP_CLOSE && !was_established))
         return 0;
 #endif
+    tg_emit_tcp(args, sk, &who);
+    return 0;
+}
+
+static __always_inline void
+tg_emit_tcp(struct tracepoint__sock__inet_sock_set_state *args, u64 sk, struct tg_header *who)
+{
     struct tg_tcp_event *e = tg_reserve(sizeof(*e));
     if (!e)
-        return 0;
-    e->h = who;
+        return;
+    e->h = *who;
     e->h.ts_ns = bpf_ktime_get_ns();
     e->sk = sk;
     e->family = args->family;
@@ -84,5 +107,4 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         __builtin_memcpy(e->daddr, args->daddr_v6, 16);
     }
     events.ringbuf_submit(e, 0);
-    return 0;
 }

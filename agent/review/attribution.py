@@ -9,6 +9,7 @@ connected, so everything here returns and prints it login first.
 from __future__ import annotations
 
 import os
+import pwd
 from typing import Iterable
 
 from agent.review.text import clean
@@ -45,6 +46,14 @@ def alert_chain(alert: dict, session_infos: dict[int, dict]) -> tuple[Chain, str
     return [], "none"
 
 
+def user_name(uid: object) -> str | None:
+    """The local name of a uid (witness chains carry the uid only)."""
+    try:
+        return pwd.getpwuid(int(uid)).pw_name  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _name(p: dict) -> str:
     exe = p.get("exe") or p.get("comm") or "?"
     return os.path.basename(str(exe)) or str(exe)
@@ -53,7 +62,7 @@ def _name(p: dict) -> str:
 def argv_text(p: dict) -> str:
     argv = p.get("argv")
     if not argv:
-        return str(p.get("comm") or "")
+        return str(p.get("comm") or p.get("exe") or "")
     return " ".join(str(a) for a in argv)
 
 
@@ -72,7 +81,8 @@ def detail_lines(chain: Chain) -> list[str]:
     """One line a process: pid, uid, user, exe and the whole argv."""
     out = []
     for depth, p in enumerate(chain):
-        user = f" ({p['user']})" if p.get("user") else ""
+        name = p.get("user") or user_name(p.get("uid"))
+        user = f" ({name})" if name else ""
         out.append(clean(f"{'  ' * depth}pid {p.get('pid', '?')} uid {p.get('uid', '?')}{user} "
                          f"{p.get('exe') or p.get('comm') or '?'}: {argv_text(p)}", newlines=False))
     return out

@@ -319,7 +319,6 @@ def item_json(item: Item) -> dict:
 
 _ACTIONS: dict[type, Callable[[Any], str]] = {
     Query: lambda e: e.text,
-    Prepare: lambda e: e.text,
     HttpRequest: lambda e: f"{e.method} {e.target} " + " ".join(v for k, v in e.headers if k.lower() == "host"),
     RedisCommand: lambda e: " ".join(e.args),
     TlsClientHello: lambda e: f"TLS {e.sni or '(no SNI)'}",

@@ -45,7 +45,8 @@ class SessionSummary:
         chain = self.info.get("chain") or []
         if chain and chain[0].get("user"):
             return chain[0]["user"]
-        return str(self.info.get("uid", "?"))
+        uid = self.info.get("uid", chain[0].get("uid") if chain else None)
+        return attribution.user_name(uid) or str(uid if uid is not None else "?")
 
     @property
     def chain(self) -> list[dict]:

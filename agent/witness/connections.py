@@ -23,7 +23,8 @@ class ConnectTable:
 
     def on_event(self, ev: Event) -> None:
         """Witness listener (poll thread): remember established subject sockets."""
-        if not isinstance(ev, TcpEvent) or ev.newstate != "ESTABLISHED" or not ev.sport:
+        if (not isinstance(ev, TcpEvent) or ev.newstate != "ESTABLISHED" or not ev.sport
+                or ev.oldstate != "SYN_SENT"):  # not the proxy's own accepted side
             return
         with self._lock:
             self._seen[(ev.saddr, ev.sport, ev.daddr, ev.dport)] = ev

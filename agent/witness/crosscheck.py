@@ -89,8 +89,13 @@ def tuple_evidence(family: int, t: Tuple4) -> dict:
 
 class CrossCheck:
     def __init__(self, store: Appender, sessions: SessionLookup, procs: ProcessTable, *,
-                 window_ms: float, udp_allowed_ports: frozenset[int] = frozenset()):
+                 window_ms: float, udp_allowed_ports: frozenset[int] = frozenset(),
+                 proxy: tuple[int, frozenset[str]] | None = None):
         self.store, self.sessions, self.procs = store, sessions, procs
+        # The proxy's port and listen addresses: its accepted sockets' peers
+        # are subject sockets the kernel itself saw go into the proxy.
+        self.proxy = proxy
+        self._proxied: OrderedDict[tuple[str, int], bool] = OrderedDict()
         self.window_ns = int(window_ms * 1e6)
         self.udp_allowed_ports = udp_allowed_ports
         self._live: dict[int, _Conn] = {}               # socket address -> open socket
@@ -110,6 +115,12 @@ class CrossCheck:
             handler(self, ev)
 
     def _on_tcp(self, ev: TcpEvent) -> None:
+        if self._is_proxy_side(ev):
+            with self._lock:
+                self._proxied[(ev.daddr, ev.dport)] = True
+                while len(self._proxied) > _CHECKED_MEMORY:
+                    self._proxied.popitem(last=False)
+            return
         with self._lock:
             conn = self._live.get(ev.sk)
             if conn is not None and ev.newstate == "SYN_SENT":
@@ -129,6 +140,14 @@ class CrossCheck:
             elif ev.newstate == "CLOSE":
                 conn.closed = True
                 del self._live[ev.sk]
+
+    def _is_proxy_side(self, ev: TcpEvent) -> bool:
+        return (self.proxy is not None and ev.sport == self.proxy[0]
+                and ev.oldstate in ("SYN_RECV", "NEW_SYN_RECV") and ev.saddr in self.proxy[1])
+
+    def _kernel_proxied(self, t: Tuple4) -> bool:
+        with self._lock:
+            return self._proxied.pop((t[0], t[1]), False)
 
     def _schedule(self, conn: _Conn, ts_ns: int) -> None:
         conn.deadline_ns = ts_ns + self.window_ns
@@ -159,10 +178,11 @@ class CrossCheck:
         if not ev.sport:              # closed before a port was bound: nothing sent
             self.counts["tcp_unbound"] += 1
             return
-        matched = matches(self.sessions, t)
+        kernel = self._kernel_proxied(t)
+        matched = kernel or matches(self.sessions, t)
         self._remember(t, matched)
         if matched:
-            self.counts["tcp_matched"] += 1
+            self.counts["tcp_matched_in_kernel" if kernel else "tcp_matched"] += 1
         elif conn.established or not conn.closed:
             self.counts["tcp_bypass"] += 1
             self._bypass(conn, t)

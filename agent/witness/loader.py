@@ -63,14 +63,15 @@ def program_text(sources: Iterable[str] = SOURCES) -> str:
     return "\n".join((BPF_DIR / name).read_text() for name in sources)
 
 
-def cflags(pages: int, all_tcp_states: bool = False) -> list[str]:
+def cflags(pages: int, all_tcp_states: bool = False, proxy_port: int | None = None) -> list[str]:
     try:
         offsets = btf.offset_cflags()
     except (OSError, btf.BTFError) as e:
         raise WitnessUnavailable(f"kernel BTF unusable: {e}") from e
     return [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={ring_pages(pages)}",
             f"-DMAX_SUBJECT_TASKS={MAX_SUBJECT_TASKS}", f"-DMAX_SOCKETS={MAX_SOCKETS}",
-            *(["-DTG_ALL_TCP_STATES"] if all_tcp_states else []), *offsets]
+            *(["-DTG_ALL_TCP_STATES"] if all_tcp_states else []),
+            *([f"-DPROXY_PORT={proxy_port}"] if proxy_port else []), *offsets]
 
 
 def subject_descendants(uids: Iterable[int]) -> dict[int, int]:
@@ -99,11 +100,13 @@ class Probes:
     """The compiled program: attach, poll events, count losses, detach."""
 
     def __init__(self, subject_uids: Iterable[int], *, pages: int, guard: bool,
-                 on_event: Callable[[Event], None], all_tcp_states: bool = False):
+                 on_event: Callable[[Event], None], all_tcp_states: bool = False,
+                 proxy_port: int | None = None):
         self.subject_uids = tuple(subject_uids)
         self.pages = ring_pages(pages)
         self.guard = guard
         self.all_tcp_states = all_tcp_states
+        self.proxy_port = proxy_port
         self._on_event = on_event
         self._bpf = None
         self._guard_fn = None
@@ -117,7 +120,8 @@ class Probes:
         if os.geteuid() != 0:
             raise WitnessUnavailable("the witness needs root (CAP_BPF, CAP_PERFMON)")
         try:
-            self._bpf = bcc.BPF(text=program_text().encode(), cflags=cflags(self.pages, self.all_tcp_states))
+            self._bpf = bcc.BPF(text=program_text().encode(), cflags=cflags(self.pages, self.all_tcp_states,
+                                                          self.proxy_port))
         except Exception as e:  # BCC raises bare Exception for compile and load errors
             raise WitnessUnavailable(f"BPF program did not compile or load: {e}") from e
         self._fill_subjects()

@@ -24,7 +24,7 @@ from agent.witness.sweep import Sweep
 
 log = logging.getLogger("tollgate.witness")
 
-POLL_MS = 50
+POLL_MS = 10  # also how late a due verdict can be: keep bypass detection fast
 LOST_CHECK_S = 0.25
 DNS_PORT = 53
 
@@ -38,10 +38,12 @@ class Witness:
         self.procs = ProcessTable(uids.__contains__)
         self.check = CrossCheck(store, sessions, self.procs, window_ms=wc.match_window_ms,
                                 udp_allowed_ports=frozenset({DNS_PORT}) if config.dns.enabled
-                                else frozenset())
+                                else frozenset(),
+                                proxy=(config.proxy.port, frozenset(config.proxy.listen)))
         self._listeners: list[Callable[[Event], None]] = []
         self.probes = Probes(uids, pages=wc.perf_pages, guard=wc.guard,
-                             on_event=self._dispatch, all_tcp_states=wc.all_tcp_states)
+                             on_event=self._dispatch, all_tcp_states=wc.all_tcp_states,
+                             proxy_port=config.proxy.port)
         self.sweep = Sweep(self.check, uids, self.probes.subject_pids)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
