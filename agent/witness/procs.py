@@ -8,6 +8,7 @@ that started before the witness. Bounded: the oldest entries go first.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from agent.witness.events import ExecEvent, ForkEvent
 
 MAX_PROCESSES = 16384
 MAX_DEPTH = 32
+READ_TTL_S = 2.0  # short enough that a reused pid is not mistaken for its predecessor
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,9 @@ class ProcessTable:
         self._is_subject_uid = is_subject_uid
         self._procs: OrderedDict[int, Proc] = OrderedDict()
         self._subjects: set[int] = set()   # pids the kernel reported as subjects
+        # Processes read from /proc (the login above a subject, or one older
+        # than the witness): asked for on every connection, so kept briefly.
+        self._read: OrderedDict[int, tuple[float, Proc | None]] = OrderedDict()
         self._lock = threading.Lock()
 
     def _put(self, proc: Proc) -> None:
@@ -60,7 +65,19 @@ class ProcessTable:
     def get(self, pid: int) -> Proc | None:
         with self._lock:
             proc = self._procs.get(pid)
-        return proc or _from_psutil(pid)
+            cached = self._read.get(pid)
+        if proc is not None:
+            return proc
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < READ_TTL_S:
+            return cached[1]
+        proc = _from_psutil(pid)
+        with self._lock:
+            self._read[pid] = (now, proc)
+            self._read.move_to_end(pid)
+            while len(self._read) > MAX_PROCESSES:
+                self._read.popitem(last=False)
+        return proc
 
     def _is_subject(self, proc: Proc) -> bool:
         return proc.pid in self._subjects or self._is_subject_uid(proc.uid)
