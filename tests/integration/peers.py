@@ -37,16 +37,18 @@ def _recv_all(sock, digest, limit=None, counter=None):
     return total
 
 
-def _family(host):
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def server(port, out):
+def _listen(port):
+    """Dual-stack: one listener serves the IPv4 and IPv6 tests."""
     ls = socket.socket(socket.AF_INET6)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     ls.bind(("::", port))
     ls.listen(16)
+    return ls
+
+
+def server(port, out):
+    ls = _listen(port)
     while True:
         conn, _ = ls.accept()
         head = conn.recv(8, socket.MSG_WAITALL)
@@ -93,11 +95,7 @@ def client(host, port, size):
 
 
 def halfclose_server(port, reply_bytes):
-    ls = socket.socket(socket.AF_INET6)
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    ls.bind(("::", port))
-    ls.listen(16)
+    ls = _listen(port)
     while True:
         conn, _ = ls.accept()
         try:
