@@ -168,6 +168,7 @@ def sessions(ctx: click.Context, subject: str | None, dst: str | None, protocol:
     """List recorded sessions with their process chains; filter them."""
     from agent.review import search
     from agent.review.listing import session_lines
+    from agent.review.text import json_text
     cfg = _load(ctx)
     try:
         wanted = search.SessionFilter(
@@ -178,7 +179,7 @@ def sessions(ctx: click.Context, subject: str | None, dst: str | None, protocol:
         raise Failure(str(e)) from None
     items = search.search_sessions(cfg.store.path, wanted)
     if as_json:
-        _json([s.as_dict() for s in items])
+        click.echo(json_text([s.as_dict() for s in items]))
         return
     for line in session_lines(items):
         click.echo(line)
@@ -214,6 +215,7 @@ def replay(ctx: click.Context, session_id: int, raw: str | None, as_hex: bool, a
            as_json: bool, follow: bool) -> None:
     """Replay a session decoded (queries and results, requests, ...), with timestamps."""
     from agent.review.replay import VIEWS, json_document, raw_bytes
+    from agent.review.text import json_text
     from agent.store import Direction
     cfg = _load(ctx)
     chosen = [name for name, on in (("raw", raw), ("hex", as_hex), ("text", as_text), ("json", as_json)) if on]
@@ -231,7 +233,7 @@ def replay(ctx: click.Context, session_id: int, raw: str | None, as_hex: bool, a
                     out.flush()
             out.flush()
         elif as_json and not follow:
-            _json(json_document(records))
+            click.echo(json_text(json_document(records)))
         else:
             for line in VIEWS[view](records):
                 click.echo(line)
@@ -326,10 +328,11 @@ def alerts(ctx: click.Context, as_json: bool) -> None:
         return
     from agent.review.listing import alert_lines
     from agent.review.sessions import list_alerts, sorted_alerts
+    from agent.review.text import json_text
     cfg = _load(ctx)
     items = sorted_alerts(list_alerts(cfg.store.path))
     if as_json:
-        _json(items)
+        click.echo(json_text(items))
         return
     for line in alert_lines(items):
         click.echo(line)
@@ -348,7 +351,8 @@ def _find_alert(cfg: Config, alert_id: str) -> dict:
 @click.pass_context
 def alerts_show(ctx: click.Context, alert_id: str) -> None:
     """One alert with all its evidence and its process chain."""
-    _json(_find_alert(_load(ctx), alert_id))
+    from agent.review.text import json_text
+    click.echo(json_text(_find_alert(_load(ctx), alert_id)))
 
 
 @alerts.command("ack")

@@ -9,7 +9,7 @@ APT_PKGS="python3 python3-venv python3-bpfcc python3-nftables nftables iproute2 
  linux-headers-cloud-amd64 libcap2-bin util-linux procps curl socat haproxy \
  postgresql postgresql-client openssh-server openssh-client \
  mariadb-server mariadb-client redis-server redis-tools nginx tshark \
- systemd lintian dpkg-dev ruby chromium dnsmasq bind9-dnsutils gcc"
+ systemd lintian dpkg-dev ruby chromium dnsmasq bind9-dnsutils gcc openssl"
 
 missing=""
 for p in $APT_PKGS; do

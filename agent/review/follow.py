@@ -43,10 +43,14 @@ class Tail:
         later = [p for p in segment_paths(self.dir) if p.name > self.segment]
         if not later:
             return []
-        # The writer starts a new segment only when it has finished this one,
-        # so what is not here now never will be.
-        self.segment, self.offset = later[0].name, 0
-        return self._read()
+        # The writer starts a new segment only once it has finished this one:
+        # what this segment got before the new one appeared is read now, and
+        # nothing comes after it.
+        records = self._read()
+        if not records:
+            self.segment, self.offset = later[0].name, 0
+            records = self._read()
+        return records
 
     def _read(self) -> list[Record]:
         try:

@@ -11,13 +11,11 @@ import itertools
 from collections.abc import Callable
 from typing import Iterable, Iterator
 
-import orjson
-
 from agent.review.follow import follow_session
 from agent.review.hexdump import render_hex
 from agent.review.render import item_json, render_items
 from agent.review.sessions import session_records
-from agent.review.text import printable, stamp
+from agent.review.text import json_text, printable, stamp
 from agent.review.view import Detected, Opened, view_items
 from agent.store import Direction, Kind, Record
 
@@ -47,7 +45,7 @@ def render_decoded(records: Iterable[Record]) -> Iterator[str]:
 def json_lines(records: Iterable[Record]) -> Iterator[str]:
     """One JSON object a view item (for --follow: usable as it arrives)."""
     for item in view_items(records):
-        yield orjson.dumps(item_json(item)).decode()
+        yield json_text(item_json(item), indent=False)
 
 
 def json_document(records: Iterable[Record]) -> dict:

@@ -24,6 +24,7 @@ __all__ = ["ReportData", "gather", "render_html"]
 
 # The timeline draws at most this many sessions (the tables list them all).
 TIMELINE_ROWS = 200
+_WIDTH, _ROW, _LEFT = 1000, 14, 60  # timeline geometry, px
 ACTIONS_SHOWN = 5
 
 
@@ -56,7 +57,8 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 .card{border:1px solid #d0d7de;border-radius:6px;padding:10px 16px;min-width:150px}
 .card b{display:block;font-size:26px}.ok{color:#1a7f37}.bad{color:#cf222e}
 table{border-collapse:collapse;width:100%;font-size:13px}
-th,td{border:1px solid #d0d7de;padding:4px 6px;text-align:left;vertical-align:top}
+th,td{border:1px solid #d0d7de;padding:4px 6px;text-align:left;vertical-align:top;overflow-wrap:break-word}
+td.nw{white-space:nowrap}td.wrap{min-width:180px;overflow-wrap:anywhere}
 th{background:#f6f8fa}code,.mono{font-family:ui-monospace,monospace;font-size:12px}
 tr.new td:first-child{border-left:4px solid #cf222e}ul{margin:0;padding-left:16px}
 .sev-critical{color:#cf222e;font-weight:bold}.sev-high{color:#bc4c00;font-weight:bold}
@@ -111,10 +113,10 @@ def _alerts(alerts: list[dict]) -> str:
         status = (f"acked by {_e((ack.get('by') or {}).get('user', '?'))}: {_e(ack.get('reason', ''))}"
                   if ack else "<b>NEW</b>")
         rows.append(
-            f"<tr class='{'' if ack else 'new'}'><td class='mono'>{_e(a['id'])}</td>"
-            f"<td>{_e(stamp(a['time_ns']))}</td><td class='sev-{_e(a['severity'])}'>{_e(a['severity'])}</td>"
-            f"<td>{_e(a['type'])}</td><td>{_e(a['summary'])}</td><td>{status}</td>"
-            f"<td>{_chain_html(a['chain'])}<div class='meta'>from {_e(a['chain_source'])}</div></td></tr>")
+            f"<tr class='{'' if ack else 'new'}'><td class='mono nw'>{_e(a['id'])}</td>"
+            f"<td class='nw'>{_e(stamp(a['time_ns']))}</td><td class='nw sev-{_e(a['severity'])}'>{_e(a['severity'])}</td>"
+            f"<td class='nw'>{_e(a['type'])}</td><td>{_e(a['summary'])}</td><td>{status}</td>"
+            f"<td class='wrap'>{_chain_html(a['chain'])}<div class='meta'>from {_e(a['chain_source'])}</div></td></tr>")
     return _table(["ID", "Time", "Severity", "Type", "Summary", "Status", "Process chain (login first)"], rows)
 
 
@@ -127,11 +129,11 @@ def _sessions(sessions: list[SessionSummary], digests: dict[int, Digest]) -> str
         did = "".join(f"<li class='mono'>{_e(a[:200])}</li>" for a in dg.actions)
         more = f"<div class='meta'>{dg.action_count} in all</div>" if dg.action_count > len(dg.actions) else ""
         rows.append(
-            f"<tr><td>{s.id}</td><td>{_e(stamp(s.start_ns))}</td><td>{_e(s.subject)}</td>"
-            f"<td class='mono'>{_e(address(s.original_dst))}</td>"
-            f"<td>{_e(dg.protocol if dg.protocol != '-' else s.protocol)}</td>"
-            f"<td>{s.bytes[0]} / {s.bytes[1]}</td><td>{_e(s.state)}</td>"
-            f"<td>{_chain_html(s.chain)}</td><td><ul>{did}</ul>{more}</td></tr>")
+            f"<tr><td class='nw'>{s.id}</td><td class='nw'>{_e(stamp(s.start_ns))}</td><td class='nw'>{_e(s.subject)}</td>"
+            f"<td class='mono nw'>{_e(address(s.original_dst))}</td>"
+            f"<td class='nw'>{_e(dg.protocol if dg.protocol != '-' else s.protocol)}</td>"
+            f"<td class='nw'>{s.bytes[0]} / {s.bytes[1]}</td><td>{_e(s.state)}</td>"
+            f"<td class='wrap'>{_chain_html(s.chain)}</td><td class='wrap'><ul>{did}</ul>{more}</td></tr>")
     return _table(["ID", "Start", "Subject", "Destination", "Protocol", "Bytes sent / received", "State",
                     "Process chain (login first)", "What the subject asked"], rows)
 
@@ -142,29 +144,27 @@ def _timeline(sessions: list[SessionSummary], alerts: list[dict]) -> str:
     if not times:
         return "<p class='meta'>Nothing recorded yet.</p>"
     t0, t1 = min(times), max(times)
-    span = max(t1 - t0, 1)
-    width, row, left = 1000, 14, 60
-    x = lambda t: left + (t - t0) / span * (width - left - 10)
-    svg = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{40 + row * (len(shown) + 1)}' "
+    x = lambda t: _LEFT + (t - t0) / max(t1 - t0, 1) * (_WIDTH - _LEFT - 10)
+    svg = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{_WIDTH}' height='{40 + _ROW * (len(shown) + 1)}' "
            "role='img' aria-label='timeline'>",
            f"<text x='0' y='12' font-size='11'>{_e(stamp(t0))}</text>",
-           f"<text x='{width}' y='12' font-size='11' text-anchor='end'>{_e(stamp(t1))}</text>",
-           f"<text x='0' y='32' font-size='11'>alerts</text>"]
+           f"<text x='{_WIDTH}' y='12' font-size='11' text-anchor='end'>{_e(stamp(t1))}</text>",
+           "<text x='0' y='32' font-size='11'>alerts</text>"]
     for a in alerts:
-        color = "#cf222e" if not a["ack"] else "#8c959f"
-        svg.append(f"<circle cx='{x(a['time_ns']):.1f}' cy='28' r='5' fill='{color}'>"
+        svg.append(f"<circle cx='{x(a['time_ns']):.1f}' cy='28' r='5' fill='{'#8c959f' if a['ack'] else '#cf222e'}'>"
                    f"<title>{_e(a['type'])}: {_e(a['summary'])}</title></circle>")
-    for i, s in enumerate(shown):
-        y = 40 + row * i
-        end = s.end_ns or t1
-        svg.append(f"<text x='0' y='{y + 10}' font-size='10'>#{s.id}</text>"
-                   f"<rect x='{x(s.start_ns):.1f}' y='{y}' width='{max(x(end) - x(s.start_ns), 2):.1f}' "
-                   f"height='{row - 4}' fill='{'#0969da' if s.close else '#1a7f37'}'>"
-                   f"<title>#{s.id} {_e(address(s.original_dst))} {_e(s.protocol)}</title></rect>")
-    svg.append("</svg>")
+    svg += [_bar(s, 40 + _ROW * i, x(s.start_ns), x(s.end_ns or t1)) for i, s in enumerate(shown)]
     note = (f"<p class='meta'>The last {TIMELINE_ROWS} of {len(sessions)} sessions are drawn.</p>"
             if len(sessions) > TIMELINE_ROWS else "")
-    return "".join(svg) + note
+    return "".join(svg) + "</svg>" + note
+
+
+def _bar(s: SessionSummary, y: int, start: float, end: float) -> str:
+    """One session's row: its id, and a bar from open to close (green while open)."""
+    return (f"<text x='0' y='{y + 10}' font-size='10'>#{s.id}</text>"
+            f"<rect x='{start:.1f}' y='{y}' width='{max(end - start, 2):.1f}' height='{_ROW - 4}' "
+            f"fill='{'#0969da' if s.close else '#1a7f37'}'>"
+            f"<title>#{s.id} {_e(address(s.original_dst))} {_e(s.protocol)}</title></rect>")
 
 
 def _verify(r: VerifyReport) -> str:

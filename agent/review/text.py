@@ -11,6 +11,9 @@ Python-style escapes (``\\x1b``, ``\\r``, ``\\u202e``).
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
+
+import orjson
 
 
 def clean(text: str, newlines: bool = True) -> str:
@@ -55,3 +58,21 @@ def indent(text: str, prefix: str = "    ") -> list[str]:
     """Lines of ``text``, each prefixed; split on ``\\n`` only, so other
     line-breaking characters stay visible as escapes."""
     return [prefix + line for line in text.split("\n")]
+
+
+def _json_escape(c: str) -> str:
+    code = ord(c)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # JSON spells these as a UTF-16 surrogate pair
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def json_text(obj: Any, indent: bool = True) -> str:
+    """JSON for a terminal: orjson escapes only C0 controls, so DEL, C1
+    controls, bidi overrides and the like are escaped here (outside strings
+    JSON has only printable characters and newlines, so this stays valid)."""
+    out = orjson.dumps(obj, option=orjson.OPT_INDENT_2 if indent else 0, default=str).decode()
+    if out.isprintable():
+        return out
+    return "".join(c if c.isprintable() or c == "\n" else _json_escape(c) for c in out)
