@@ -217,7 +217,8 @@ class Agent:
         kind = AlertType.POLICY_DENIED if self.store_healthy else AlertType.PROXY_REFUSED
         self._alert(kind, f"connection to {session.original_dst[0]}:{session.original_dst[1]} "
                     f"refused: {why}", session=session.id, client=session.client,
-                    original_dst=session.original_dst, reason=why, probe="proxy")
+                    original_dst=session.original_dst, reason=why, probe="proxy",
+                    **_who(session.info))
 
     def store_failed(self, error: Exception) -> None:
         """Fail closed: refuse new sessions until the store takes appends again.
@@ -289,6 +290,12 @@ def _safe(fn, *args) -> dict:
         return fn(*args)
     except Exception as e:
         return {"error": str(e)}
+
+
+def _who(info: dict) -> dict:
+    """The attribution fields an alert carries as evidence."""
+    keys = ("uid", "pid", "comm", "cgroup_id", "netns_inode", "chain", "error")
+    return {k: info[k] for k in keys if k in info}
 
 
 def _plain(stats) -> dict:

@@ -361,14 +361,19 @@ class ClientProtocol(_SideProtocol):
         _tune(transport, proxy.buffer_bytes)
         why = None if proxy.accepting else "agent cannot record (store failing)"
         why = why or proxy.policy.refuse(*dst)
+        loop = asyncio.get_running_loop()
         if why:
             proxy.stats["refused"] += 1
-            proxy.hooks.refused(session, why)
-            conn.run(conn.relay.upstream_failed(f"refused: {why}"))
+            loop.create_task(self._refuse(conn, session, why))
             return
-        loop = asyncio.get_running_loop()
         loop.create_task(conn.connect_upstream())
         loop.create_task(self._attribute(session))
+
+    async def _refuse(self, conn: Connection, session: Session, why: str) -> None:
+        """Name the process first: a refusal is evidence too (invariant 4)."""
+        await self._attribute(session)
+        self.proxy.hooks.refused(session, why)
+        conn.run(conn.relay.upstream_failed(f"refused: {why}"))
 
     async def _attribute(self, session: Session) -> None:
         try:

@@ -7,6 +7,7 @@ that started before the witness. Bounded: the oldest entries go first.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -67,7 +68,7 @@ class ProcessTable:
             proc = self._procs.get(pid)
             cached = self._read.get(pid)
         if proc is not None:
-            return proc
+            return proc if proc.argv else self._complete(proc)
         now = time.monotonic()
         if cached is not None and now - cached[0] < READ_TTL_S:
             return cached[1]
@@ -78,6 +79,18 @@ class ProcessTable:
             while len(self._read) > MAX_PROCESSES:
                 self._read.popitem(last=False)
         return proc
+
+    def _complete(self, proc: Proc) -> Proc:
+        """The exec event could not read argv (the kernel refused the user
+        read): take it from /proc while the same program still runs there."""
+        live = _from_psutil(proc.pid)
+        if live is None or not live.argv or live.exe != os.path.realpath(proc.exe):
+            return proc
+        full = Proc(proc.pid, proc.ppid, proc.uid, proc.exe, live.argv)
+        with self._lock:
+            if proc.pid in self._procs:
+                self._procs[proc.pid] = full
+        return full
 
     def _is_subject(self, proc: Proc) -> bool:
         return proc.pid in self._subjects or self._is_subject_uid(proc.uid)

@@ -57,6 +57,7 @@ def test_metadata_server_is_refused_and_alerted(agent, sandbox):
     denied = wait_for(lambda: alerts_of(agent, "policy_denied"), 5, what="policy_denied alert")
     ev = denied[-1]["evidence"]
     assert ev["original_dst"] == ["169.254.169.254", 80] and "deny list" in ev["reason"]
+    assert ev["chain"][0]["pid"] == ev["pid"] and "python" in ev["chain"][0]["exe"]
 
 
 def test_tampered_rules_are_restored_and_alerted(agent, sandbox):
