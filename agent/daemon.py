@@ -103,6 +103,7 @@ class Agent:
         except WitnessUnavailable as e:
             raise StartError(f"{self.cfg.source}: witness: {e} (set witness.enabled = false "
                              "to run without it)") from None
+        _give_back_compiler_memory()
         from agent.witness.connections import ConnectTable
         self.connects = ConnectTable(w.procs)
         w.subscribe(self.connects.on_event)
@@ -290,6 +291,16 @@ def _safe(fn, *args) -> dict:
         return fn(*args)
     except Exception as e:
         return {"error": str(e)}
+
+
+def _give_back_compiler_memory() -> None:
+    """BCC compiled the probes with LLVM in this process; glibc keeps the
+    freed heap unless asked to return it."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _who(info: dict) -> dict:
