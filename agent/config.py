@@ -112,7 +112,7 @@ class StoreConfig:
 class WitnessConfig:
     enabled: bool = True
     guard: bool = True
-    match_window_ms: float = field(default=100.0, metadata=check(_positive))
+    match_window_ms: float = field(default=50.0, metadata=check(_positive))
     sweep_interval_s: float = field(default=2.0, metadata=check(_positive))
     # Ring buffer size in pages, rounded up to a power of two; a full buffer
     # loses events (counted, recorded as events_lost), so size for bursts.
