@@ -3,6 +3,7 @@ with its own config and waited for through systemd's readiness protocol."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ from agent.demo.sandbox import Sandbox
 
 class AgentProcess:
     def __init__(self, sb: Sandbox, workdir: str | None = None, port: int = 15001,
-                 extra: str = "") -> None:
+                 extra: str = "", listen: tuple[str, ...] = ("127.0.0.1", "::1")) -> None:
         self.sb = sb
         self.work = Path(workdir or tempfile.mkdtemp(prefix="tg-agent-"))
         self.work.mkdir(parents=True, exist_ok=True)
@@ -25,8 +26,8 @@ class AgentProcess:
         self.config = self.work / "tollgate.toml"
         self.config.write_text(
             f'subjects = ["{sb.subject}"]\nrun_dir = "{self.run_dir}"\nlog_level = "debug"\n'
-            f'[proxy]\nport = {port}\n[store]\npath = "{self.store}"\n'
-            f'key_path = "{self.work}/keys/seal.key"\n{extra}')
+            f'[proxy]\nport = {port}\nlisten = {json.dumps(list(listen))}\n'
+            f'[store]\npath = "{self.store}"\nkey_path = "{self.work}/keys/seal.key"\n{extra}')
         self.proc: subprocess.Popen | None = None
         self.log = self.work / "agent.log"
 

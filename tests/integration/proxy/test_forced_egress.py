@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -147,3 +148,27 @@ def test_port_in_use_is_one_clear_line(agent, sandbox, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("tollgate: ")
     assert "proxy.port" in r.stderr and "Address already in use" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_dual_stack_listener_reads_v4_mapped_original_destination(agent, sandbox, servers,
+                                                                    tmp_path):
+    """A proxy listening on "::" sees IPv4 clients as ::ffff:a.b.c.d; their
+    NAT record is an IPv4 one, and both families are still recorded exactly."""
+    from agent.demo.agent_process import AgentProcess
+    other = AgentProcess(sandbox, workdir=str(tmp_path), port=15021, listen=("::",),
+                         extra="[witness]\nenabled = false\n[dns]\nenabled = false\n")
+    # The module's agent steps aside (stopped, its table removed) and comes back after.
+    agent.stop()
+    sandbox.run(sandbox.bastion, ["nft", "delete", "table", "inet", "tollgate"], check=True)
+    other.start()
+    try:
+        for host in (CORP_V4, f"[{CORP_V6}]"):
+            r = sandbox.subject_run(["curl", "-sS", "-g", f"http://{host}:8080/hello.txt"])
+            assert r.returncode == 0 and r.stdout == servers["http"].BODY, r
+        found = list_sessions(other.store)
+        assert {s.original_dst for s in found} == {(CORP_V4, 8080), (CORP_V6, 8080)}
+        assert "10.77.0.1" in {s.client[0] for s in found}  # plain IPv4, not ::ffff:10.77.0.1
+    finally:
+        other.stop()
+        subprocess.run(["chattr", "-R", "-i", str(other.store)], capture_output=True)
+        agent.start()  # re-applies its own table over the other's
