@@ -11,6 +11,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 CHUNK = 1 << 16
 
@@ -117,6 +118,28 @@ def halfclose_client(host, port):
     print(json.dumps({"head": reply[:40].decode(errors="replace"), "len": len(reply)}))
 
 
+def stall_server(port, seconds):
+    """Accepts, then reads nothing for a while: a slow reader."""
+    ls = _listen(port)
+    while True:
+        conn, _ = ls.accept()
+        time.sleep(float(seconds))
+        conn.close()
+
+
+def flood_client(host, port, seconds):
+    """Sends as fast as the path lets it for a while; prints how much went."""
+    s = socket.create_connection((host, port))
+    s.settimeout(0.2)
+    block, sent, end = b"f" * CHUNK, 0, time.monotonic() + float(seconds)
+    while time.monotonic() < end:
+        try:
+            sent += s.send(block)
+        except socket.timeout:
+            continue
+    print(json.dumps({"sent": sent}))
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     if cmd == "server":
@@ -127,3 +150,7 @@ if __name__ == "__main__":
         halfclose_server(int(args[0]), int(args[1]))
     elif cmd == "halfclose-client":
         halfclose_client(args[0], int(args[1]))
+    elif cmd == "stall-server":
+        stall_server(int(args[0]), args[1])
+    elif cmd == "flood-client":
+        flood_client(args[0], int(args[1]), args[2])

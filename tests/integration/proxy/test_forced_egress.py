@@ -172,3 +172,32 @@ def test_dual_stack_listener_reads_v4_mapped_original_destination(agent, sandbox
         other.stop()
         subprocess.run(["chattr", "-R", "-i", str(other.store)], capture_output=True)
         agent.start()  # re-applies its own table over the other's
+
+
+def test_slow_reader_slows_the_writer_and_memory_stays_bounded(agent, sandbox):
+    """Backpressure: corp reads nothing for 6 s while the subject floods for
+    4 s. What the subject gets to send is bounded by socket buffers plus the
+    proxy's per-direction buffer, and the agent's memory does not follow."""
+    import psutil
+    port = 7004
+    sandbox.spawn(sandbox.corp, [sys.executable, PEERS, "stall-server", str(port), "6"])
+    from agent.demo.servers import port_open
+    wait_for(lambda: port_open(sandbox, sandbox.corp, CORP_V4, port), 10, what="stall server")
+    pid = agent_pid(agent)
+    rss_before = psutil.Process(pid).memory_info().rss
+    r = sandbox.subject_run([sys.executable, PEERS, "flood-client", CORP_V4, str(port), "4"],
+                            text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    sent = json.loads(r.stdout)["sent"]
+    grown = psutil.Process(pid).memory_info().rss - rss_before
+    print(f"sent {sent >> 20} MiB, agent grew {grown >> 20} MiB")
+    assert sent < 64 << 20, sent        # unbounded relaying would pass GBs in 4 s
+    assert grown < 48 << 20, grown      # the proxy did not buffer what it could not send
+
+
+def agent_pid(agent) -> int:
+    import psutil
+    for p in psutil.process_iter(["cmdline"]):
+        if str(agent.config) in " ".join(p.info["cmdline"] or []) and "run" in p.info["cmdline"]:
+            return p.pid
+    raise AssertionError("agent process not found")
