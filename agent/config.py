@@ -180,7 +180,7 @@ def load(path: str | Path | None = None, *, required: bool = False) -> Config:
     except FileNotFoundError:
         if required or path is not None:
             raise ConfigError(f"{p}: file not found") from None
-        return _validated(Config(), str(p))
+        return _validated(Config(), f"built-in defaults ({p} is absent)")
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
     try:

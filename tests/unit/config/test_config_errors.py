@@ -47,3 +47,17 @@ def test_good_file_loads_typed(tmp_path):
     assert cfg.store.durability == "fsync" and cfg.store.fsync_interval_ms == 3.0
     assert cfg.subject_uids() == (0,)
     assert cfg.proxy.port == 15001
+
+
+def test_defaults_are_checked_and_named_as_defaults(monkeypatch):
+    """No config file: built-in defaults, whose subject must exist too."""
+    monkeypatch.setattr(config, "DEFAULT_PATH", config.Path("/nonexistent/tollgate.toml"))
+    import pwd
+    try:
+        pwd.getpwnam("devin")
+    except KeyError:
+        with pytest.raises(config.ConfigError, match=r"^built-in defaults \(/nonexistent/"
+                           r"tollgate.toml is absent\): subjects: user 'devin' does not exist$"):
+            config.load()
+    else:
+        assert config.load().subjects == ("devin",)
