@@ -294,13 +294,34 @@ def _safe(fn, *args) -> dict:
 
 
 def _give_back_compiler_memory() -> None:
-    """BCC compiled the probes with LLVM in this process; glibc keeps the
-    freed heap unless asked to return it."""
+    """BCC compiled the probes with LLVM in this process and will not again.
+    glibc keeps the freed heap unless asked (malloc_trim), and the compiler's
+    code pages (~80 MiB) stay resident until the kernel is told it may drop
+    them (MADV_PAGEOUT: clean file pages, faulted back in if ever touched)."""
     import ctypes
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.malloc_trim(0)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as maps:
+            for lo, hi in _compiler_mappings(maps):
+                libc.madvise(lo, hi - lo, MADV_PAGEOUT)
+    except (OSError, AttributeError) as e:
+        log.debug("could not give back compiler memory: %s", e)
+
+
+MADV_PAGEOUT = 21
+_COMPILER_LIBS = ("libLLVM", "libclang-cpp")
+
+
+def _compiler_mappings(maps) -> list[tuple[int, int]]:
+    out = []
+    for line in maps:
+        parts = line.split()
+        if len(parts) >= 6 and any(lib in parts[5] for lib in _COMPILER_LIBS):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((lo, hi))
+    return out
 
 
 def _who(info: dict) -> dict:
