@@ -32,7 +32,7 @@ from agent.store import Kind, StoreWriter
 log = logging.getLogger("tollgate.daemon")
 
 
-KERNEL_ATTRIBUTION_WAIT_MS = 50  # the ring buffer is polled continuously; events arrive in ~1 ms
+KERNEL_ATTRIBUTION_WAIT_S = 0.05  # the witness's event normally arrives within a millisecond
 
 
 class StartError(Exception):
@@ -198,13 +198,10 @@ class Agent:
         """From the witness's connect event when it has one (cheap, and names
         even a process that has exited); else from sock_diag and /proc."""
         if self.connects is not None:
-            for _ in range(KERNEL_ATTRIBUTION_WAIT_MS):
-                info = self.connects.attribution(session.client, session.original_dst)
-                if info is not None:
-                    self.connects.hits += 1
-                    return info
-                await asyncio.sleep(0.001)
-            self.connects.misses += 1
+            info = await self.connects.attribution(session.client, session.original_dst,
+                                                   KERNEL_ATTRIBUTION_WAIT_S)
+            if info is not None:
+                return info
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, attribution.attribute, session.client,
                                           session.original_dst, self.cfg.subject_uids())

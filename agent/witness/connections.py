@@ -1,10 +1,16 @@
 """Who connected, as the kernel saw it: the witness's ESTABLISHED events for
 subject sockets, kept by 4-tuple so the proxy can name the process behind a
 session without walking /proc (the pid was captured in process context at
-connect time, so even a client that has already exited is named)."""
+connect time, so even a client that has already exited is named).
+
+The proxy usually asks a few microseconds before the event reaches user
+space, so a question can wait: the poll thread resolves the asker's future
+as soon as the event arrives, instead of the asker polling.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict
 
@@ -17,6 +23,7 @@ class ConnectTable:
     def __init__(self, procs, capacity: int = 65536) -> None:
         self._procs = procs
         self._seen: OrderedDict[Key, TcpEvent] = OrderedDict()
+        self._waiting: dict[Key, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._lock = threading.Lock()
         self.capacity = capacity
         self.hits = self.misses = 0
@@ -26,18 +33,45 @@ class ConnectTable:
         if (not isinstance(ev, TcpEvent) or ev.newstate != "ESTABLISHED" or not ev.sport
                 or ev.oldstate != "SYN_SENT"):  # not the proxy's own accepted side
             return
+        key = (ev.saddr, ev.sport, ev.daddr, ev.dport)
         with self._lock:
-            self._seen[(ev.saddr, ev.sport, ev.daddr, ev.dport)] = ev
-            if len(self._seen) > self.capacity:
-                self._seen.popitem(last=False)
+            waiter = self._waiting.pop(key, None)
+            if waiter is None:
+                self._seen[key] = ev
+                if len(self._seen) > self.capacity:
+                    self._seen.popitem(last=False)
+        if waiter is not None:
+            loop, fut = waiter
+            loop.call_soon_threadsafe(_resolve, fut, ev)
 
-    def attribution(self, client: tuple[str, int], dst: tuple[str, int]) -> dict | None:
-        """The session's evidence from the kernel, or None if not (yet) seen."""
+    async def attribution(self, client: tuple[str, int], dst: tuple[str, int],
+                          wait_s: float) -> dict | None:
+        """The session's evidence from the kernel, waiting up to wait_s for
+        its event; None if the kernel did not report it in time."""
+        key = (*client, *dst)
+        loop = asyncio.get_running_loop()
         with self._lock:
-            ev = self._seen.pop((*client, *dst), None)
+            ev = self._seen.pop(key, None)
+            if ev is None:
+                fut = loop.create_future()
+                self._waiting[key] = (loop, fut)
         if ev is None:
-            return None
-        chain = self._procs.chain(ev.tgid)
+            try:
+                ev = await asyncio.wait_for(fut, wait_s)
+            except asyncio.TimeoutError:
+                with self._lock:
+                    self._waiting.pop(key, None)
+                self.misses += 1
+                return None
+        self.hits += 1
+        return self._evidence(ev)
+
+    def _evidence(self, ev: TcpEvent) -> dict:
         return {"uid": ev.uid, "pid": ev.tgid, "tid": ev.pid, "comm": ev.comm,
-                "cgroup_id": ev.cgroup_id, "netns_inode": ev.netns, "chain": chain,
-                "probe": "ebpf:sock/inet_sock_set_state"}
+                "cgroup_id": ev.cgroup_id, "netns_inode": ev.netns,
+                "chain": self._procs.chain(ev.tgid), "probe": "ebpf:sock/inet_sock_set_state"}
+
+
+def _resolve(fut: asyncio.Future, ev: TcpEvent) -> None:
+    if not fut.done():
+        fut.set_result(ev)
