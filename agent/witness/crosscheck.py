@@ -161,6 +161,14 @@ class CrossCheck:
         for conn in self._take_due(now):
             self._judge(conn)
 
+    def ms_until_due(self, idle_ms: int) -> int:
+        """Milliseconds until the earliest pending verdict (at least 1), or idle_ms."""
+        with self._lock:
+            if not self._due:
+                return idle_ms
+            left = (self._due[0][0] - time.monotonic_ns()) // 1_000_000 + 1
+        return int(max(1, min(idle_ms, left)))
+
     def _take_due(self, now: int) -> list[_Conn]:
         due = []
         with self._lock:

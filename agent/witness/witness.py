@@ -24,7 +24,7 @@ from agent.witness.sweep import Sweep
 
 log = logging.getLogger("tollgate.witness")
 
-POLL_MS = 10  # also how late a due verdict can be: keep bypass detection fast
+IDLE_POLL_MS = 250  # nothing pending: the ring buffer wakes the poll when events come
 LOST_CHECK_S = 0.25
 DNS_PORT = 53
 
@@ -79,7 +79,9 @@ class Witness:
     def _poll_loop(self) -> None:
         next_lost = 0.0
         while not self._stop.is_set():
-            self.probes.poll(POLL_MS)
+            # Wake for the next verdict that falls due, not on a fixed beat:
+            # an idle witness must not keep taking the relay's GIL.
+            self.probes.poll(self.check.ms_until_due(IDLE_POLL_MS))
             self.check.tick()
             if time.monotonic() >= next_lost:
                 self._report_lost()
