@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import pwd
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -21,12 +21,21 @@ DEMO = [sys.executable, "-m", "agent.cli", "demo"]
 
 def demo_leftovers() -> list[str]:
     left = [ns for ns in netns.listnetns() if ns.startswith("tgdemo-")]
+    if _user_exists() and not PRESENT_BEFORE:
+        left.append("user tg-demo")
+    return left
+
+
+def _user_exists() -> bool:
     try:
         pwd.getpwnam("tg-demo")
-        left.append("user tg-demo")
+        return True
     except KeyError:
-        pass
-    return left
+        return False
+
+
+# A user left by an earlier, killed run is not this demo's to remove.
+PRESENT_BEFORE = _user_exists()
 
 
 def test_demo_records_and_replays():
@@ -39,22 +48,25 @@ def test_demo_records_and_replays():
 
 
 def test_ctrl_c_removes_the_sandbox():
-    p = subprocess.Popen([*DEMO, "--keep"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.Popen([*DEMO, "--keep"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)
+    # A reader thread, not select() on a buffered pipe: lines already buffered
+    # by readline would never show as readable again.
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
+    reader.start()
     try:
-        deadline, seen = time.monotonic() + 240, ""
-        while "sandbox kept" not in seen:
-            assert time.monotonic() < deadline, seen[-2000:]
-            ready, _, _ = select.select([p.stdout], [], [], 5)
-            if ready:
-                line = p.stdout.readline()
-                assert line, p.stderr.read()[-2000:]
-                seen += line
+        deadline = time.monotonic() + 240
+        while not any("sandbox kept" in line for line in list(lines)):
+            assert p.poll() is None, "".join(lines)[-2000:]
+            assert time.monotonic() < deadline, "".join(lines)[-2000:]
+            time.sleep(0.2)
         assert any(ns.startswith("tgdemo-") for ns in netns.listnetns())
         os.killpg(p.pid, signal.SIGINT)
-        out, _ = p.communicate(timeout=120)
+        p.wait(timeout=120)
+        reader.join(timeout=10)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    assert "== sandbox removed" in out
+    assert "== sandbox removed" in "".join(lines)
     assert demo_leftovers() == []
