@@ -51,6 +51,8 @@ class Agent:
         self.sessions = SessionTable()
         self.nft = Nft()
         self.ruleset = ruleset_for(cfg)
+        # Names resolve through /etc/passwd: once, here, not on every connection.
+        self.uids = self.ruleset.subject_uids
         self.enforcing = True
         self.store_healthy = True
         self.stopping = asyncio.Event()
@@ -71,7 +73,7 @@ class Agent:
             raise StartError(f"{cfg.source}: store: {e}") from None
         self.durable = self._group_commit()
         self._event("agent_start", version=__version__, pid=os.getpid(), config=cfg.source,
-                    subjects=list(cfg.subjects), uids=list(cfg.subject_uids()))
+                    subjects=list(cfg.subjects), uids=list(self.uids))
         self._apply_rules("start")
         own = {(a, cfg.proxy.port) for a in cfg.proxy.listen}
         self.proxy = Proxy(store=self.store, sessions=self.sessions, hooks=self,
@@ -202,14 +204,17 @@ class Agent:
                                                    KERNEL_ATTRIBUTION_WAIT_S)
             if info is not None:
                 return info
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, attribution.attribute, session.client,
-                                          session.original_dst, self.cfg.subject_uids())
+        return await self._from_proc(session.client, session.original_dst, socket.IPPROTO_TCP)
 
     async def attribute_udp(self, client: tuple[str, int], dst: tuple[str, int]) -> dict:
+        return await self._from_proc(client, dst, socket.IPPROTO_UDP)
+
+    async def _from_proc(self, client: tuple[str, int], dst: tuple[str, int],
+                         protocol: int) -> dict:
+        """sock_diag and /proc, in a worker thread: it must not stall the relay."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, attribution.attribute, client, dst,
-                                          self.cfg.subject_uids(), socket.IPPROTO_UDP)
+                                          self.uids, protocol)
 
     def refused(self, session: Session, why: str) -> None:
         kind = AlertType.POLICY_DENIED if self.store_healthy else AlertType.PROXY_REFUSED
