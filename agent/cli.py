@@ -137,21 +137,12 @@ def rules_remove(ctx: click.Context, reason: str) -> None:
     except control.NotRunning:
         alert = make_alert(AlertType.RULES_REMOVED, "operator removed tollgate's rules",
                            reason=reason, by=control.me())
-        _record_alert_offline(cfg, alert)
+        try:
+            control.append_offline(cfg.store.path, "ALERT", alert)
+        except RuntimeError as e:
+            raise Failure(str(e)) from None
         removed = remove(Nft(), cfg.enforce.table)
     click.echo("rules removed; the act is recorded" if removed else "no rules were in place")
-
-
-def _record_alert_offline(cfg: Config, alert: dict) -> None:
-    from agent.control import StoreLock
-    from agent.store import Kind, StoreWriter
-    lock = StoreLock(cfg.store.path)
-    if not lock.acquire():
-        raise Failure(f"{cfg.store.path}: store is locked by an agent that does not answer")
-    w = StoreWriter(cfg.store.path)
-    w.append_json(Kind.ALERT, alert)
-    w.close()
-    lock.release()
 
 
 @main.command()

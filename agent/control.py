@@ -120,7 +120,11 @@ def record(run_dir: str, store_dir: str, kind: str, rec: dict, by: dict) -> int:
             raise RuntimeError(reply.get("error"))
         return reply["seq"]
     except NotRunning:
-        pass
+        return append_offline(store_dir, kind, {**rec, "by": by})
+
+
+def append_offline(store_dir: str, kind: str, rec: dict) -> int:
+    """Append one record with no agent running, under the writer lock."""
     from agent.store import Kind, StoreWriter
     lock = StoreLock(store_dir)
     try:
@@ -128,7 +132,7 @@ def record(run_dir: str, store_dir: str, kind: str, rec: dict, by: dict) -> int:
             raise RuntimeError(f"{store_dir}: store is locked by a writer that does not answer")
         w = StoreWriter(store_dir)
         try:
-            return w.append_json(Kind[kind], {**rec, "by": by})
+            return w.append_json(Kind[kind], rec)
         finally:
             w.close()
     finally:
