@@ -182,10 +182,14 @@ class Connection:
         try:
             return self.proxy.store.append_data(self.session.id, cmd.direction, cmd.data)
         except Exception as e:
-            self.proxy.stats["store_errors"] += 1
-            self.proxy.hooks.store_failed(e)
-            self.run(self.relay.abort(f"store failed: {e}"))
+            self._store_failed(e)
             return None
+
+    def _store_failed(self, e: BaseException) -> None:
+        """A chunk could not be made durable: cut the session (fail closed)."""
+        self.proxy.stats["store_errors"] += 1
+        self.proxy.hooks.store_failed(e)
+        self.run(self.relay.abort(f"store failed: {e}"))
 
     def _record_off_loop(self, cmd: Record, rest: list[Command]) -> None:
         """Append in the recorder thread; forward (rest) only once it is in."""
@@ -202,9 +206,7 @@ class Connection:
             self.proxy.recording.discard(f)
             e = f.exception() if not f.cancelled() else asyncio.CancelledError()
             if e is not None:
-                self.proxy.stats["store_errors"] += 1
-                self.proxy.hooks.store_failed(e)
-                self.run(self.relay.abort(f"store failed: {e}"))
+                self._store_failed(e)
             elif self.proxy.durable is not None:
                 self._defer(f.result(), src, rest)  # blocks src until durable
             else:
@@ -221,8 +223,7 @@ class Connection:
             try:
                 await self.proxy.durable.durable(seq)
             except Exception as e:
-                self.proxy.hooks.store_failed(e)
-                self.run(self.relay.abort(f"store failed: {e}"))
+                self._store_failed(e)
                 return
             self.run(rest)
             self.unblock(src, "durable")
@@ -233,10 +234,7 @@ class Connection:
         if t is None:
             return
         if reset:
-            sock = t.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-            t.abort()
+            _reset(t)
         else:
             t.close()
 
