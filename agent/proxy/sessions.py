@@ -63,15 +63,6 @@ class SessionTable:
         with self._lock:
             return key in self._open or key in self._closed
 
-    def find(self, client_ip: str, client_port: int, dst_ip: str, dst_port: int) -> Session | None:
-        key = (client_ip, client_port, dst_ip, dst_port)
-        with self._lock:
-            return self._open.get(key) or self._closed.get(key)
-
-    def open_sessions(self) -> list[Session]:
-        with self._lock:
-            return list(self._open.values())
-
     def statistics(self) -> dict:
         with self._lock:
             return {"open": len(self._open), "recently_closed": len(self._closed),
