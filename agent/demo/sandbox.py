@@ -6,7 +6,6 @@ host's network is never touched; the demo and the integration tests share it.
 
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import shutil
@@ -16,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute, netns
-from pyroute2.netlink.exceptions import NetlinkError
 
 BASTION_V4, CORP_V4 = "10.77.0.1", "10.77.0.2"
 BASTION_V6, CORP_V6 = "fd77::1", "fd77::2"
@@ -44,10 +42,11 @@ class Sandbox:
         for ns in (self.bastion, self.corp):
             netns.create(ns)
         a, b = f"{self.prefix[:8]}-b", f"{self.prefix[:8]}-c"
-        with IPRoute() as ip:
-            ip.link("add", ifname=a, kind="veth", peer=b)
-            ip.link("set", index=ip.link_lookup(ifname=a)[0], net_ns_fd=self.bastion)
-            ip.link("set", index=ip.link_lookup(ifname=b)[0], net_ns_fd=self.corp)
+        # The pair is born in bastion with its peer placed in corp: it never
+        # exists in the host's namespace, and nothing has to be moved (a
+        # just-moved veth was intermittently not found in its new namespace).
+        with IPRoute(netns=self.bastion) as ip:
+            ip.link("add", ifname=a, kind="veth", peer={"ifname": b, "net_ns_fd": self.corp})
         self._address(self.bastion, a, BASTION_V4, BASTION_V6)
         self._address(self.corp, b, CORP_V4, CORP_V6)
         # Every destination routes to corp, so a connect to any address (the
@@ -59,20 +58,8 @@ class Sandbox:
         self.ensure_user()
         return self
 
-    @classmethod
-    def _address(cls, ns: str, ifname: str, v4: str, v6: str, tries: int = 20) -> None:
-        """A veth just moved into a namespace was seen to answer "no such
-        device" for a moment (helper tests hit it under load): retry briefly."""
-        for attempt in range(tries):
-            try:
-                return cls._address_once(ns, ifname, v4, v6)
-            except (NetlinkError, IndexError) as e:
-                if attempt == tries - 1 or (isinstance(e, NetlinkError) and e.code != errno.ENODEV):
-                    raise
-                time.sleep(0.05)
-
     @staticmethod
-    def _address_once(ns: str, ifname: str, v4: str, v6: str) -> None:
+    def _address(ns: str, ifname: str, v4: str, v6: str) -> None:
         with IPRoute(netns=ns) as ip:
             lo, dev = ip.link_lookup(ifname="lo")[0], ip.link_lookup(ifname=ifname)[0]
             ip.link("set", index=lo, state="up")
