@@ -119,6 +119,9 @@ class Connection:
         # The subject's first bytes wait for attribution too: while its
         # process waits for an answer it is alive, so it can be named.
         self._blocks: list[set[str]] = [{"upstream", "attribution"}, set()]
+        # What a side delivered while blocked, in order (bytes, or None for
+        # its EOF): a loop may hand over one read it made before the pause.
+        self._held: list[list[bytes | None]] = [[], []]
         self._recording = 0               # chunks in the recorder thread
         self._finished: Finish | None = None  # waits for them, so CLOSE comes last
 
@@ -131,6 +134,11 @@ class Connection:
     def unblock(self, side: Side, reason: str) -> None:
         blocks = self._blocks[side]
         blocks.discard(reason)
+        held = self._held[side]
+        while held and not blocks and not self.relay.finished:
+            item = held.pop(0)
+            self.run(self.relay.data_received(side, item) if item is not None
+                     else self.relay.eof_received(side))
         t = self.transports[side]
         if not blocks and t is not None and not self.relay.finished:
             t.resume_reading()
@@ -138,9 +146,15 @@ class Connection:
     # -- events from the transports ------------------------------------------
 
     def on_data(self, side: Side, data: bytes) -> None:
+        if self._blocks[side]:
+            self._held[side].append(data)
+            return
         self.run(self.relay.data_received(side, data))
 
     def on_eof(self, side: Side) -> None:
+        if self._blocks[side]:
+            self._held[side].append(None)
+            return
         self.run(self.relay.eof_received(side))
 
     def on_lost(self, side: Side, exc: Exception | None) -> None:
