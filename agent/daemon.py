@@ -181,18 +181,40 @@ class Agent:
                     subjects=list(self.ruleset.subject_uids), proxy_port=self.ruleset.proxy_port)
 
     async def _watch_rules(self) -> None:
-        """Any change to our table is tampering: alert, then put it back."""
+        """Any change to our table is tampering: alert, then put it back.
+
+        The table is read in a thread with its own netlink context, so the
+        relay never waits on it; alerting and restoring happen back on the
+        loop, after `enforcing` is looked at again, so an operator's removal
+        made meanwhile is never undone. A restore that fails is said once and
+        tried again every round: the watch itself must not end.
+        """
+        watch_nft = Nft()
+        restore_failed: str | None = None
         while True:
             await asyncio.sleep(self.cfg.enforce.watch_interval_s)
             if not self.enforcing:
                 continue
-            problems = rules.verify(self.nft, self.ruleset)
-            if problems:
+            try:
+                problems = await asyncio.to_thread(rules.verify, watch_nft, self.ruleset)
+            except Exception as e:
+                problems = [f"cannot read the table: {e}"]
+            if not problems or not self.enforcing:
+                continue
+            if restore_failed is None:
                 self._alert(AlertType.RULES_TAMPERED, "tollgate's nftables table was changed",
                             problems=problems, table=self.ruleset.table)
+            try:
                 rules.apply(self.nft, self.ruleset)
-                self.counters["rules_restored"] += 1
-                self._event("rules_applied", why="restored after tampering")
+            except Exception as e:
+                if restore_failed is None:
+                    log.error("cannot restore the nftables rules (trying again): %s", e)
+                    self._event("rules_restore_failed", error=str(e))
+                restore_failed = str(e)
+                continue
+            restore_failed = None
+            self.counters["rules_restored"] += 1
+            self._event("rules_applied", why="restored after tampering")
 
     # -- hooks the proxy calls -------------------------------------------------------
 
