@@ -86,6 +86,8 @@ class ProxyConfig:
     deny: tuple[str, ...] = field(default=("169.254.169.254/32", "fd00:ec2::254/128"),
                                   metadata=check(_networks))
     allow: tuple[str, ...] = field(default=(), metadata=check(_networks))
+    # uvloop relays with less CPU per hop and per connection (bench/RESULTS.md).
+    event_loop: str = field(default="uvloop", metadata=check(_one_of("uvloop", "asyncio")))
 
 
 @dataclass(frozen=True, slots=True)

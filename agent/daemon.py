@@ -390,6 +390,12 @@ def run(cfg: Config) -> None:
     # Attribution walks /proc in worker threads; with the default 5 ms GIL
     # switch interval each walk could hold the relay's thread off for that long.
     sys.setswitchinterval(0.0005)
-    # The stdlib loop, on purpose: under uvloop a paused new transport was
-    # seen to deliver data before the upstream existed (tests caught it).
-    asyncio.run(_main(cfg))
+    with asyncio.Runner(loop_factory=_loop_factory(cfg.proxy.event_loop)) as runner:
+        runner.run(_main(cfg))
+
+
+def _loop_factory(name: str):
+    if name == "asyncio":
+        return None
+    import uvloop
+    return uvloop.new_event_loop

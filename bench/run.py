@@ -56,12 +56,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Scale]:
     p.add_argument("--bypass-tries", type=int, help="bypass detection tries (default 200)")
     p.add_argument("--store-mib", type=int, help="MiB appended for the store figures (default 1024)")
     p.add_argument("--loop", choices=("asyncio", "uvloop", "both"), default=None,
-                   help="event loop(s) the agent runs on (default: both when uvloop is "
-                        "installed, asyncio in --quick)")
+                   help="event loop(s) the agent runs on (proxy.event_loop; default: both, "
+                        "uvloop alone in --quick)")
     p.add_argument("--json", type=Path, help="also write the raw figures here")
     a = p.parse_args(argv)
     q = a.quick
-    loop = a.loop or ("asyncio" if q or not _has_uvloop() else "both")
+    loop = a.loop or ("uvloop" if q else "both")
     scale = Scale(
         bulk_bytes=(a.bulk_mib or (8 if q else 1024)) << 20,
         trips=a.trips or (500 if q else 20_000),
@@ -71,14 +71,6 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Scale]:
         store_mib=a.store_mib or (8 if q else 1024),
         loops=("asyncio", "uvloop") if loop == "both" else (loop,))
     return a, scale
-
-
-def _has_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 # -- setup -------------------------------------------------------------------------
@@ -125,21 +117,16 @@ class Agent:
         self.config = work / "tollgate.toml"
         self.config.write_text(
             f'subjects = ["{sb.subject}"]\nrun_dir = "{work}/run"\nlog_level = "info"\n'
-            f'[proxy]\nport = {AGENT_PORT}\n'
+            f'[proxy]\nport = {AGENT_PORT}\nevent_loop = "{loop}"\n'
             f'[store]\npath = "{self.store}"\nkey_path = "{work}/keys/seal.key"\n'
             f'durability = "{durability}"\n'
             f'[dns]\nenabled = false\n'
             f'[witness]\nenabled = {"true" if witness else "false"}\n')
-        self.loop = loop
         self.log = work / "agent.log"
         self.proc: subprocess.Popen | None = None
 
     def argv(self) -> list[str]:
-        boot = "from agent.cli import main; main()"
-        if self.loop == "uvloop":
-            boot = ("import asyncio, uvloop; asyncio.set_event_loop_policy("
-                    "uvloop.EventLoopPolicy()); " + boot)
-        return [sys.executable, "-c", boot, "--config", str(self.config), "run"]
+        return [sys.executable, "-m", "agent.cli", "--config", str(self.config), "run"]
 
     def start(self, timeout: float = 60) -> "Agent":
         notify = self.work / "notify.sock"

@@ -30,6 +30,8 @@ DOCS = {
     "proxy.deny": "Destinations the subjects may never reach (refused and alerted).\n"
                   "The default keeps the metadata server and its token away from them.",
     "proxy.allow": "If not empty, the only destinations the subjects may reach.",
+    "proxy.event_loop": "\"uvloop\" (default; less CPU per connection and per hop) or\n"
+                        "\"asyncio\" (the standard library's loop).",
     "dns.enabled": "Record the subjects' DNS (UDP 53 is redirected to a recording resolver).",
     "dns.port": "Local port of the recording DNS relay.",
     "dns.resolver": "Upstream resolver address; empty means the first nameserver of\n"

@@ -402,7 +402,7 @@ class ClientProtocol(_SideProtocol):
 
 def _repause(transport: asyncio.Transport) -> None:
     # Only the stdlib selector transport has the flaw; uvloop honours the
-    # first pause (and would read at once on a resume).
+    # pause (a read it made before it is held, see Connection.on_data).
     if not isinstance(transport, asyncio.selector_events._SelectorTransport):
         return
     if not transport.is_closing() and not transport.is_reading():
