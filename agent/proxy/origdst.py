@@ -44,6 +44,8 @@ def _is_v4_mapped(ip: str) -> bool:
 
 def plain_ip(ip: str) -> str:
     """::ffff:1.2.3.4 -> 1.2.3.4, so one client has one spelling everywhere."""
+    if ":" not in ip:
+        return ip  # IPv4 as the kernel spells it: already plain (and per connection, hot)
     addr = ipaddress.ip_address(ip.split("%")[0])
     mapped = getattr(addr, "ipv4_mapped", None)
     return str(mapped or addr)
