@@ -7,9 +7,10 @@ bounded by buffer_bytes per direction whatever the transfer size.
 
 Large chunks are appended in one recorder thread (hashing and writev release
 the GIL), so the store works on one core while the loop relays on the other;
-the side they came from stays paused until its chunk is recorded, and only
-then is it forwarded. Small chunks are appended inline: a thread hop would
-cost more latency than it saves.
+a chunk is forwarded only once it is recorded, while its side goes on being
+read up to buffer_bytes ahead. Small chunks are appended inline (a thread hop
+would cost more latency than it saves) unless a chunk of their side is still
+in the recorder: then they queue behind it, so order holds.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class Connection:
         # What a side delivered while blocked, in order (bytes, or None for
         # its EOF): a loop may hand over one read it made before the pause.
         self._held: list[list[bytes | None]] = [[], []]
-        self._recording = 0               # chunks in the recorder thread
+        self._recording = [0, 0]          # bytes of each side in the recorder thread
         self._finished: Finish | None = None  # waits for them, so CLOSE comes last
 
     def block(self, side: Side, reason: str) -> None:
@@ -134,25 +135,30 @@ class Connection:
     def unblock(self, side: Side, reason: str) -> None:
         blocks = self._blocks[side]
         blocks.discard(reason)
-        held = self._held[side]
-        while held and not blocks and not self.relay.finished:
-            item = held.pop(0)
-            self.run(self.relay.data_received(side, item) if item is not None
-                     else self.relay.eof_received(side))
+        self._replay(side)
         t = self.transports[side]
         if not blocks and t is not None and not self.relay.finished:
             t.resume_reading()
 
+    def _replay(self, side: Side) -> None:
+        held = self._held[side]
+        while held and not self._blocks[side] and not self.relay.finished:
+            if held[0] is None and self._recording[side]:
+                return  # the EOF goes after the chunks still being recorded
+            item = held.pop(0)
+            self.run(self.relay.data_received(side, item) if item is not None
+                     else self.relay.eof_received(side))
+
     # -- events from the transports ------------------------------------------
 
     def on_data(self, side: Side, data: bytes) -> None:
-        if self._blocks[side]:
+        if self._blocks[side] or self._held[side]:
             self._held[side].append(data)
             return
         self.run(self.relay.data_received(side, data))
 
     def on_eof(self, side: Side) -> None:
-        if self._blocks[side]:
+        if self._blocks[side] or self._held[side] or self._recording[side]:
             self._held[side].append(None)
             return
         self.run(self.relay.eof_received(side))
@@ -166,7 +172,8 @@ class Connection:
     def run(self, cmds: list[Command]) -> None:
         for i, cmd in enumerate(cmds):
             if isinstance(cmd, Record):
-                if len(cmd.data) >= OFFLOAD_BYTES:
+                # Behind a chunk in the recorder, even a small one queues there: order.
+                if len(cmd.data) >= OFFLOAD_BYTES or self._recording[cmd.direction]:
                     self._record_off_loop(cmd, cmds[i + 1:])
                     return
                 seq = self._record(cmd)
@@ -206,27 +213,37 @@ class Connection:
         self.run(self.relay.abort(f"store failed: {e}"))
 
     def _record_off_loop(self, cmd: Record, rest: list[Command]) -> None:
-        """Append in the recorder thread; forward (rest) only once it is in."""
-        src = Side(cmd.direction)
-        self.block(src, "record")
-        self._recording += 1
+        """Append in the recorder thread; forward (rest) only once it is in.
+
+        The side goes on being read while its earlier chunks are recorded, up
+        to buffer_bytes in the recorder, so reading, recording and sending
+        overlap; in fsync mode one chunk at a time (see _defer).
+        """
+        src, size = Side(cmd.direction), len(cmd.data)
+        limit = 1 if self.proxy.durable is not None else self.proxy.buffer_bytes
+        self._recording[src] += size
+        if self._recording[src] >= limit:
+            self.block(src, "record")
         fut = asyncio.get_running_loop().run_in_executor(
             self.proxy.recorder, self.proxy.store.append_data, self.session.id,
             cmd.direction, cmd.data)
         self.proxy.recording.add(fut)
 
         def recorded(f: asyncio.Future) -> None:
-            self._recording -= 1
+            self._recording[src] -= size
             self.proxy.recording.discard(f)
             e = f.exception() if not f.cancelled() else asyncio.CancelledError()
             if e is not None:
                 self._store_failed(e)
+            elif self.relay.finished:
+                pass  # cut meanwhile: nothing more is forwarded
             elif self.proxy.durable is not None:
                 self._defer(f.result(), src, rest)  # blocks src until durable
             else:
                 self.run(rest)
-            self.unblock(src, "record")
-            if self._recording == 0 and self._finished is not None:
+            if self._recording[src] < limit:
+                self.unblock(src, "record")
+            if not any(self._recording) and self._finished is not None:
                 self._close_record(self._finished)
         fut.add_done_callback(recorded)
 
@@ -255,7 +272,7 @@ class Connection:
     def _finish(self, f: Finish) -> None:
         self.proxy.conns.discard(self)
         self.proxy.sessions.close(self.session)
-        if self._recording:
+        if any(self._recording):
             self._finished = f  # recorded() writes it after the last chunk
             return
         self._close_record(f)

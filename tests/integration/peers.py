@@ -16,10 +16,17 @@ import time
 CHUNK = 1 << 16
 
 
+def _block_size():
+    """Mixed sizes: tiny writes right behind big ones reach the proxy as small
+    reads while a big chunk of the same side is still being recorded."""
+    r = os.urandom(4)
+    return 1 + int.from_bytes(r[:3], "big") % (64 if r[3] < 80 else 256 << 10)
+
+
 def _send_random(sock, size, digest):
     left = size
     while left:
-        block = os.urandom(min(CHUNK, left))
+        block = os.urandom(min(_block_size(), left))
         digest.update(block)
         sock.sendall(block)
         left -= len(block)
