@@ -107,6 +107,7 @@ class StoreWriter:
         self.recovered: dict | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._finishing: threading.Thread | None = None  # see _rotate
         self._open()
         if maintain_interval_s:
             self.start_maintenance(maintain_interval_s)
@@ -271,13 +272,46 @@ class StoreWriter:
             raise
 
     def _rotate(self) -> None:
-        old_fd, old_path = self._fd, self._seg_path
-        os.fsync(old_fd)
-        self.fsyncs += 1
-        self._synced_seq = self._next_seq - 1
+        """Start the next segment; the finished one is fsynced, closed and made
+        immutable. In "write" mode that happens in a thread, so appends go on
+        into the page cache while the disk catches up (nothing was promised on
+        disk there); at most one finished segment waits, which is what a
+        restart checks. In "fsync" mode group commit has promised its records,
+        so it is done before the next segment exists."""
+        old_fd, old_path, last_seq = self._fd, self._seg_path, self._next_seq - 1
+        if self.durability == "fsync":
+            self._sync_fd(old_fd, last_seq)
         self._create_segment(self._summary(old_path, int(old_path.stem)))
-        os.close(old_fd)
-        self._make_immutable(old_path)
+        self._settle()
+        if self.durability == "fsync":
+            self._close_finished(old_fd, old_path)
+            return
+        self._finishing = threading.Thread(
+            target=self._finish_segment, args=(old_fd, old_path, last_seq),
+            name="tollgate-segment-sync", daemon=True)
+        self._finishing.start()
+
+    def _finish_segment(self, fd: int, path: Path, last_seq: int) -> None:
+        try:
+            self._sync_fd(fd, last_seq)
+        except OSError as e:
+            self._failed(e, "fsync of a finished segment")  # fail closed: the daemon stops accepting until probe() passes
+        self._close_finished(fd, path)
+
+    def _close_finished(self, fd: int, path: Path) -> None:
+        os.close(fd)
+        self._make_immutable(path)
+
+    def _sync_fd(self, fd: int, upto: int) -> None:
+        os.fsync(fd)
+        self.fsyncs += 1
+        self._synced_seq = max(self._synced_seq, upto)
+
+    def _settle(self) -> None:
+        """Wait for the finished segment still being synced, if any."""
+        t = self._finishing
+        if t is not None:
+            t.join()
 
     def _make_immutable(self, path: Path) -> None:
         if not self.immutable:
@@ -347,12 +381,15 @@ class StoreWriter:
         try:
             return fn(*args)
         except OSError as e:
-            why = f"store append failed: {e.strerror or e}"
-            if self.healthy:
-                self._failed_at_ns = time.time_ns()
-            self.healthy, self.last_error = False, why
-            self._failures += 1
-            raise StoreError(why) from e
+            raise StoreError(self._failed(e)) from e
+
+    def _failed(self, e: OSError, what: str = "append") -> str:
+        why = f"store {what} failed: {e.strerror or e}"
+        if self.healthy:
+            self._failed_at_ns = time.time_ns()
+        self.healthy, self.last_error = False, why
+        self._failures += 1
+        return why
 
     def append_json(self, kind: Kind, obj: dict, ts_ns: int | None = None) -> int:
         return self.append(kind, orjson.dumps(obj), ts_ns)
@@ -493,6 +530,7 @@ class StoreWriter:
 
     def sync(self) -> int:
         """fsync everything appended so far; returns the last durable seq."""
+        self._settle()
         with self._lock:
             upto = self._next_seq - 1
             # A dup, so a rotation closing the segment meanwhile cannot break the fsync
@@ -533,6 +571,7 @@ class StoreWriter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._settle()
         if self._fd < 0:
             return
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
+from agent.demo.sandbox import wait_for
 from agent.store import Direction, StoreWriter, verify
 from agent.store.immutable import is_immutable, set_immutable
 from agent.store.reader import segment_paths
@@ -29,7 +30,10 @@ def test_finished_segments_are_immutable_the_active_one_is_not(open_dir):
     store, w = _store(open_dir)
     paths = segment_paths(store)
     assert len(paths) > 2
-    assert all(is_immutable(p) for p in paths[:-1]) and not is_immutable(paths[-1])
+    # In "write" mode the newest finished segment is synced and sealed off in
+    # a thread: it becomes immutable soon after the rotation, not during it.
+    wait_for(lambda: all(is_immutable(p) for p in paths[:-1]), 5, what="finished segments immutable")
+    assert not is_immutable(paths[-1])
     assert w.statistics()["immutable"] == "supported"
     try:
         with open(paths[0], "ab") as f:
