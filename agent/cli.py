@@ -116,7 +116,7 @@ def rules_apply(ctx: click.Context) -> None:
             apply(Nft(), ruleset_for(cfg))
         except NftError as e:
             raise Failure(str(e)) from None
-        control.record(cfg.run_dir, cfg.store.path, "EVENT",
+        control.record(cfg.run_dir, cfg.store, "EVENT",
                        {"event": "rules_applied", "why": "operator"}, control.me())
     click.echo("rules applied")
 
@@ -138,7 +138,7 @@ def rules_remove(ctx: click.Context, reason: str) -> None:
         alert = make_alert(AlertType.RULES_REMOVED, "operator removed tollgate's rules",
                            reason=reason, by=control.me())
         try:
-            control.append_offline(cfg.store.path, "ALERT", alert)
+            control.append_offline(cfg.store, "ALERT", alert)
         except RuntimeError as e:
             raise Failure(str(e)) from None
         removed = remove(Nft(), cfg.enforce.table)
@@ -180,7 +180,7 @@ def _audit(cfg: Config, act: dict) -> None:
     """The ACCESS record of a replay, export or report: written before the act."""
     from agent import control
     try:
-        control.record(cfg.run_dir, cfg.store.path, "ACCESS", act, control.me())
+        control.record(cfg.run_dir, cfg.store, "ACCESS", act, control.me())
     except RuntimeError as e:
         raise Failure(f"cannot record this access, so not doing it: {e}") from None
 
@@ -360,7 +360,7 @@ def alerts_ack(ctx: click.Context, alert_id: str, reason: str) -> None:
         raise Failure(f"alert {alert_id} is already acknowledged by {who}")
     me = control.me()
     try:
-        seq = control.record(cfg.run_dir, cfg.store.path, "ACK",
+        seq = control.record(cfg.run_dir, cfg.store, "ACK",
                              {"alert": alert_id, "reason": reason, "operator": me["user"]}, me)
     except RuntimeError as e:
         raise Failure(str(e)) from None
@@ -470,7 +470,7 @@ def gc_cmd(ctx: click.Context, unshipped: bool, as_json: bool) -> None:
     if plan:
         # the record goes first: a crash before the deletion leaves evidence, not a gap
         try:
-            control.record(cfg.run_dir, cfg.store.path, "EVENT", gc_event(plan), control.me())
+            control.record(cfg.run_dir, cfg.store, "EVENT", gc_event(plan), control.me())
         except RuntimeError as e:
             raise Failure(str(e)) from None
         delete_segments(cfg.store.path, plan)

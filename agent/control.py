@@ -15,9 +15,12 @@ import pwd
 import socket
 import struct
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import orjson
+
+if TYPE_CHECKING:
+    from agent.store.writer import StoreSettings
 
 Handler = Callable[[dict, dict], Awaitable[dict] | dict]
 
@@ -111,7 +114,7 @@ class StoreLock:
         os.close(self.fd)
 
 
-def record(run_dir: str, store_dir: str, kind: str, rec: dict, by: dict) -> int:
+def record(run_dir: str, store: StoreSettings, kind: str, rec: dict, by: dict) -> int:
     """Append an ACCESS/ACK/EVENT record: through the running agent if there
     is one (it owns the store), else directly under the writer lock."""
     try:
@@ -120,17 +123,18 @@ def record(run_dir: str, store_dir: str, kind: str, rec: dict, by: dict) -> int:
             raise RuntimeError(reply.get("error"))
         return reply["seq"]
     except NotRunning:
-        return append_offline(store_dir, kind, {**rec, "by": by})
+        return append_offline(store, kind, {**rec, "by": by})
 
 
-def append_offline(store_dir: str, kind: str, rec: dict) -> int:
-    """Append one record with no agent running, under the writer lock."""
+def append_offline(store: StoreSettings, kind: str, rec: dict) -> int:
+    """Append one record with no agent running, under the writer lock, and
+    seal it on close (when the key exists), as the agent would have."""
     from agent.store import Kind, StoreWriter
-    lock = StoreLock(store_dir)
+    lock = StoreLock(store.path)
     try:
         if not lock.acquire():
-            raise RuntimeError(f"{store_dir}: store is locked by a writer that does not answer")
-        w = StoreWriter(store_dir)
+            raise RuntimeError(f"{store.path}: store is locked by a writer that does not answer")
+        w = StoreWriter.from_config(store, maintain_interval_s=0)
         try:
             return w.append_json(Kind[kind], rec)
         finally:
