@@ -129,6 +129,8 @@ class Agent:
         return [sys.executable, "-m", "agent.cli", "--config", str(self.config), "run"]
 
     def start(self, timeout: float = 60) -> "Agent":
+        # As the deb's postinst leaves it: a sealing key, so the store is sealed.
+        subprocess.run([*self.argv()[:-1], "keys", "init"], check=True, capture_output=True)
         notify = self.work / "notify.sock"
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.bind(str(notify))

@@ -6,7 +6,9 @@ bastion namespace; the fake Cloud Logging listens on its loopback).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,9 +93,35 @@ def ship_rate(work: Path, total: int) -> float | str:
     return _store_bytes(d) / secs / 1e6
 
 
+def machine_rates(work: Path, total: int) -> dict[str, float]:
+    """What bounds a recording relay on this machine, measured on the store's
+    filesystem: SHA-256 (every recorded byte is hashed), writes into the page
+    cache (durability "write"), and the disk behind it (write, then fsync)."""
+    block, n = os.urandom(256 << 10), max(total // (256 << 10), 1)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        hashlib.sha256(block).digest()
+    sha = n * len(block) / (time.perf_counter() - t0) / 1e6
+    rates = {"sha256_MBps": sha}
+    for key, sync in (("pagecache_MBps", False), ("disk_MBps", True)):
+        path = work / f"raw-{key}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            os.write(fd, block)
+        if sync:
+            os.fsync(fd)
+        rates[key] = n * len(block) / (time.perf_counter() - t0) / 1e6
+        os.close(fd)
+        path.unlink()
+    return rates
+
+
 def main() -> None:
     total, work = int(sys.argv[1]) << 20, Path(sys.argv[2])
-    out = {"append_MBps": append_rate(work, total)}
+    work.mkdir(parents=True, exist_ok=True)
+    out = machine_rates(work, total)
+    out["append_MBps"] = append_rate(work, total)
     out["verify_MBps"] = verify_rate(work)
     out["ship_MBps"] = ship_rate(work, max(total // 4, 1 << 20))
     print(json.dumps(out))

@@ -8,7 +8,7 @@ BASELINES = ("direct", "socat", "haproxy")
 # Every row label the table prints, in order (the smoke test checks them all).
 ROWS = ("bulk 1 conn", "bulk 8 conns", "latency p50", "latency p99", "connection rate",
         "witness cost", "bypass detection", "agent RSS", "store append", "tollgate verify",
-        "shipper")
+        "shipper", "machine: SHA-256", "machine: page-cache writes", "machine: disk writes")
 
 
 @dataclass
@@ -112,7 +112,10 @@ def rows(res: Results) -> list[list[str]]:
                     _verdict(v if isinstance(v, float) else None, 150, False)])
     for key, label in (("append_MBps", "store append, MB/s"),
                        ("verify_MBps", "tollgate verify, MB/s"),
-                       ("ship_MBps", "shipper to fake Cloud Logging, MB/s")):
+                       ("ship_MBps", "shipper to fake Cloud Logging, MB/s"),
+                       ("sha256_MBps", "machine: SHA-256, MB/s (one core)"),
+                       ("pagecache_MBps", "machine: page-cache writes, MB/s"),
+                       ("disk_MBps", "machine: disk writes + fsync, MB/s")):
         out.append([label, "-", "-", "-", _num(f.get(key, {}).get("tollgate")), "-", "-", "-"])
     return out
 

@@ -333,11 +333,17 @@ class StoreWriter:
         """Append one record; returns its seq. Raises StoreError on any failure."""
         ts = ts_ns if ts_ns is not None else time.time_ns()
         with self._lock:
-            self._guard(self._recover_locked)
+            # Per relayed chunk: the checks that are nearly always false come first.
+            if not self.healthy or self._deferred:
+                self._guard(self._recover_locked)
             if self._rotation_due(ts):
                 self._guard(self._rotate)
-            seq = self._guard(self._append_locked, kind, payload, ts, prefix)
-            self._seal_if_due()
+            try:
+                seq = self._append_locked(kind, payload, ts, prefix)
+            except OSError as e:
+                raise StoreError(self._failed(e)) from e
+            if self.seal_key is not None:
+                self._seal_if_due()
             return seq
 
     def _append_locked(self, kind: Kind, payload, ts: int, prefix: bytes = b"") -> int:
@@ -352,8 +358,8 @@ class StoreWriter:
         parts = [header, prefix, payload] if prefix else [header, payload]
         digest, crc = frame_digest(*parts)
         parts.append(crc)
-        self._write_all(parts)
         size = length + FRAME_OVERHEAD
+        self._write_all(parts, size)
         self._head, self._next_seq = digest, seq + 1
         self._seg_bytes += size
         self._seal_bytes += size
@@ -361,8 +367,7 @@ class StoreWriter:
         self.appended_bytes += size
         return seq
 
-    def _write_all(self, parts: list) -> None:
-        total = sum(len(p) for p in parts)
+    def _write_all(self, parts: list, total: int) -> None:
         try:
             written = os.writev(self._fd, parts)
             if written != total:
