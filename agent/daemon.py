@@ -33,6 +33,7 @@ log = logging.getLogger("tollgate.daemon")
 
 
 KERNEL_ATTRIBUTION_WAIT_S = 0.05  # the witness's event normally arrives within a millisecond
+HEAP_TRIM_INTERVAL_S = 5.0
 
 
 class StartError(Exception):
@@ -89,6 +90,7 @@ class Agent:
         self.shipper = self._start_shipper()
         self.control = await serve(cfg.run_dir, self.handle)
         self.tasks.append(asyncio.create_task(self._watch_rules()))
+        self.tasks.append(asyncio.create_task(_trim_heap()))
         log.info("ready: rules applied, proxy on port %d, subjects %s",
                  cfg.proxy.port, ",".join(cfg.subjects))
         _sd_notify("READY=1\nSTATUS=recording")
@@ -317,14 +319,37 @@ def _safe(fn, *args) -> dict:
         return {"error": str(e)}
 
 
+async def _trim_heap() -> None:
+    """Bulk sessions raise glibc's heap to their high-water mark (chunks in
+    flight, transport buffers) and glibc keeps it after they end; give the
+    free part back every few seconds, in a thread (it walks the heap)."""
+    libc = _libc()
+    if libc is None:
+        return
+    while True:
+        await asyncio.sleep(HEAP_TRIM_INTERVAL_S)
+        await asyncio.to_thread(libc.malloc_trim, 0)
+
+
+def _libc():
+    import ctypes
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError as e:
+        log.debug("no libc.so.6 to trim the heap with: %s", e)
+        return None
+
+
 def _give_back_compiler_memory() -> None:
     """BCC compiled the probes with LLVM in this process and will not again.
     glibc keeps the freed heap unless asked (malloc_trim), and the compiler's
     code pages (~80 MiB) stay resident until the kernel is told it may drop
     them (MADV_PAGEOUT: clean file pages, faulted back in if ever touched)."""
     import ctypes
+    libc = _libc()
+    if libc is None:
+        return
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.malloc_trim(0)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as maps:
