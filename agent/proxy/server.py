@@ -220,7 +220,7 @@ class Connection:
         overlap; in fsync mode one chunk at a time (see _defer).
         """
         src, size = Side(cmd.direction), len(cmd.data)
-        limit = 1 if self.proxy.durable is not None else 4 * self.proxy.buffer_bytes
+        limit = 1 if self.proxy.durable is not None else 2 * self.proxy.buffer_bytes
         self._recording[src] += size
         if self._recording[src] >= limit:
             self.block(src, "record")
