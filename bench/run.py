@@ -165,6 +165,33 @@ class Agent:
         shutil.rmtree(self.store, ignore_errors=True)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process's threads and its live children, to the
+    nanosecond (schedstat; the clock-tick counters cannot see a short run)."""
+    total = 0
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
+class CpuMeter:
+    """CPU a relay spends on one measurement: the cost behind each ratio."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.used = pid, 0.0
+
+    def __enter__(self) -> "CpuMeter":
+        self.start = cpu_seconds(self.pid)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.used = cpu_seconds(self.pid) - self.start
+
+
 def witness_wired() -> bool:
     """Does the daemon start the witness when `[witness] enabled` is set?"""
     src = (ROOT / "agent" / "daemon.py").read_text()
@@ -196,10 +223,10 @@ class Bench:
     def pingpong(self, host: str, port: int) -> dict:
         return self._client("pingpong", host, str(port), str(self.scale.trips))
 
-    def connrate(self, host: str, port: int) -> float:
-        r = self._client("connrate", host, str(port), str(self.scale.rate_s), "8",
-                         timeout=self.scale.rate_s + 120)
-        return r["per_s"]
+    def connrate(self, host: str, port: int) -> dict:
+        """{"per_s", "done", "failed", "seconds"} of short connections."""
+        return self._client("connrate", host, str(port), str(self.scale.rate_s), "8",
+                            timeout=self.scale.rate_s + 120)
 
     def idle_rss(self, agent: Agent, host: str, port: int) -> dict:
         n = self.scale.idle
@@ -274,19 +301,45 @@ def _bypass_alert_times(store: Path) -> dict[int, int]:
     return out
 
 
-def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results) -> None:
+def _relay_figures(b: Bench, res: Results, col: str, host: str, port: int, pid: int | None,
+                   pingpong_and_rate: bool) -> None:
+    """Bulk (1 and 8), ping-pong and connection rate through one path; with
+    the relay's pid, also the CPU it spent per MB, per round trip, per connection."""
+    def metered(fn, *args):
+        if pid is None:
+            return fn(*args), None
+        with CpuMeter(pid) as m:
+            out = fn(*args)
+        return out, m.used
+
+    mbps, cpu = metered(b.bulk, host, port, 1)
+    res.put("bulk1", col, mbps)
+    if cpu is not None:
+        res.put("cpu_mb", col, cpu * 1e3 / (b.scale.bulk_bytes * 2 / 1e6))
+    res.put("bulk8", col, b.bulk(host, port, 8))
+    if not pingpong_and_rate:
+        return
+    pp, cpu = metered(b.pingpong, host, port)
+    res.put("rtt_p50", col, pp["p50_us"])
+    res.put("rtt_p99", col, pp["p99_us"])
+    if cpu is not None:
+        res.put("cpu_rtt", col, cpu * 1e6 / pp["n"])
+    rate, cpu = metered(b.connrate, host, port)
+    res.put("rate", col, rate["per_s"])
+    if cpu is not None and rate["done"]:
+        res.put("cpu_conn", col, cpu * 1e6 / rate["done"])
+
+
+def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
+            relays: dict[str, int]) -> None:
     b = Bench(sb, lg, scale)
     srv = (CORP_V4, SERVER_PORT)
     paths = {"direct": srv, "socat": (BASTION_V4, SOCAT_PORT),
              "haproxy": (BASTION_V4, HAPROXY_PORT)}
     for name, (host, port) in paths.items():
         _step(f"{name}: bulk, ping-pong, connection rate")
-        res.put("bulk1", name, b.bulk(host, port, 1))
-        res.put("bulk8", name, b.bulk(host, port, 8))
-        pp = b.pingpong(host, port)
-        res.put("rtt_p50", name, pp["p50_us"])
-        res.put("rtt_p99", name, pp["p99_us"])
-        res.put("rate", name, b.connrate(host, port))
+        pid = relays.get(name)
+        _relay_figures(b, res, name, host, port, pid, pingpong_and_rate=True)
 
     for loop in scale.loops:
         for durability in ("write", "fsync"):
@@ -296,13 +349,9 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results) -> Non
             agent = Agent(sb, work / f"agent-{loop}-{durability}", durability=durability,
                           loop=loop, witness=True).start()
             try:
-                res.put("bulk1", col, b.bulk(*srv, 1))
-                res.put("bulk8", col, b.bulk(*srv, 8))
+                _relay_figures(b, res, col, *srv, agent.proc.pid,
+                               pingpong_and_rate=durability == "write")
                 if durability == "write":
-                    pp = b.pingpong(*srv)
-                    res.put("rtt_p50", col, pp["p50_us"])
-                    res.put("rtt_p99", col, pp["p99_us"])
-                    res.put("rate", col, b.connrate(*srv))
                     m = b.idle_rss(agent, *srv)
                     res.put("rss", col, m["rss_mib"])
                     res.note(f"{col}: {m['open']} of {scale.idle} idle sessions open; "
@@ -318,7 +367,7 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results) -> Non
             agent = Agent(sb, work / f"agent-witness-{on}", durability="write", loop=loop,
                           witness=on).start()
             try:
-                rates[on] = b.connrate(*srv)
+                rates[on] = b.connrate(*srv)["per_s"]
                 if on:
                     res.put("bypass", "tollgate", b.bypass_latency(agent))
             finally:
@@ -342,7 +391,9 @@ def _step(what: str) -> None:
     print(f"bench: {what}", file=sys.stderr, flush=True)
 
 
-def start_relays(sb: Sandbox, work: Path, lg: str) -> None:
+def start_relays(sb: Sandbox, work: Path, lg: str) -> dict[str, int]:
+    """The server, then socat and haproxy; returns haproxy's pid (its CPU is
+    measured like the agent's; socat's forked children are gone too soon)."""
     sb.spawn(sb.corp, [lg, "serve", str(SERVER_PORT)])
     # socat as it is usually run: one forked child per connection, default buffer.
     sb.spawn(sb.bastion, [which("socat"), f"TCP-LISTEN:{SOCAT_PORT},bind={BASTION_V4},fork,"
@@ -354,10 +405,11 @@ def start_relays(sb: Sandbox, work: Path, lg: str) -> None:
         "  timeout server 300s\n"
         f"listen relay\n  bind {BASTION_V4}:{HAPROXY_PORT}\n"
         f"  server corp {CORP_V4}:{SERVER_PORT}\n")
-    sb.spawn(sb.bastion, [which("haproxy"), "-db", "-f", str(cfg)])
+    haproxy = sb.spawn(sb.bastion, [which("haproxy"), "-db", "-f", str(cfg)])
     for ns, host, port in ((sb.corp, CORP_V4, SERVER_PORT), (sb.bastion, BASTION_V4, SOCAT_PORT),
                            (sb.bastion, BASTION_V4, HAPROXY_PORT)):
         wait_for(lambda: _port_open(sb, ns, host, port), 15, what=f"{host}:{port}")
+    return {"haproxy": haproxy.pid}
 
 
 def _port_open(sb: Sandbox, ns: str, host: str, port: int) -> bool:
@@ -390,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         lg = compile_loadgen(work)
         with Sandbox(prefix="tgb", subject="tgbench") as sb:
             tune_namespaces(sb)
-            start_relays(sb, work, lg)
-            run_all(sb, work, lg, scale, res)
+            relays = start_relays(sb, work, lg)
+            run_all(sb, work, lg, scale, res, relays)
     finally:
         subprocess.run(["chattr", "-R", "-i", str(work)], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)

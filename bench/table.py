@@ -8,7 +8,8 @@ BASELINES = ("direct", "socat", "haproxy")
 # Every row label the table prints, in order (the smoke test checks them all).
 ROWS = ("bulk 1 conn", "bulk 8 conns", "latency p50", "latency p99", "connection rate",
         "witness cost", "bypass detection", "agent RSS", "store append", "tollgate verify",
-        "shipper", "machine: SHA-256", "machine: page-cache writes", "machine: disk writes")
+        "shipper", "machine: SHA-256", "machine: page-cache writes", "machine: disk writes",
+        "relay CPU per MB", "relay CPU per round trip", "relay CPU per connection")
 
 
 @dataclass
@@ -110,6 +111,14 @@ def rows(res: Results) -> list[list[str]]:
         out.append([f"agent RSS, MiB, {res.scale.get('idle')} idle sessions", "-", "-", "-",
                     f"{col}: {_num(v)}", "-", "<= 150 MiB",
                     _verdict(v if isinstance(v, float) else None, 150, False)])
+    for key, label in (("cpu_mb", "relay CPU per MB relayed (bulk 1), ms"),
+                       ("cpu_rtt", "relay CPU per round trip, us"),
+                       ("cpu_conn", "relay CPU per connection, us")):
+        fig = f.get(key, {})
+        for col in _tollgate_cols(fig) or ["tollgate"]:
+            r = _ratio(fig.get(col), fig.get("haproxy"))
+            out.append([label, "-", "-", _num(fig.get("haproxy")), f"{col}: {_num(fig.get(col))}",
+                        f"{_num(r)}x haproxy" if r else "-", "-", "-"])
     for key, label in (("append_MBps", "store append, MB/s"),
                        ("verify_MBps", "tollgate verify, MB/s"),
                        ("ship_MBps", "shipper to fake Cloud Logging, MB/s"),
