@@ -5,6 +5,7 @@ through it the subject could take the VM's service-account token.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -25,10 +26,16 @@ class Policy:
         """Why (ip, port) is refused, or None if the subject may go there."""
         if (ip, port) in self.own:
             return "destination is the proxy itself"
-        addr = ipaddress.ip_address(ip)
-        for net in self.deny:
-            if addr.version == net.version and addr in net:
-                return f"{ip} is in deny list ({net})"
-        if self.allow and not any(addr.version == n.version and addr in n for n in self.allow):
-            return f"{ip} is not in the allow list"
-        return None
+        return _refuse_ip(self, ip)
+
+
+# Asked once per connection, and a subject dials few distinct addresses.
+@functools.lru_cache(maxsize=4096)
+def _refuse_ip(policy: Policy, ip: str) -> str | None:
+    addr = ipaddress.ip_address(ip)
+    for net in policy.deny:
+        if addr.version == net.version and addr in net:
+            return f"{ip} is in deny list ({net})"
+    if policy.allow and not any(addr.version == n.version and addr in n for n in policy.allow):
+        return f"{ip} is not in the allow list"
+    return None

@@ -293,9 +293,9 @@ class Connection:
         loop = asyncio.get_running_loop()
         host, port = self.session.original_dst
         try:
-            await asyncio.wait_for(loop.create_connection(
-                lambda: ServerProtocol(self), host, port), self.proxy.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError) as e:
+            async with asyncio.timeout(self.proxy.connect_timeout_s):
+                await loop.create_connection(lambda: ServerProtocol(self), host, port)
+        except (OSError, TimeoutError) as e:
             self.proxy.stats["upstream_failed"] += 1
             self.run(self.relay.upstream_failed(_why(e) or "timeout"))
             return

@@ -57,8 +57,9 @@ class ConnectTable:
                 self._waiting[key] = (loop, fut)
         if ev is None:
             try:
-                ev = await asyncio.wait_for(fut, wait_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(wait_s):  # cheaper than wait_for, per connection
+                    ev = await fut
+            except TimeoutError:
                 with self._lock:
                     self._waiting.pop(key, None)
                 self.misses += 1
