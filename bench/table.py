@@ -82,7 +82,8 @@ def rows(res: Results) -> list[list[str]]:
             added = v - d if isinstance(v, float) and isinstance(d, float) else None
             h = fig.get("haproxy")
             h_added = h - d if isinstance(h, float) and isinstance(d, float) else None
-            r = _ratio(added, h_added)
+            # haproxy no slower than direct (noise at p99): no ratio to speak of
+            r = _ratio(added, h_added) if h_added is not None and h_added > 0 else None
             out.append([f"{label}, us (1-byte RTT)", *base(key),
                         f"{col}: {_num(v)} (+{_num(added)})",
                         f"{_num(r)}x haproxy's added (+{_num(h_added)})",
