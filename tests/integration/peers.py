@@ -81,7 +81,11 @@ def server(port, out):
 
 
 def client(host, port, size):
-    s = socket.create_connection((host, port))
+    try:
+        s = socket.create_connection((host, port))
+    except OSError as e:  # refused (an agent killed before we dialled): say so, as data
+        print(json.dumps({"connected": False, "recv_bytes": 0, "error": e.strerror}))
+        return
     head = struct.pack("!Q", size)
     s.sendall(head)
     sent, recvd = hashlib.sha256(head), hashlib.sha256()
