@@ -97,6 +97,7 @@ def machine_rates(work: Path, total: int) -> dict[str, float]:
     """What bounds a recording relay on this machine, measured on the store's
     filesystem: SHA-256 (every recorded byte is hashed), writes into the page
     cache (durability "write"), and the disk behind it (write, then fsync)."""
+    os.sync()  # start from a clean page cache, as each relay run does
     block, n = os.urandom(256 << 10), max(total // (256 << 10), 1)
     t0 = time.perf_counter()
     for _ in range(n):
