@@ -8,7 +8,7 @@ bounded by buffer_bytes per direction whatever the transfer size.
 Large chunks are appended in one recorder thread (hashing and writev release
 the GIL), so the store works on one core while the loop relays on the other;
 a chunk is forwarded only once it is recorded, while its side goes on being
-read up to buffer_bytes ahead. Small chunks are appended inline (a thread hop
+read up to twice buffer_bytes ahead. Small chunks are appended inline (a thread hop
 would cost more latency than it saves) unless a chunk of their side is still
 in the recorder: then they queue behind it, so order holds.
 """
@@ -216,8 +216,8 @@ class Connection:
         """Append in the recorder thread; forward (rest) only once it is in.
 
         The side goes on being read while its earlier chunks are recorded, up
-        to buffer_bytes in the recorder, so reading, recording and sending
-        overlap; in fsync mode one chunk at a time (see _defer).
+        to twice buffer_bytes in the recorder, so reading, recording and
+        sending overlap; in fsync mode one chunk at a time (see _defer).
         """
         src, size = Side(cmd.direction), len(cmd.data)
         limit = 1 if self.proxy.durable is not None else 2 * self.proxy.buffer_bytes
