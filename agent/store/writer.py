@@ -292,11 +292,16 @@ class StoreWriter:
         self._finishing.start()
 
     def _finish_segment(self, fd: int, path: Path, last_seq: int) -> None:
+        # A failure here has no caller to raise to: it marks the store failed,
+        # and the next append records it (store_recovered, with the error).
         try:
             self._sync_fd(fd, last_seq)
         except OSError as e:
-            self._failed(e, "fsync of a finished segment")  # fail closed: the daemon stops accepting until probe() passes
-        self._close_finished(fd, path)
+            self._failed(e, "fsync of a finished segment")
+        try:
+            self._close_finished(fd, path)
+        except OSError as e:
+            self._failed(e, "close of a finished segment")
 
     def _close_finished(self, fd: int, path: Path) -> None:
         os.close(fd)
