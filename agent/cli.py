@@ -81,23 +81,16 @@ def rules_show(ctx: click.Context, as_json: bool) -> None:
     from agent.enforce.apply import verify
     cfg = _load(ctx)
     nft, want = Nft(), ruleset_for(cfg)
-    live = nft.list_table("inet", want.table)
     problems = verify(nft, want)
     if as_json:
-        _json({"table": live, "matches_config": not problems, "problems": problems})
+        _json({"table": nft.list_table("inet", want.table), "matches_config": not problems,
+               "problems": problems})
         return
-    if live is None:
-        click.echo(f"table inet {want.table}: absent (subjects are NOT confined)")
-    else:
-        click.echo(_nft_text(want.table))
+    text = nft.table_text("inet", want.table)
+    click.echo(text if text is not None
+               else f"table inet {want.table}: absent (subjects are NOT confined)")
     click.echo("matches config" if not problems else "DIFFERS from config: " + "; ".join(problems))
     sys.exit(0 if not problems else 1)
-
-
-def _nft_text(table: str) -> str:
-    import subprocess
-    return subprocess.run(["nft", "list", "table", "inet", table], capture_output=True,
-                          text=True).stdout.rstrip()
 
 
 @rules.command("apply")

@@ -42,3 +42,16 @@ class Nft:
                 return None
             raise NftError((err or "nft list failed").strip().splitlines()[0])
         return [o for o in out["nftables"] if "metainfo" not in o]
+
+    def table_text(self, family: str, name: str) -> str | None:
+        """The table as `nft list table` prints it (for people), or None if absent."""
+        self._nft.set_json_output(False)
+        try:
+            rc, out, err = self._nft.cmd(f"list table {family} {name}")
+        finally:
+            self._nft.set_json_output(True)
+        if rc != 0:
+            if "No such file or directory" in (err or ""):
+                return None
+            raise NftError((err or "nft list failed").strip().splitlines()[0])
+        return out.rstrip()

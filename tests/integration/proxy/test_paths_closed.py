@@ -77,12 +77,16 @@ def test_rules_remove_is_recorded_then_apply_restores(agent, sandbox):
         removed = alerts_of(agent, "rules_removed")[-1]
         assert removed["evidence"]["reason"] == "maintenance window"
         assert removed["evidence"]["by"]["uid"] == 0
-        assert agent.cli("rules", "show").returncode == 1
+        shown = agent.cli("rules", "show", text=True)
+        assert shown.returncode == 1 and "absent (subjects are NOT confined)" in shown.stdout
         time.sleep(0.5)  # the watcher must not put back what the operator removed
         assert agent.cli("rules", "show").returncode == 1
     finally:
         assert agent.cli("rules", "apply").returncode == 0
-    assert agent.cli("rules", "show").returncode == 0
+    shown = agent.cli("rules", "show", text=True)
+    assert shown.returncode == 0, shown
+    assert "table inet tollgate {" in shown.stdout and "redirect to :" in shown.stdout
+    assert shown.stdout.rstrip().endswith("matches config")
 
 
 def test_status_reports_the_parts(agent):
