@@ -359,7 +359,8 @@ class ClientProtocol(_SideProtocol):
         # transport starts reading *after* connection_made even when paused
         # here, so the pause is made again once that has happened.
         transport.pause_reading()
-        asyncio.get_running_loop().call_soon(_repause, transport)
+        if isinstance(transport, asyncio.selector_events._SelectorTransport):
+            asyncio.get_running_loop().call_soon(_repause, transport)
         sock = transport.get_extra_info("socket")
         try:
             dst = original_dst(sock)
@@ -418,10 +419,9 @@ class ClientProtocol(_SideProtocol):
 
 
 def _repause(transport: asyncio.Transport) -> None:
-    # Only the stdlib selector transport has the flaw; uvloop honours the
-    # pause (a read it made before it is held, see Connection.on_data).
-    if not isinstance(transport, asyncio.selector_events._SelectorTransport):
-        return
+    # Only the stdlib selector transport has the flaw (connection_made checks
+    # the type); uvloop honours the pause (a read it made before it is held,
+    # see Connection.on_data).
     if not transport.is_closing() and not transport.is_reading():
         transport.resume_reading()
         transport.pause_reading()

@@ -59,10 +59,11 @@ def servers(sandbox, tmp_path_factory):
     http.stop()
 
 
-@pytest.fixture(scope="session")
-def agent(sandbox, servers, tmp_path_factory):
+# Every relay test runs on both event loops the config offers.
+@pytest.fixture(scope="session", params=["uvloop", "asyncio"])
+def agent(request, sandbox, servers, tmp_path_factory):
     a = AgentProcess(sandbox, workdir=str(tmp_path_factory.mktemp("agent")),
-                     extra=f'[dns]\nresolver = "{CORP_V4}"\n')
+                     extra=f'[dns]\nresolver = "{CORP_V4}"\n', event_loop=request.param)
     a.start()
     yield a
     a.stop()
