@@ -343,10 +343,7 @@ class StoreWriter:
                 self._guard(self._recover_locked)
             if self._rotation_due(ts):
                 self._guard(self._rotate)
-            try:
-                seq = self._append_locked(kind, payload, ts, prefix)
-            except OSError as e:
-                raise StoreError(self._failed(e)) from e
+            seq = self._guard(self._append_locked, kind, payload, ts, prefix)
             if self.seal_key is not None:
                 self._seal_if_due()
             return seq
