@@ -37,10 +37,8 @@ class Nft:
         """The table's objects as nft prints them, or None if it is absent."""
         rc, out, err = self._nft.json_cmd(
             {"nftables": [{"list": {"table": {"family": family, "name": name}}}]})
-        if rc != 0:
-            if "No such file or directory" in (err or ""):
-                return None
-            raise NftError((err or "nft list failed").strip().splitlines()[0])
+        if not _listed(rc, err):
+            return None
         return [o for o in out["nftables"] if "metainfo" not in o]
 
     def table_text(self, family: str, name: str) -> str | None:
@@ -50,8 +48,13 @@ class Nft:
             rc, out, err = self._nft.cmd(f"list table {family} {name}")
         finally:
             self._nft.set_json_output(True)
-        if rc != 0:
-            if "No such file or directory" in (err or ""):
-                return None
-            raise NftError((err or "nft list failed").strip().splitlines()[0])
-        return out.rstrip()
+        return out.rstrip() if _listed(rc, err) else None
+
+
+def _listed(rc: int, err: str | None) -> bool:
+    """A list command's outcome: True if listed, False if the table is absent."""
+    if rc == 0:
+        return True
+    if "No such file or directory" in (err or ""):
+        return False
+    raise NftError((err or "nft list failed").strip().splitlines()[0])
