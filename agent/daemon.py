@@ -192,7 +192,7 @@ class Agent:
         tried again every round: the watch itself must not end.
         """
         watch_nft = Nft()
-        restore_failed: str | None = None
+        restore_failing = False
         while True:
             await asyncio.sleep(self.cfg.enforce.watch_interval_s)
             if not self.enforcing:
@@ -203,18 +203,18 @@ class Agent:
                 problems = [f"cannot read the table: {e}"]
             if not problems or not self.enforcing:
                 continue
-            if restore_failed is None:
+            if not restore_failing:
                 self._alert(AlertType.RULES_TAMPERED, "tollgate's nftables table was changed",
                             problems=problems, table=self.ruleset.table)
             try:
                 rules.apply(self.nft, self.ruleset)
             except Exception as e:
-                if restore_failed is None:
+                if not restore_failing:
                     log.error("cannot restore the nftables rules (trying again): %s", e)
                     self._event("rules_restore_failed", error=str(e))
-                restore_failed = str(e)
+                restore_failing = True
                 continue
-            restore_failed = None
+            restore_failing = False
             self.counters["rules_restored"] += 1
             self._event("rules_applied", why="restored after tampering")
 
