@@ -125,18 +125,19 @@ class Agent:
         self.log = work / "agent.log"
         self.proc: subprocess.Popen | None = None
 
-    def argv(self) -> list[str]:
-        return [sys.executable, "-m", "agent.cli", "--config", str(self.config), "run"]
+    def cli(self, *args: str) -> list[str]:
+        """`tollgate --config <this agent's> ARGS` as an argv."""
+        return [sys.executable, "-m", "agent.cli", "--config", str(self.config), *args]
 
     def start(self, timeout: float = 60) -> "Agent":
         # As the deb's postinst leaves it: a sealing key, so the store is sealed.
-        subprocess.run([*self.argv()[:-1], "keys", "init"], check=True, capture_output=True)
+        subprocess.run(self.cli("keys", "init"), check=True, capture_output=True)
         notify = self.work / "notify.sock"
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.bind(str(notify))
             s.settimeout(timeout)
             env = {**os.environ, "NOTIFY_SOCKET": str(notify), "PYTHONPATH": str(ROOT)}
-            self.proc = self.sb.spawn(self.sb.bastion, self.argv(), env=env,
+            self.proc = self.sb.spawn(self.sb.bastion, self.cli("run"), env=env,
                                       stderr=open(self.log, "ab"))
             try:
                 for _ in range(1000):
@@ -168,28 +169,14 @@ class Agent:
 def cpu_seconds(pid: int) -> float:
     """CPU time of a process's threads and its live children, to the
     nanosecond (schedstat; the clock-tick counters cannot see a short run)."""
-    total = 0
-    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+    total, root = 0, psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
         for task in Path(f"/proc/{proc.pid}/task").iterdir():
             try:
                 total += int((task / "schedstat").read_text().split()[0])
             except (OSError, ValueError, IndexError):
                 pass  # a thread that ended meanwhile
     return total / 1e9
-
-
-class CpuMeter:
-    """CPU a relay spends on one measurement: the cost behind each ratio."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.used = pid, 0.0
-
-    def __enter__(self) -> "CpuMeter":
-        self.start = cpu_seconds(self.pid)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.used = cpu_seconds(self.pid) - self.start
 
 
 def witness_wired() -> bool:
@@ -257,8 +244,7 @@ class Bench:
         time and source port. Each bypass alert's store time, matched by
         source port, gives the latency. Rules are applied again after.
         """
-        cli = [sys.executable, "-m", "agent.cli", "--config", str(agent.config)]
-        self.sb.run(self.sb.bastion, [*cli, "rules", "remove", "--reason", "bench"], check=True)
+        self.sb.run(self.sb.bastion, agent.cli("rules", "remove", "--reason", "bench"), check=True)
         try:
             r = self.sb.subject_run([sys.executable, "-c", _BYPASS_CLIENT, CORP_V4,
                                      str(SERVER_PORT), str(self.scale.bypass_tries)],
@@ -267,7 +253,7 @@ class Bench:
             time.sleep(1.0)  # the last window closes
             detected = _bypass_alert_times(agent.store)
         finally:
-            self.sb.run(self.sb.bastion, [*cli, "rules", "apply"], check=True)
+            self.sb.run(self.sb.bastion, agent.cli("rules", "apply"), check=True)
         lat = sorted((detected[p] - t) / 1e6 for p, t in sent.items() if p in detected)
         if not lat:
             return "n/a (no bypass detected)"
@@ -306,11 +292,12 @@ def _relay_figures(b: Bench, res: Results, col: str, host: str, port: int, pid: 
     """Bulk (1 and 8), ping-pong and connection rate through one path; with
     the relay's pid, also the CPU it spent per MB, per round trip, per connection."""
     def metered(fn, *args):
+        """(result, CPU seconds the relay spent on it): the cost behind each ratio."""
         if pid is None:
             return fn(*args), None
-        with CpuMeter(pid) as m:
-            out = fn(*args)
-        return out, m.used
+        before = cpu_seconds(pid)
+        out = fn(*args)
+        return out, cpu_seconds(pid) - before
 
     # Each bulk run starts with no dirty page cache: earlier runs' GBs would
     # otherwise throttle this one's store writes to the disk's speed.
