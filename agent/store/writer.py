@@ -18,10 +18,10 @@ Besides appending, the writer keeps the store whole:
 from __future__ import annotations
 
 import collections
-import errno
 import hashlib
 import os
 import secrets
+import select
 import threading
 import time
 from pathlib import Path
@@ -29,10 +29,10 @@ from typing import Any, Callable, Protocol
 
 import orjson
 
+from agent.native import Chain
 from agent.store import seal as sealing
 from agent.store.format import (
-    FRAME_OVERHEAD, MAX_PAYLOAD, ZERO_HASH, Direction, Kind, Record, data_payload_head,
-    encode_header, frame_digest, segment_name,
+    MAX_PAYLOAD, ZERO_HASH, Direction, Kind, Record, data_payload_head, segment_name,
 )
 from agent.store.immutable import probe as probe_immutable, set_immutable
 from agent.store.keys import SealKey
@@ -62,7 +62,31 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _OnChain:
+    """A writer field kept in the native chain, which relay threads append to."""
+
+    def __init__(self, name: str, kind: type = int) -> None:
+        self.name, self.kind = name, kind
+
+    def __get__(self, writer: "StoreWriter", owner: type) -> Any:
+        return self.kind(getattr(writer._chain, self.name))
+
+    def __set__(self, writer: "StoreWriter", value: Any) -> None:
+        setattr(writer._chain, self.name, value)
+
+
 class StoreWriter:
+    # The append point and its state live in C (agent/native/chain.c): the
+    # relay threads of the native data plane append there without the GIL.
+    _fd = _OnChain("fd")
+    _seg_bytes = _OnChain("seg_bytes")
+    _next_seq = _OnChain("next_seq")
+    _head = _OnChain("head", bytes)
+    _seal_bytes = _OnChain("seal_bytes")
+    appended_records = _OnChain("records")
+    appended_bytes = _OnChain("bytes")
+    healthy = _OnChain("healthy", bool)
+
     def __init__(self, store_dir: str | os.PathLike, *,
                  segment_max_bytes: int = 64 << 20, durability: str = "write",
                  segment_max_age_s: float | None = None, seal_key: SealKey | None = None,
@@ -77,20 +101,18 @@ class StoreWriter:
         self.seal_interval_ns = int(seal_interval_s * 1e9)
         self.seal_interval_bytes = seal_interval_bytes
         self.immutable = immutable
-        self._lock = threading.Lock()
+        # The chain is also the writer's lock: holding it excludes relay threads too.
+        self._chain = self._lock = Chain()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._chain.wake_fd = self._wake
+        self._chain.seg_max = segment_max_bytes
+        if seal_key is not None:
+            self._chain.seal_every = seal_interval_bytes
         self._seal_lock = threading.Lock()   # one key ratchet at a time
-        self._fd = -1
         self._seg_path = Path()
-        self._seg_bytes = 0
         self._seg_started_ns = time.time_ns()
-        self._next_seq = 0
-        self._head = ZERO_HASH
         self._synced_seq = -1
-        self._dirty = False                  # a failed write may have left bytes past _seg_bytes
-        self.appended_records = 0
-        self.appended_bytes = 0
         self.fsyncs = 0
-        self.healthy = True
         self.last_error: str | None = None
         self._failed_at_ns = 0
         self._failures = 0
@@ -101,7 +123,6 @@ class StoreWriter:
         self._immutable_set = 0
         self._last_seal: dict | None = None  # {"epoch", "seq", "ts"} of the newest seal
         self._pending_ratchet: int | None = None  # seq of a seal whose key is not yet erased
-        self._seal_bytes = 0                 # appended since the last seal
         self._seal_at_ns = time.monotonic_ns()
         self.seals = 0
         self.recovered: dict | None = None
@@ -352,37 +373,9 @@ class StoreWriter:
         length = len(prefix) + len(payload)
         if length > MAX_PAYLOAD:
             raise StoreError(f"record of {length} bytes exceeds {MAX_PAYLOAD}")
-        if self._dirty:
-            os.ftruncate(self._fd, self._seg_bytes)
-            self._dirty = False
-        seq = self._next_seq
-        header = encode_header(kind, length, seq, ts, self._head)
-        parts = [header, prefix, payload] if prefix else [header, payload]
-        digest, crc = frame_digest(*parts)
-        parts.append(crc)
-        size = length + FRAME_OVERHEAD
-        self._write_all(parts, size)
-        self._head, self._next_seq = digest, seq + 1
-        self._seg_bytes += size
-        self._seal_bytes += size
-        self.appended_records += 1
-        self.appended_bytes += size
-        return seq
-
-    def _write_all(self, parts: list, total: int) -> None:
-        try:
-            written = os.writev(self._fd, parts)
-            if written != total:
-                # a regular file writes short only when the disk fills up
-                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}"
-                                            f" (short write: {written} of {total} bytes)")
-        except OSError:
-            # Never leave a torn frame: cut back to the last whole record.
-            try:
-                os.ftruncate(self._fd, self._seg_bytes)
-            except OSError:
-                self._dirty = True
-            raise
+        # chain.c: header, SHA-256, crc, one writev; a failed write is cut back
+        # to the last whole record (OSError, the chain unchanged).
+        return self._chain.append(kind, payload, ts, prefix)
 
     def _guard(self, fn: Callable, *args: Any) -> Any:
         try:
@@ -392,11 +385,16 @@ class StoreWriter:
 
     def _failed(self, e: OSError, what: str = "append") -> str:
         why = f"store {what} failed: {e.strerror or e}"
-        if self.healthy:
+        if not self._failures:
             self._failed_at_ns = time.time_ns()
         self.healthy, self.last_error = False, why
         self._failures += 1
         return why
+
+    def failed_in_relay(self, err: int) -> StoreError:
+        """A relay thread's append failed with errno err: record why, as append does."""
+        with self._lock:
+            return StoreError(self._failed(OSError(err, os.strerror(err))))
 
     def append_json(self, kind: Kind, obj: dict, ts_ns: int | None = None) -> int:
         return self.append(kind, orjson.dumps(obj), ts_ns)
@@ -518,14 +516,20 @@ class StoreWriter:
                     self._guard(self._recover_locked)
                 except StoreError:
                     return
-            if self.segment_max_age_ns and self._rotation_due(time.time_ns()):
+            self._chain.wake_sent = 0
+            if self._rotation_due(time.time_ns()):
                 self._guard(self._rotate)
             self._seal_if_due()
         self._ratchet()
 
     def start_maintenance(self, interval_s: float) -> None:
         def loop() -> None:
-            while not self._stop.wait(interval_s):
+            # Woken early by the relay threads when a segment is full or a seal due.
+            while True:
+                if select.select([self._wake], [], [], interval_s)[0]:
+                    os.eventfd_read(self._wake)
+                if self._stop.is_set():
+                    return
                 try:
                     self.maintain()
                 except StoreError:
@@ -576,6 +580,7 @@ class StoreWriter:
 
     def close(self) -> None:
         self._stop.set()
+        os.eventfd_write(self._wake, 1)
         if self._thread is not None:
             self._thread.join()
         self._settle()
@@ -592,5 +597,7 @@ class StoreWriter:
                 pass  # nothing more to do here: appends already reported the failure
             os.close(self._fd)
             self._fd = -1
+        self._chain.wake_fd = -1
+        os.close(self._wake)
         if self.seal_key:
             self.seal_key.close()

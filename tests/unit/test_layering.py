@@ -14,9 +14,10 @@ AGENT = Path(__file__).resolve().parents[2] / "agent"
 
 # package -> the agent packages/modules it may import (besides itself)
 ALLOWED = {
-    "store": set(),
+    "native": set(),
+    "store": {"native"},
     "enforce": set(),
-    "proxy": {"store", "alerts"},
+    "proxy": {"store", "alerts", "native"},
     "witness": {"store", "alerts", "config"},
     "ship": {"store", "alerts", "config"},
     "review": {"store"},

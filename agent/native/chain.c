@@ -1,0 +1,231 @@
+/* The store's append point in C: header, SHA-256 chain, crc32, one writev.
+ *
+ * The same frame agent/store/format.py reads; the writer (writer.py) keeps
+ * everything else: recovery, rotation, seals, deferral.  A Chain is also the
+ * writer's lock (`with chain:`), so Python code that reads the head, rotates
+ * or seals excludes the relay threads' appends without holding the GIL
+ * against them.
+ */
+#include "native.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include <zlib.h>
+#include <structmember.h>
+
+static void put_be32(uint8_t *p, uint32_t v) {
+    for (int i = 3; i >= 0; i--, v >>= 8) p[i] = (uint8_t)v;
+}
+
+static void put_be64(uint8_t *p, uint64_t v) {
+    for (int i = 7; i >= 0; i--, v >>= 8) p[i] = (uint8_t)v;
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* A failed write leaves no partial frame: cut back to the last whole record. */
+static int write_frame(Chain *c, struct iovec *iov, int n, size_t total) {
+    ssize_t w = writev(c->fd, iov, n);
+    if (w == (ssize_t)total) return 0;
+    int err = w < 0 ? errno : ENOSPC;  /* a regular file writes short only when full */
+    if (ftruncate(c->fd, (off_t)c->seg_bytes) != 0) c->dirty = 1;
+    return err;
+}
+
+int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, size_t plen,
+                        const void *payload, size_t len, uint64_t *seq) {
+    size_t length = plen + len;
+    if (length > TG_MAX_PAYLOAD) return EFBIG;
+    if (c->fd < 0) return EBADF;
+    if (c->dirty) {
+        if (ftruncate(c->fd, (off_t)c->seg_bytes) != 0) return errno;
+        c->dirty = 0;
+    }
+    uint8_t header[TG_HEADER_SIZE], digest[32], crc_be[TG_CRC_SIZE];
+    header[0] = 'T'; header[1] = 'G'; header[2] = TG_FORMAT_VERSION; header[3] = (uint8_t)kind;
+    put_be32(header + 4, (uint32_t)length);
+    put_be64(header + 8, c->next_seq);
+    put_be64(header + 16, ts_ns);
+    memcpy(header + 24, c->head, 32);
+
+    uLong crc = crc32(0L, header, TG_HEADER_SIZE);
+    if (!EVP_DigestInit_ex(c->md, NULL, NULL)) return EIO;
+    EVP_DigestUpdate(c->md, header, TG_HEADER_SIZE);
+    if (plen) { EVP_DigestUpdate(c->md, prefix, plen); crc = crc32(crc, prefix, (uInt)plen); }
+    if (len) { EVP_DigestUpdate(c->md, payload, len); crc = crc32(crc, payload, (uInt)len); }
+    unsigned int dlen = 0;
+    if (!EVP_DigestFinal_ex(c->md, digest, &dlen)) return EIO;
+    put_be32(crc_be, (uint32_t)crc);
+
+    struct iovec iov[4];
+    int n = 0;
+    iov[n++] = (struct iovec){header, TG_HEADER_SIZE};
+    if (plen) iov[n++] = (struct iovec){(void *)prefix, plen};
+    if (len) iov[n++] = (struct iovec){(void *)payload, len};
+    iov[n++] = (struct iovec){crc_be, TG_CRC_SIZE};
+    size_t size = length + TG_HEADER_SIZE + TG_CRC_SIZE;
+    int err = write_frame(c, iov, n, size);
+    if (err) return err;
+    memcpy(c->head, digest, 32);
+    *seq = c->next_seq++;
+    c->seg_bytes += size;
+    c->seal_bytes += size;
+    c->records++;
+    c->bytes += size;
+    return 0;
+}
+
+int chain_append_data(Chain *c, uint64_t session, int direction, const void *data, size_t len) {
+    uint8_t head[TG_DATA_HEAD_SIZE];
+    put_be64(head, session);
+    head[8] = (uint8_t)direction;
+    uint64_t seq, ts = now_ns();
+    pthread_mutex_lock(&c->mu);
+    int err = c->healthy ? chain_append_locked(c, TG_KIND_DATA, ts, head, sizeof head,
+                                               data, len, &seq) : EIO;
+    if (err) {
+        c->healthy = 0;   /* the writer records why when it next looks (fail closed) */
+    } else if (!c->wake_sent && c->wake_fd >= 0
+               && (c->seg_bytes >= c->seg_max || c->seal_bytes >= c->seal_every)) {
+        c->wake_sent = 1;
+        uint64_t one = 1;
+        if (write(c->wake_fd, &one, sizeof one) < 0) c->wake_sent = 0;
+    }
+    pthread_mutex_unlock(&c->mu);
+    return err;
+}
+
+/* -- the Python type ------------------------------------------------------------ */
+
+static PyObject *Chain_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    Chain *c = (Chain *)type->tp_alloc(type, 0);
+    if (c == NULL) return NULL;
+    pthread_mutex_init(&c->mu, NULL);
+    c->fd = c->wake_fd = -1;
+    c->healthy = 1;
+    c->seg_max = c->seal_every = UINT64_MAX;
+    c->md = EVP_MD_CTX_new();
+    const EVP_MD *sha = EVP_sha256();
+    if (c->md == NULL || !EVP_DigestInit_ex(c->md, sha, NULL)) {
+        Py_DECREF(c);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)c;
+}
+
+static void Chain_dealloc(Chain *c) {
+    if (c->md) EVP_MD_CTX_free(c->md);
+    pthread_mutex_destroy(&c->mu);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyObject *Chain_acquire(Chain *c, PyObject *unused) {
+    if (pthread_mutex_trylock(&c->mu) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&c->mu);
+        Py_END_ALLOW_THREADS
+    }
+    Py_INCREF(c);
+    return (PyObject *)c;
+}
+
+static PyObject *Chain_release(Chain *c, PyObject *args) {
+    pthread_mutex_unlock(&c->mu);
+    Py_RETURN_NONE;
+}
+
+/* append(kind, payload, ts_ns, prefix=b"") -> seq; the caller holds the lock. */
+static PyObject *Chain_append(Chain *c, PyObject *args, PyObject *kw) {
+    static char *names[] = {"kind", "payload", "ts_ns", "prefix", NULL};
+    int kind;
+    unsigned long long ts;
+    Py_buffer payload, prefix = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iy*K|y*", names, &kind, &payload, &ts, &prefix))
+        return NULL;
+    uint64_t seq = 0;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    err = chain_append_locked(c, kind, ts, prefix.buf, (size_t)prefix.len,
+                              payload.buf, (size_t)payload.len, &seq);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&payload);
+    if (prefix.obj) PyBuffer_Release(&prefix);
+    if (err == EFBIG) {
+        PyErr_Format(PyExc_ValueError, "record exceeds %u bytes", TG_MAX_PAYLOAD);
+        return NULL;
+    }
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromUnsignedLongLong(seq);
+}
+
+static PyObject *Chain_get_head(Chain *c, void *unused) {
+    return PyBytes_FromStringAndSize((const char *)c->head, 32);
+}
+
+static int Chain_set_head(Chain *c, PyObject *v, void *unused) {
+    char *buf;
+    Py_ssize_t n;
+    if (v == NULL || PyBytes_AsStringAndSize(v, &buf, &n) < 0) return -1;
+    if (n != 32) {
+        PyErr_SetString(PyExc_ValueError, "head is 32 bytes");
+        return -1;
+    }
+    memcpy(c->head, buf, 32);
+    return 0;
+}
+
+static PyMethodDef Chain_methods[] = {
+    {"acquire", (PyCFunction)Chain_acquire, METH_NOARGS, "take the writer's lock"},
+    {"release", (PyCFunction)Chain_release, METH_NOARGS, "give it back"},
+    {"__enter__", (PyCFunction)Chain_acquire, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)Chain_release, METH_VARARGS, NULL},
+    {"append", (PyCFunction)(void (*)(void))Chain_append, METH_VARARGS | METH_KEYWORDS,
+     "append(kind, payload, ts_ns, prefix=b'') -> seq, with the lock held"},
+    {NULL},
+};
+
+#define FIELD(name, type, doc) {#name, type, offsetof(Chain, name), 0, doc}
+static PyMemberDef Chain_members[] = {
+    FIELD(fd, T_INT, "the active segment"),
+    FIELD(dirty, T_INT, "a failed write may have left bytes past seg_bytes"),
+    FIELD(healthy, T_INT, "0: relay appends fail until the writer recovers"),
+    FIELD(wake_fd, T_INT, "eventfd written when rotation or a seal is due"),
+    FIELD(wake_sent, T_INT, "the eventfd was written and not yet seen"),
+    FIELD(next_seq, T_ULONGLONG, NULL),
+    FIELD(seg_bytes, T_ULONGLONG, NULL),
+    FIELD(seal_bytes, T_ULONGLONG, NULL),
+    FIELD(records, T_ULONGLONG, "appended since open"),
+    FIELD(bytes, T_ULONGLONG, "appended since open"),
+    FIELD(seg_max, T_ULONGLONG, "segment size at which upkeep is woken"),
+    FIELD(seal_every, T_ULONGLONG, "bytes since the last seal at which upkeep is woken"),
+    {NULL},
+};
+
+static PyGetSetDef Chain_getset[] = {
+    {"head", (getter)Chain_get_head, (setter)Chain_set_head, "SHA-256 of the last frame", NULL},
+    {NULL},
+};
+
+PyTypeObject ChainType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent.native._native.Chain",
+    .tp_doc = "The store's append point and the writer's lock.",
+    .tp_basicsize = sizeof(Chain),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Chain_new,
+    .tp_dealloc = (destructor)Chain_dealloc,
+    .tp_methods = Chain_methods,
+    .tp_members = Chain_members,
+    .tp_getset = Chain_getset,
+};

@@ -1,0 +1,21 @@
+/* agent.native._native: the Chain and Pump types (see native.h). */
+#include "native.h"
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "agent.native._native",
+    "The native data plane: the store's append point and the relay threads.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&ChainType) < 0 || PyType_Ready(&PumpType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&ChainType);
+    Py_INCREF(&PumpType);
+    if (PyModule_AddObject(m, "Chain", (PyObject *)&ChainType) < 0
+        || PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,49 @@
+/* The native data plane: what chain.c and pump.c share.
+ *
+ * The chain is the store's append point (agent/store/format.py describes the
+ * frame); its mutex is the store writer's lock, so Python appends and relay
+ * threads append to one gap-free chain in one order.  Relay threads never
+ * take the GIL: a Python thread waiting for the mutex releases the GIL first,
+ * and that is the only lock order there is.
+ */
+#ifndef TOLLGATE_NATIVE_H
+#define TOLLGATE_NATIVE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <openssl/evp.h>
+
+/* format.py: HEADER = ">2sBBIQQ32s", CRC = ">I" */
+#define TG_HEADER_SIZE 56
+#define TG_CRC_SIZE 4
+#define TG_MAX_PAYLOAD (16u << 20)
+#define TG_FORMAT_VERSION 1
+#define TG_KIND_DATA 3
+#define TG_DATA_HEAD_SIZE 9   /* DATA_HEAD = ">QB": session id, direction */
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    EVP_MD_CTX *md;
+    int fd;                    /* the active segment, O_APPEND */
+    int dirty;                 /* a failed write may have left bytes past seg_bytes */
+    int healthy;               /* 0: relay appends fail until Python recovers the store */
+    int wake_fd;               /* eventfd: upkeep (rotation, seal) is due */
+    int wake_sent;
+    unsigned long long next_seq, seg_bytes, seal_bytes, records, bytes;
+    unsigned long long seg_max, seal_every;
+    uint8_t head[32];
+} Chain;
+
+extern PyTypeObject ChainType;
+extern PyTypeObject PumpType;
+
+/* Appends one record; the caller holds c->mu. 0, or an errno (chain unchanged). */
+int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, size_t plen,
+                        const void *payload, size_t len, uint64_t *seq);
+/* The relay threads' append: lock, append, signal upkeep when due, unlock. */
+int chain_append_data(Chain *c, uint64_t session, int direction, const void *data, size_t len);
+
+#endif
