@@ -88,6 +88,11 @@ class ProxyConfig:
     allow: tuple[str, ...] = field(default=(), metadata=check(_networks))
     # uvloop relays with less CPU per hop and per connection (bench/RESULTS.md).
     event_loop: str = field(default="uvloop", metadata=check(_one_of("uvloop", "asyncio")))
+    # Who relays established sessions: "native" threads (agent/native, no GIL)
+    # or the asyncio relay; "auto" is native unless store.durability is "fsync",
+    # which only the asyncio relay does (it waits for group commit per chunk).
+    data_plane: str = field(default="auto", metadata=check(_one_of("auto", "native", "python")))
+    relay_threads: int = field(default=0, metadata=check(_nonneg))  # 0: one per CPU, up to 4
 
 
 @dataclass(frozen=True, slots=True)

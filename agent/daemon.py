@@ -25,6 +25,7 @@ from agent.enforce import Nft, render
 from agent.enforce import apply as rules
 from agent.proxy import attribution, dns
 from agent.proxy.policy import Policy
+from agent.proxy.handoff import Handoff
 from agent.proxy.server import Proxy
 from agent.proxy.sessions import Session, SessionTable
 from agent.store import Kind, StoreWriter
@@ -81,8 +82,9 @@ class Agent:
                            policy=Policy.build(cfg.proxy.deny, cfg.proxy.allow, own),
                            durable=self.durable, buffer_bytes=cfg.proxy.buffer_bytes,
                            connect_timeout_s=cfg.proxy.connect_timeout_s)
+        self.handoff = self._handoff()
         try:
-            await self.proxy.listen(cfg.proxy.listen, cfg.proxy.port)
+            await (self.handoff or self.proxy).listen(cfg.proxy.listen, cfg.proxy.port)
         except OSError as e:
             raise StartError(f"{cfg.source}: proxy.port: {e.strerror}") from None
         self.dns = await self._start_dns()
@@ -94,6 +96,21 @@ class Agent:
         log.info("ready: rules applied, proxy on port %d, subjects %s",
                  cfg.proxy.port, ",".join(cfg.subjects))
         _sd_notify("READY=1\nSTATUS=recording")
+
+    def _handoff(self) -> Handoff | None:
+        """The native data plane, unless the config asks for the asyncio relay."""
+        cfg = self.cfg
+        plane = cfg.proxy.data_plane
+        if plane == "auto":
+            plane = "python" if cfg.store.durability == "fsync" else "native"
+        if plane == "python":
+            return None
+        if cfg.store.durability == "fsync":
+            raise StartError(f'{cfg.source}: proxy.data_plane: "native" cannot wait for fsync'
+                             f' per chunk; use "auto" or "python" with store.durability "fsync"')
+        from agent.native import Pump
+        threads = cfg.proxy.relay_threads or min(os.cpu_count() or 1, 4)
+        return Handoff(self.proxy, Pump(self.store.chain, threads, cfg.proxy.buffer_bytes))
 
     def _start_witness(self):
         """The kernel's own view; without it a bypass would go unseen, so an
@@ -156,7 +173,7 @@ class Agent:
         _sd_notify("STOPPING=1")
         for t in self.tasks:
             t.cancel()
-        await self.proxy.close(f"agent stopping: {reason}")
+        await (self.handoff or self.proxy).close(f"agent stopping: {reason}")
         if self.witness is not None:
             self.witness.stop()
         if self.shipper is not None:
@@ -300,7 +317,9 @@ class Agent:
                 "enforcing": self.enforcing, "store_healthy": self.store_healthy,
                 "rules": {"table": self.ruleset.table, **self.counters,
                           **_safe(rules.counters, self.nft, self.ruleset.table)},
-                "proxy": self.proxy.statistics(),
+                "proxy": {**self.proxy.statistics(),
+                          **(self.handoff.statistics() if self.handoff else {}),
+                          "data_plane": "native" if self.handoff else "python"},
                 "dns": [r.stats for r in self.dns],
                 "witness": self.witness.statistics() if self.witness else "disabled",
                 "attribution": ({"kernel_hits": self.connects.hits,

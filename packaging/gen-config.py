@@ -32,6 +32,11 @@ DOCS = {
     "proxy.allow": "If not empty, the only destinations the subjects may reach.",
     "proxy.event_loop": "\"uvloop\" (default; less CPU per connection and per hop) or\n"
                         "\"asyncio\" (the standard library's loop).",
+    "proxy.data_plane": "Who relays established sessions: \"native\" threads (C, no GIL; far less\n"
+                        "CPU per byte and per hop), \"python\" (the asyncio relay), or \"auto\"\n"
+                        "(default): native, unless store.durability is \"fsync\", which only the\n"
+                        "asyncio relay does.",
+    "proxy.relay_threads": "Native relay threads; 0 (default) is one per CPU, at most 4.",
     "dns.enabled": "Record the subjects' DNS (UDP 53 is redirected to a recording resolver).",
     "dns.port": "Local port of the recording DNS relay.",
     "dns.resolver": "Upstream resolver address; empty means the first nameserver of\n"

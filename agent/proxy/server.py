@@ -38,6 +38,7 @@ OFFLOAD_BYTES = 32 << 10
 class Store(Protocol):
     def append_json(self, kind: Kind, obj: dict, ts_ns: int | None = None) -> int: ...
     def append_data(self, session_id: int, direction, data: bytes) -> int: ...
+    def failed_in_relay(self, err: int) -> Exception: ...
 
 
 class Durable(Protocol):
@@ -92,6 +93,45 @@ class Proxy:
 
     def statistics(self) -> dict:
         return {**self.stats, "open": len(self.conns), "accepting": self.accepting}
+
+    # -- what both data planes do per session (handoff.py is the native one's) --
+
+    def open_session(self, client: tuple[str, int], dst: tuple[str, int]) -> Session | None:
+        """SESSION_OPEN first: a session the store cannot hold is not relayed."""
+        now = time.time_ns()
+        try:
+            sid = self.store.append_json(Kind.SESSION_OPEN, {
+                "client": client, "original_dst": dst, "time_ns": now}, now)
+        except Exception as e:
+            self.stats["store_errors"] += 1
+            self.hooks.store_failed(e)
+            return None
+        session = Session(sid, client, dst, now)
+        self.sessions.add(session)
+        self.stats["accepted"] += 1
+        return session
+
+    def refusal(self, dst: tuple[str, int]) -> str | None:
+        why = None if self.accepting else "agent cannot record (store failing)"
+        return why or self.policy.refuse(*dst)
+
+    async def attribute(self, session: Session) -> None:
+        session.info = await self.hooks.attribute(session)
+        try:
+            self.store.append_json(Kind.SESSION_INFO, {"session": session.id, **session.info})
+        except Exception as e:
+            self.hooks.store_failed(e)
+
+    def close_record(self, session: Session, reason: str, client_bytes: int,
+                     server_bytes: int) -> None:
+        self.sessions.close(session)
+        try:
+            self.store.append_json(Kind.SESSION_CLOSE, {
+                "session": session.id, "reason": reason,
+                "client_bytes": client_bytes, "server_bytes": server_bytes,
+                "duration_ms": round((time.time_ns() - session.started_ns) / 1e6, 3)})
+        except Exception as e:
+            self.hooks.store_failed(e)
 
 
 def _listening_socket(addr: str, port: int) -> socket.socket:
@@ -271,7 +311,6 @@ class Connection:
 
     def _finish(self, f: Finish) -> None:
         self.proxy.conns.discard(self)
-        self.proxy.sessions.close(self.session)
         if any(self._recording):
             self._finished = f  # recorded() writes it after the last chunk
             return
@@ -279,13 +318,7 @@ class Connection:
 
     def _close_record(self, f: Finish) -> None:
         self._finished = None
-        try:
-            self.proxy.store.append_json(Kind.SESSION_CLOSE, {
-                "session": self.session.id, "reason": f.reason,
-                "client_bytes": f.client_bytes, "server_bytes": f.server_bytes,
-                "duration_ms": round((time.time_ns() - self.session.started_ns) / 1e6, 3)})
-        except Exception as e:
-            self.proxy.hooks.store_failed(e)
+        self.proxy.close_record(self.session, f.reason, f.client_bytes, f.server_bytes)
 
     # -- the upstream side -------------------------------------------------------
 
@@ -374,23 +407,14 @@ class ClientProtocol(_SideProtocol):
 
     def _open(self, transport, client: tuple[str, int], dst: tuple[str, int]) -> None:
         proxy = self.proxy
-        now = time.time_ns()
-        try:
-            sid = proxy.store.append_json(Kind.SESSION_OPEN, {
-                "client": client, "original_dst": dst, "time_ns": now}, now)
-        except Exception as e:
-            proxy.stats["store_errors"] += 1
-            proxy.hooks.store_failed(e)
+        session = proxy.open_session(client, dst)
+        if session is None:
             _reset(transport)
             return
-        session = Session(sid, client, dst, now)
-        proxy.sessions.add(session)
         conn = self.conn = Connection(proxy, transport, session)
         proxy.conns.add(conn)
-        proxy.stats["accepted"] += 1
         _tune(transport, proxy.buffer_bytes)
-        why = None if proxy.accepting else "agent cannot record (store failing)"
-        why = why or proxy.policy.refuse(*dst)
+        why = proxy.refusal(dst)
         loop = asyncio.get_running_loop()
         if why:
             proxy.stats["refused"] += 1
@@ -407,15 +431,10 @@ class ClientProtocol(_SideProtocol):
 
     async def _attribute(self, session: Session) -> None:
         try:
-            info = await self.proxy.hooks.attribute(session)
+            await self.proxy.attribute(session)
         finally:
             if self.conn is not None:
                 self.conn.unblock(Side.CLIENT, "attribution")
-        session.info = info
-        try:
-            self.proxy.store.append_json(Kind.SESSION_INFO, {"session": session.id, **info})
-        except Exception as e:
-            self.proxy.hooks.store_failed(e)
 
 
 def _repause(transport: asyncio.Transport) -> None:
@@ -440,6 +459,12 @@ def _reset(transport: asyncio.Transport) -> None:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
     transport.abort()
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close so that the peer sees a reset, not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    sock.close()
 
 
 def _why(exc: BaseException | None) -> str | None:

@@ -556,6 +556,11 @@ class StoreWriter:
         return self._synced_seq
 
     @property
+    def chain(self) -> Chain:
+        """The append point relay threads share (agent/native)."""
+        return self._chain
+
+    @property
     def synced_seq(self) -> int:
         return self._synced_seq
 
@@ -580,7 +585,8 @@ class StoreWriter:
 
     def close(self) -> None:
         self._stop.set()
-        os.eventfd_write(self._wake, 1)
+        if self._wake >= 0:
+            os.eventfd_write(self._wake, 1)
         if self._thread is not None:
             self._thread.join()
         self._settle()
@@ -599,5 +605,6 @@ class StoreWriter:
             self._fd = -1
         self._chain.wake_fd = -1
         os.close(self._wake)
+        self._wake = -1
         if self.seal_key:
             self.seal_key.close()

@@ -1,0 +1,162 @@
+"""The native relay threads on real TCP sockets and a real store: what the
+asyncio relay promises (relay.py), the pump keeps: record before forward,
+half-close passed on, a lost side resets the other, a failed append resets
+both and forwards nothing."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+
+import pytest
+
+from agent.native import Pump
+from agent.store import Direction, Kind, StoreWriter, iter_records, verify
+from agent.store.reader import segment_paths
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        a = socket.create_connection(ls.getsockname())
+        b, _ = ls.accept()
+    return a, b
+
+
+class Rig:
+    """subject <-> [pump] <-> destination, as the proxy hands them over."""
+
+    def __init__(self, store, **writer) -> None:
+        self.writer = StoreWriter(store, immutable=False, **writer)
+        self.pump = Pump(self.writer.chain, 2, 256 << 10)
+        self.ended: list[tuple] = []
+
+    def session(self, sid: int) -> tuple[socket.socket, socket.socket]:
+        subject, proxy_client = tcp_pair()
+        proxy_server, dest = tcp_pair()
+        for s in (proxy_client, proxy_server):
+            s.setblocking(False)
+        self.pump.add(sid, proxy_client.detach(), proxy_server.detach())
+        for s in (subject, dest):
+            s.settimeout(10)
+        return subject, dest
+
+    def wait_ended(self, n: int = 1, timeout: float = 10) -> list[tuple]:
+        deadline = time.monotonic() + timeout
+        while len(self.ended) < n and time.monotonic() < deadline:
+            self.ended += self.pump.finished()
+            time.sleep(0.01)
+        assert len(self.ended) >= n, f"{len(self.ended)} of {n} sessions ended"
+        return self.ended
+
+    def data(self) -> list[tuple[int, Direction, bytes]]:
+        return [r.data() for r in iter_records(self.writer.dir) if r.kind == Kind.DATA]
+
+    def close(self) -> None:
+        self.pump.close("test over")
+        self.writer.close()
+
+
+@pytest.fixture
+def rig(tmp_path):
+    r = Rig(tmp_path / "store")
+    yield r
+    r.close()
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        assert chunk, f"EOF after {len(out)} of {n} bytes"
+        out += chunk
+    return out
+
+
+def test_both_ways_recorded_then_forwarded_and_closed(rig):
+    subject, dest = rig.session(7)
+    subject.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    assert recv_exactly(dest, 18) == b"GET / HTTP/1.0\r\n\r\n"
+    dest.sendall(b"HTTP/1.0 200 OK\r\n\r\nhi")
+    assert recv_exactly(subject, 21) == b"HTTP/1.0 200 OK\r\n\r\nhi"
+    subject.shutdown(socket.SHUT_WR)
+    assert dest.recv(10) == b""
+    dest.close()
+    assert subject.recv(10) == b""
+    assert rig.wait_ended() == [(7, "closed", 18, 21, 0)]
+    rig.writer.close()
+    assert rig.data() == [(7, Direction.CLIENT, b"GET / HTTP/1.0\r\n\r\n"),
+                          (7, Direction.SERVER, b"HTTP/1.0 200 OK\r\n\r\nhi")]
+    assert verify(rig.writer.dir).ok
+
+
+def test_half_close_then_reply_arrives_whole(rig):
+    subject, dest = rig.session(1)
+    subject.sendall(b"question")
+    subject.shutdown(socket.SHUT_WR)
+    assert recv_exactly(dest, 8) == b"question" and dest.recv(1) == b""
+    reply = bytes(range(256)) * 4096  # 1 MiB after the subject's FIN
+    dest.sendall(reply)
+    dest.shutdown(socket.SHUT_WR)
+    assert recv_exactly(subject, len(reply)) == reply and subject.recv(1) == b""
+    assert rig.wait_ended()[0][1:4] == ("closed", 8, len(reply))
+
+
+def test_destination_reset_resets_the_subject(rig):
+    subject, dest = rig.session(2)
+    subject.sendall(b"x")
+    recv_exactly(dest, 1)
+    dest.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    dest.close()
+    with pytest.raises(ConnectionResetError):
+        subject.recv(1)
+    sid, reason, *_ = rig.wait_ended()[0]
+    assert (sid, reason) == (2, "server lost: Connection reset by peer")
+
+
+def test_failed_append_forwards_nothing_and_resets_both(rig):
+    subject, dest = rig.session(3)
+    subject.sendall(b"recorded")
+    assert recv_exactly(dest, 8) == b"recorded"
+    with rig.writer.chain:
+        rig.writer.chain.healthy = 0  # as after a failed write (disk full)
+    subject.sendall(b"never forwarded")
+    with pytest.raises(ConnectionResetError):
+        dest.recv(100)
+    with pytest.raises(ConnectionResetError):
+        subject.recv(100)
+    sid, reason, client_bytes, _, err = rig.wait_ended()[0]
+    assert sid == 3 and reason.startswith("store failed:") and err == errno.EIO
+    assert rig.data() == [(3, Direction.CLIENT, b"recorded")]
+
+
+def test_close_resets_live_sessions_with_the_reason(rig):
+    pairs = [rig.session(sid) for sid in (10, 11, 12)]
+    for subject, dest in pairs:
+        subject.sendall(b"up")
+        recv_exactly(dest, 2)
+    rig.pump.close("agent stopping: test")
+    assert sorted(e[:2] for e in rig.wait_ended(3)) == [
+        (sid, "agent stopping: test") for sid in (10, 11, 12)]
+    for subject, _ in pairs:
+        with pytest.raises(ConnectionResetError):
+            subject.recv(1)
+
+
+def test_full_segments_wake_the_writer_to_rotate_and_seal(tmp_path):
+    # Upkeep would only come every 60 s: rotation within seconds proves the wake-up.
+    rig = Rig(tmp_path / "store", segment_max_bytes=1 << 20, maintain_interval_s=60)
+    try:
+        subject, dest = rig.session(5)
+        block = b"\xa5" * (64 << 10)
+        for _ in range(64):  # 4 MiB
+            subject.sendall(block)
+            recv_exactly(dest, len(block))
+        deadline = time.monotonic() + 5
+        while len(segment_paths(rig.writer.dir)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(segment_paths(rig.writer.dir)) >= 4
+    finally:
+        rig.close()
+    assert verify(tmp_path / "store").ok
+    assert sum(len(d) for _, _, d in rig.data()) == 4 << 20
