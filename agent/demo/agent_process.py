@@ -18,7 +18,7 @@ from agent.demo.sandbox import Sandbox
 class AgentProcess:
     def __init__(self, sb: Sandbox, workdir: str | None = None, port: int = 15001,
                  extra: str = "", listen: tuple[str, ...] = ("127.0.0.1", "::1"),
-                 event_loop: str | None = None) -> None:
+                 proxy: str = "") -> None:
         self.sb = sb
         self.work = Path(workdir or tempfile.mkdtemp(prefix="tg-agent-"))
         self.work.mkdir(parents=True, exist_ok=True)
@@ -28,7 +28,7 @@ class AgentProcess:
         self.config.write_text(
             f'subjects = ["{sb.subject}"]\nrun_dir = "{self.run_dir}"\nlog_level = "debug"\n'
             f'[proxy]\nport = {port}\nlisten = {json.dumps(list(listen))}\n'
-            + (f'event_loop = "{event_loop}"\n' if event_loop else '') +
+            + proxy +
             f'[store]\npath = "{self.store}"\nkey_path = "{self.work}/keys/seal.key"\n{extra}')
         self.proc: subprocess.Popen | None = None
         self.log = self.work / "agent.log"

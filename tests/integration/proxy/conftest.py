@@ -59,11 +59,18 @@ def servers(sandbox, tmp_path_factory):
     http.stop()
 
 
-# Every relay test runs on both event loops the config offers.
-@pytest.fixture(scope="session", params=["uvloop", "asyncio"])
+# Every relay test runs on each data plane, the asyncio one on both loops.
+PLANES = {
+    "native": 'data_plane = "native"\n',
+    "python-uvloop": 'data_plane = "python"\nevent_loop = "uvloop"\n',
+    "python-asyncio": 'data_plane = "python"\nevent_loop = "asyncio"\n',
+}
+
+
+@pytest.fixture(scope="session", params=list(PLANES))
 def agent(request, sandbox, servers, tmp_path_factory):
     a = AgentProcess(sandbox, workdir=str(tmp_path_factory.mktemp("agent")),
-                     extra=f'[dns]\nresolver = "{CORP_V4}"\n', event_loop=request.param)
+                     extra=f'[dns]\nresolver = "{CORP_V4}"\n', proxy=PLANES[request.param])
     a.start()
     yield a
     a.stop()
