@@ -43,7 +43,19 @@ class Scale:
     idle: int            # concurrent idle sessions for the memory figure
     bypass_tries: int
     store_mib: int
-    loops: tuple[str, ...]
+    variants: tuple[str, ...]
+
+
+# How tollgate is run for each column: durability, and the [proxy] lines.
+# "fsync" gets the asyncio relay ("auto"), the only one that waits for group commit.
+VARIANTS = {
+    "native": ("write", 'data_plane = "native"\n'),
+    "uvloop": ("write", 'data_plane = "python"\nevent_loop = "uvloop"\n'),
+    "asyncio": ("write", 'data_plane = "python"\nevent_loop = "asyncio"\n'),
+    "fsync": ("fsync", 'event_loop = "uvloop"\n'),
+}
+COLUMN = {"native": "tollgate write (native)", "uvloop": "tollgate write (asyncio relay, uvloop)",
+          "asyncio": "tollgate write (asyncio relay, asyncio)", "fsync": "tollgate fsync"}
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Scale]:
@@ -55,13 +67,18 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Scale]:
     p.add_argument("--idle", type=int, help="idle sessions for the memory figure (default 1000)")
     p.add_argument("--bypass-tries", type=int, help="bypass detection tries (default 200)")
     p.add_argument("--store-mib", type=int, help="MiB appended for the store figures (default 1024)")
-    p.add_argument("--loop", choices=("asyncio", "uvloop", "both"), default=None,
-                   help="event loop(s) the agent runs on (proxy.event_loop; default: both, "
-                        "uvloop alone in --quick)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated tollgate columns: native (the default data plane),"
+                        " uvloop and asyncio (the asyncio relay, data_plane = python, on each"
+                        " loop), fsync (durability fsync); default native,uvloop,fsync,"
+                        " native alone in --quick")
     p.add_argument("--json", type=Path, help="also write the raw figures here")
     a = p.parse_args(argv)
     q = a.quick
-    loop = a.loop or ("uvloop" if q else "both")
+    variants = tuple((a.variants or ("native" if q else "native,uvloop,fsync")).split(","))
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(sorted(unknown))}; one of {', '.join(VARIANTS)}")
     scale = Scale(
         bulk_bytes=(a.bulk_mib or (8 if q else 1024)) << 20,
         trips=a.trips or (500 if q else 20_000),
@@ -69,7 +86,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Scale]:
         idle=a.idle or (50 if q else 1000),
         bypass_tries=a.bypass_tries or (5 if q else 200),
         store_mib=a.store_mib or (8 if q else 1024),
-        loops=("asyncio", "uvloop") if loop == "both" else (loop,))
+        variants=variants)
     return a, scale
 
 
@@ -107,17 +124,17 @@ def machine() -> dict:
 
 
 class Agent:
-    """The real daemon in the bastion namespace, on the chosen event loop."""
+    """The real daemon in the bastion namespace, run as one of VARIANTS."""
 
-    def __init__(self, sb: Sandbox, work: Path, *, durability: str, loop: str,
-                 witness: bool) -> None:
+    def __init__(self, sb: Sandbox, work: Path, *, variant: str, witness: bool) -> None:
+        durability, proxy = VARIANTS[variant]
         self.sb, self.work = sb, work
         work.mkdir(parents=True)
         self.store = work / "store"
         self.config = work / "tollgate.toml"
         self.config.write_text(
             f'subjects = ["{sb.subject}"]\nrun_dir = "{work}/run"\nlog_level = "info"\n'
-            f'[proxy]\nport = {AGENT_PORT}\nevent_loop = "{loop}"\n'
+            f'[proxy]\nport = {AGENT_PORT}\n{proxy}'
             f'[store]\npath = "{self.store}"\nkey_path = "{work}/keys/seal.key"\n'
             f'durability = "{durability}"\n'
             f'[dns]\nenabled = false\n'
@@ -332,31 +349,28 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
         pid = relays.get(name)
         _relay_figures(b, res, name, host, port, pid, pingpong_and_rate=True)
 
-    for loop in scale.loops:
-        for durability in ("write", "fsync"):
-            col = f"tollgate {durability}" + (f" ({loop})" if len(scale.loops) > 1 else "")
-            _step(f"{col}: start agent")
-            # As shipped: the witness on (it also names each connection's process).
-            agent = Agent(sb, work / f"agent-{loop}-{durability}", durability=durability,
-                          loop=loop, witness=True).start()
-            try:
-                _relay_figures(b, res, col, *srv, agent.proc.pid,
-                               pingpong_and_rate=durability == "write")
-                if durability == "write":
-                    m = b.idle_rss(agent, *srv)
-                    res.put("rss", col, m["rss_mib"])
-                    res.note(f"{col}: {m['open']} of {scale.idle} idle sessions open; "
-                             f"RSS {m['rss_before_mib']:.1f} MiB before them")
-            finally:
-                agent.stop()
+    for variant in scale.variants:
+        col = COLUMN[variant]
+        write = VARIANTS[variant][0] == "write"
+        _step(f"{col}: start agent")
+        # As shipped: the witness on (it also names each connection's process).
+        agent = Agent(sb, work / f"agent-{variant}", variant=variant, witness=True).start()
+        try:
+            _relay_figures(b, res, col, *srv, agent.proc.pid, pingpong_and_rate=write)
+            if write:
+                m = b.idle_rss(agent, *srv)
+                res.put("rss", col, m["rss_mib"])
+                res.note(f"{col}: {m['open']} of {scale.idle} idle sessions open; "
+                         f"RSS {m['rss_before_mib']:.1f} MiB before them")
+        finally:
+            agent.stop()
 
-    loop = scale.loops[-1]
+    variant = next((v for v in scale.variants if VARIANTS[v][0] == "write"), "native")
     if witness_wired():
         rates = {}
         for on in (False, True):
             _step(f"witness {'on' if on else 'off'}: connection rate")
-            agent = Agent(sb, work / f"agent-witness-{on}", durability="write", loop=loop,
-                          witness=on).start()
+            agent = Agent(sb, work / f"agent-witness-{on}", variant=variant, witness=on).start()
             try:
                 rates[on] = b.connrate(*srv)["per_s"]
                 if on:

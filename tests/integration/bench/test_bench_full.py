@@ -32,6 +32,7 @@ def test_full_bench_runs_every_measurement(tmp_path):
     for row in ROWS:
         assert any(line.startswith(f"| {row}") for line in table), row
     figures = json.loads(out.read_text())["figures"]
-    # every baseline and both tollgate loops were measured, not skipped
+    # every baseline and each default tollgate variant was measured, not skipped
     assert {"direct", "socat", "haproxy"} <= set(figures["bulk1"])
-    assert {"tollgate write (uvloop)", "tollgate write (asyncio)"} <= set(figures["bulk1"])
+    assert {"tollgate write (native)", "tollgate write (asyncio relay, uvloop)",
+            "tollgate fsync"} <= set(figures["bulk1"])
