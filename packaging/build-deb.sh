@@ -34,8 +34,9 @@ log() { echo "build-deb: $*" >&2; }
 # *.egg-info behind in a tree others work in.
 copy_source() {
     mkdir -p "$WORK/src"
-    cp -r pyproject.toml agent "$WORK/src/"
+    cp -r pyproject.toml setup.py agent "$WORK/src/"
     find "$WORK/src" -name __pycache__ -type d -prune -exec rm -rf {} +
+    find "$WORK/src" -name '*.so' -delete  # the wheel compiles its own native part
 }
 
 make_venv() {

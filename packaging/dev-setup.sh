@@ -9,7 +9,8 @@ APT_PKGS="python3 python3-venv python3-bpfcc python3-nftables nftables iproute2 
  linux-headers-cloud-amd64 libcap2-bin util-linux procps curl socat haproxy \
  postgresql postgresql-client openssh-server openssh-client \
  mariadb-server mariadb-client redis-server redis-tools nginx tshark \
- systemd lintian dpkg-dev ruby chromium dnsmasq bind9-dnsutils gcc openssl"
+ systemd lintian dpkg-dev ruby chromium dnsmasq bind9-dnsutils gcc openssl \
+ python3-dev libssl-dev zlib1g-dev"
 
 missing=""
 for p in $APT_PKGS; do
@@ -44,7 +45,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc, nftables' 2>/
     /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 stamp=.venv/.tollgate-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# The install also compiles the native data plane (agent/native): again when its C changed.
+native_changed=$(find agent/native setup.py -newer "$stamp" \( -name '*.[ch]' -o -name setup.py \) \
+    2>/dev/null | head -n1)
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ -n "$native_changed" ] \
+   || ! ls agent/native/_native.*.so >/dev/null 2>&1; then
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q -e '.[test]'
     touch "$stamp"
