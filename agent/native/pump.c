@@ -284,6 +284,7 @@ static void bury(Worker *w) {
 
 static void *worker_main(void *arg) {
     Worker *w = arg;
+    pthread_setname_np(pthread_self(), "tollgate-relay");  /* for top -H and ps */
     struct epoll_event evs[64];
     for (;;) {
         int n = epoll_wait(w->ep, evs, 64, -1);

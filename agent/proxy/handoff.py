@@ -15,7 +15,9 @@ forward, which the asyncio relay (server.py) does.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 
 from agent.native import Pump
@@ -123,14 +125,21 @@ class Handoff:
         self.pump.add(session.id, client.detach(), upstream.detach())
 
     async def _dial(self, host: str, port: int) -> socket.socket:
+        """A non-blocking connect awaited on writability. Not loop.sock_connect:
+        uvloop resolves even a numeric address there, in a thread per call."""
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                              socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             # A transparent relay must not add Nagle delay the subject did not ask for.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(self.proxy.connect_timeout_s):
-                await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            err = sock.connect_ex((host, port))
+            if err == errno.EINPROGRESS:
+                async with asyncio.timeout(self.proxy.connect_timeout_s):
+                    await _writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
         except BaseException:
             sock.close()
             raise
@@ -151,3 +160,12 @@ class Handoff:
                 proxy.hooks.store_failed(proxy.store.failed_in_relay(store_errno))
             proxy.close_record(session, reason, client_bytes, server_bytes)
 
+
+async def _writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())

@@ -1,0 +1,51 @@
+"""The C append point writes byte for byte the frame format.py describes
+(SHA-256 chain, crc32 as zlib computes it), for every payload size class."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agent.native import Chain
+from agent.store.format import ZERO_HASH, encode_header, frame_digest
+
+SIZES = [0, 1, 7, 8, 9, 55, 56, 63, 64, 65, 127, 128, 255, 1000, 4095, 4096, 65_537, 1 << 20]
+
+
+def python_frame(kind: int, seq: int, ts: int, prev: bytes, prefix: bytes,
+                 payload: bytes) -> tuple[bytes, bytes]:
+    header = encode_header(kind, len(prefix) + len(payload), seq, ts, prev)
+    digest, crc = frame_digest(header, prefix, payload)
+    return header + prefix + payload + crc, digest
+
+
+def test_frames_match_the_python_format(tmp_path):
+    path = tmp_path / "seg"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    chain, expected, head = Chain(), b"", ZERO_HASH
+    chain.fd = fd
+    try:
+        for seq, size in enumerate(SIZES):
+            payload, prefix = os.urandom(size), os.urandom(seq % 10)
+            with chain:
+                assert chain.append(3, payload, 1_700_000_000_000_000_000 + seq, prefix) == seq
+            frame, head = python_frame(3, seq, 1_700_000_000_000_000_000 + seq, head,
+                                       prefix, payload)
+            expected += frame
+            assert chain.head == head and chain.next_seq == seq + 1
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == expected
+    assert chain.seg_bytes == len(expected) == chain.bytes
+
+
+def test_failed_write_leaves_the_chain_as_it_was(tmp_path):
+    chain = Chain()
+    chain.fd = os.open(tmp_path / "seg", os.O_RDONLY | os.O_CREAT, 0o600)  # not writable
+    try:
+        with chain, pytest.raises(OSError):
+            chain.append(3, b"x", 1)
+        assert (chain.next_seq, chain.head, chain.seg_bytes) == (0, ZERO_HASH, 0)
+    finally:
+        os.close(chain.fd)
