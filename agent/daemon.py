@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -46,6 +47,14 @@ def ruleset_for(cfg: Config):
                   cfg.dns.port if cfg.dns.enabled else None)
 
 
+def _raise_fd_limit() -> None:
+    """Four descriptors per relayed session (two sockets, and each direction's
+    own for sending): outside systemd (LimitNOFILE) the soft limit may be 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class Agent:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -66,6 +75,7 @@ class Agent:
 
     async def start(self) -> None:
         cfg = self.cfg
+        _raise_fd_limit()
         self.lock = StoreLock(cfg.store.path)
         if not self.lock.acquire():
             raise StartError(f"{cfg.store.path}: another tollgate agent is writing this store")

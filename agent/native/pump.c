@@ -1,19 +1,29 @@
 /* Relay threads for established sessions: read, record, send.
  *
  * The Python proxy accepts, names the process, applies policy and connects
- * upstream; then it hands both sockets here.  Each worker thread runs one
- * epoll loop over its sessions and never takes the GIL.  Per chunk, in this
- * order (DESIGN.md invariant 1): read from one side, append the DATA record
- * to the chain, send to the other side.  A side is not read again while what
- * it sent last is still waiting for the peer, so memory is one chunk per
- * direction at most.  The semantics are agent/proxy/relay.py's: an EOF is
- * passed on as a half-close, both EOFs (and nothing left to send) close the
- * session, a lost side resets the other, a failed append resets both.
- * Ended sessions are queued for Python, which writes SESSION_CLOSE.
+ * upstream; then it hands both sockets here.  Each direction of a session
+ * (subject -> destination, destination -> subject) is owned by one worker
+ * thread, the two by different workers when there are two or more, so one
+ * busy session keeps two cores busy: while one direction holds the chain to
+ * hash its chunk, the other reads and sends.  No worker takes the GIL.
+ *
+ * Per chunk, in this order (DESIGN.md invariant 1): read from one side,
+ * append the DATA record to the chain, send to the other side.  A side is not
+ * read again while its last chunk still waits for the peer, so memory is one
+ * chunk per direction at most.  The semantics are agent/proxy/relay.py's: an
+ * EOF is passed on as a half-close; both directions finished closes the
+ * session; a lost side resets the other; a failed append resets both and
+ * forwards nothing.  Ended sessions are queued for Python, which writes
+ * SESSION_CLOSE.
+ *
+ * A direction sends through its own dup of the peer's socket, so each worker
+ * registers only descriptors of its own; the originals are closed (with
+ * SO_LINGER 0 when resetting) only once both directions have let go.
  */
 #include "native.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -23,19 +33,41 @@
 
 enum { CLIENT = 0, SERVER = 1 };
 static const char *SIDE_NAME[2] = {"client", "server"};
+#define UNREGISTERED UINT32_MAX
 
-typedef struct Sess {
+typedef struct Sess Sess;
+typedef struct Worker Worker;
+
+typedef struct Dir {
+    Sess *s;
+    Worker *w;
+    int from;                  /* the side read; the other side is sent to */
+    int rfd, wfd;              /* the side's socket; a dup of the other's, for sends */
+    uint32_t rmask, wmask;     /* registered interest, or UNREGISTERED */
+    uint8_t eof, retired;      /* retired: let go of the session (worker-local) */
+    char *pend;                /* what the other side could not take yet */
+    size_t pend_len, pend_off;
+    struct Dir *next, *prev;   /* inbox, then the worker's live list */
+} Dir;
+
+typedef struct Msg {           /* "look at this direction": its session was cut */
+    Dir *d;
+    struct Msg *next;
+} Msg;
+
+struct Sess {
     uint64_t sid;
     int fd[2];
-    uint32_t mask[2];          /* epoll interest now registered per side */
-    uint8_t eof[2];            /* the side sent its FIN */
-    uint8_t shut[2];           /* we sent ours towards the side */
-    uint8_t dead;
-    char *pend[2];             /* bytes still to be sent towards a side */
-    size_t pend_len[2], pend_off[2];
-    uint64_t bytes[2];         /* read from each side (recorded) */
-    struct Sess *next, *prev;  /* inbox, then the worker's live list */
-} Sess;
+    pthread_mutex_t mu;        /* everything below */
+    int refs;                  /* memory: live directions + messages in flight + batches */
+    int live_dirs;             /* closing the sockets waits for 0 */
+    int dead;                  /* cut: nothing more is sent (read without the lock) */
+    int reset[2], store_errno;
+    int dir_retired[2];
+    uint64_t bytes[2];
+    char reason[200];
+    Dir d[2];
+};
 
 typedef struct {
     uint64_t sid, client_bytes, server_bytes;
@@ -45,14 +77,16 @@ typedef struct {
 
 struct Pump;
 
-typedef struct {
+struct Worker {
     struct Pump *pump;
     pthread_t thread;
     int ep, wake;
-    pthread_mutex_t mu;        /* the inbox */
-    Sess *inbox, *live, *dead;
+    pthread_mutex_t mu;        /* inbox and messages */
+    Dir *inbox, *live;
+    Msg *msgs;
+    Dir *buried;               /* retired this batch, released after it */
     char *buf;
-} Worker;
+};
 
 typedef struct Pump {
     PyObject_HEAD
@@ -70,9 +104,21 @@ typedef struct Pump {
     uint64_t live_count;       /* under done_mu */
 } Pump;
 
+static int is_dead(Sess *s) { return __atomic_load_n(&s->dead, __ATOMIC_ACQUIRE); }
+
+static void unref(Sess *s) {
+    pthread_mutex_lock(&s->mu);
+    int last = --s->refs == 0;
+    pthread_mutex_unlock(&s->mu);
+    if (last) {
+        pthread_mutex_destroy(&s->mu);
+        free(s);
+    }
+}
+
 /* -- ending sessions ------------------------------------------------------------- */
 
-static void push_done(Pump *p, Sess *s, const char *reason, int store_errno) {
+static void push_done(Pump *p, Sess *s) {
     pthread_mutex_lock(&p->done_mu);
     if (p->ndone == p->cap) {
         size_t cap = p->cap ? p->cap * 2 : 64;
@@ -85,65 +131,127 @@ static void push_done(Pump *p, Sess *s, const char *reason, int store_errno) {
     d->sid = s->sid;
     d->client_bytes = s->bytes[CLIENT];
     d->server_bytes = s->bytes[SERVER];
-    d->store_errno = store_errno;
-    snprintf(d->reason, sizeof d->reason, "%s", reason);
+    d->store_errno = s->store_errno;
+    snprintf(d->reason, sizeof d->reason, "%s", s->reason);
     p->live_count--;
     pthread_mutex_unlock(&p->done_mu);
     uint64_t one = 1;
     (void)!write(p->done_fd, &one, sizeof one);
 }
 
-static void close_side(Sess *s, int side, int reset) {
-    if (s->fd[side] < 0) return;
-    if (reset) {
+static void close_side(Sess *s, int side) {
+    if (s->reset[side]) {
         struct linger lg = {1, 0};  /* the peer sees a reset, not a FIN */
         setsockopt(s->fd[side], SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     }
     close(s->fd[side]);
-    s->fd[side] = -1;
 }
 
-static void end(Worker *w, Sess *s, const char *reason, int reset_client, int reset_server,
+static void unregister(Worker *w, int fd, uint32_t *mask) {
+    if (*mask != UNREGISTERED) epoll_ctl(w->ep, EPOLL_CTL_DEL, fd, NULL);
+    *mask = UNREGISTERED;
+}
+
+/* This direction lets go of its session; the last one closes the sockets. */
+static void retire(Worker *w, Dir *d) {
+    if (d->retired) return;
+    d->retired = 1;
+    unregister(w, d->rfd, &d->rmask);
+    unregister(w, d->wfd, &d->wmask);
+    close(d->wfd);
+    free(d->pend);
+    d->pend = NULL;
+    d->pend_len = 0;
+    if (d->prev) d->prev->next = d->next; else w->live = d->next;
+    if (d->next) d->next->prev = d->prev;
+    Sess *s = d->s;
+    pthread_mutex_lock(&s->mu);
+    s->dir_retired[d->from] = 1;
+    int last = --s->live_dirs == 0;
+    pthread_mutex_unlock(&s->mu);
+    if (last) {
+        close_side(s, CLIENT);
+        close_side(s, SERVER);
+        push_done(w->pump, s);
+    }
+    d->next = w->buried;  /* released after this batch: its events may still name d */
+    w->buried = d;
+}
+
+static void post(Worker *w, Dir *d) {
+    Msg *m = malloc(sizeof *m);
+    if (m == NULL) abort();
+    m->d = d;
+    pthread_mutex_lock(&w->mu);
+    m->next = w->msgs;
+    w->msgs = m;
+    pthread_mutex_unlock(&w->mu);
+    uint64_t one = 1;
+    (void)!write(w->wake, &one, sizeof one);
+}
+
+/* Cut the session: the first reason wins; the other direction is told. */
+static void cut(Worker *w, Dir *d, const char *reason, int reset_client, int reset_server,
                 int store_errno) {
-    if (s->dead) return;
-    s->dead = 1;
-    close_side(s, CLIENT, reset_client);
-    close_side(s, SERVER, reset_server);
-    for (int i = 0; i < 2; i++) free(s->pend[i]), s->pend[i] = NULL, s->pend_len[i] = 0;
-    /* unlink from live; freed after the current batch of events (they may name it) */
-    if (s->prev) s->prev->next = s->next; else w->live = s->next;
-    if (s->next) s->next->prev = s->prev;
-    s->next = w->dead;
-    w->dead = s;
-    push_done(w->pump, s, reason, store_errno);
+    Sess *s = d->s;
+    Dir *other = &s->d[!d->from];
+    pthread_mutex_lock(&s->mu);
+    int notify = 0;
+    if (!s->dead) {
+        snprintf(s->reason, sizeof s->reason, "%s", reason);
+        s->reset[CLIENT] = reset_client;
+        s->reset[SERVER] = reset_server;
+        s->store_errno = store_errno;
+        __atomic_store_n(&s->dead, 1, __ATOMIC_RELEASE);
+        notify = !s->dir_retired[other->from];
+        if (notify) s->refs++;  /* the message's */
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (notify) post(other->w, other);
+    retire(w, d);
 }
 
-/* A side is gone with an error (or without its EOF): reset the other. */
-static void lost(Worker *w, Sess *s, int side, int err) {
+/* A side is gone with an error: reset the other. */
+static void lost(Worker *w, Dir *d, int side, int err) {
     char why[200];
     snprintf(why, sizeof why, "%s lost: %s", SIDE_NAME[side],
              err ? strerror(err) : "closed without EOF");
-    end(w, s, why, side != CLIENT, side != SERVER, 0);
+    cut(w, d, why, side != CLIENT, side != SERVER, 0);
+}
+
+/* Everything this direction read is delivered and its EOF passed on. */
+static void finish(Worker *w, Dir *d) {
+    shutdown(d->wfd, SHUT_WR);
+    retire(w, d);
 }
 
 /* -- moving bytes ------------------------------------------------------------------ */
 
-static void half_close(Sess *s, int side) {
-    if (!s->shut[side] && s->fd[side] >= 0) {
-        shutdown(s->fd[side], SHUT_WR);
-        s->shut[side] = 1;
-    }
+static void set_interest(Worker *w, int fd, uint32_t *mask, uint32_t want, uint64_t tag) {
+    if (*mask == want) return;
+    struct epoll_event ev = {.events = want, .data.u64 = tag};
+    if (*mask == UNREGISTERED) epoll_ctl(w->ep, EPOLL_CTL_ADD, fd, &ev);
+    else epoll_ctl(w->ep, EPOLL_CTL_MOD, fd, &ev);
+    *mask = want;
 }
 
-static int finished(Sess *s) {
-    return s->eof[CLIENT] && s->eof[SERVER] && !s->pend_len[CLIENT] && !s->pend_len[SERVER];
+static uint64_t tag(Dir *d, int write_side) { return (uint64_t)(uintptr_t)d | (uint64_t)write_side; }
+
+/* Read while nothing waits for the peer; watch the peer while something does.
+ * A side not to be read is unregistered, not masked: epoll reports HUP and
+ * ERR whatever the mask, and a level-triggered HUP would spin the thread. */
+static void update_interest(Worker *w, Dir *d) {
+    if (d->eof || d->pend_len) unregister(w, d->rfd, &d->rmask);
+    else set_interest(w, d->rfd, &d->rmask, EPOLLIN, tag(d, 0));
+    if (d->pend_len) set_interest(w, d->wfd, &d->wmask, EPOLLOUT, tag(d, 1));
+    else unregister(w, d->wfd, &d->wmask);
 }
 
-/* Send towards `to`; what the peer cannot take now waits in pend. 0 or errno. */
-static int send_to(Sess *s, int to, const char *data, size_t len) {
+/* Send; what the peer cannot take now waits in pend. 0 or errno. */
+static int send_all(Dir *d, const char *data, size_t len) {
     size_t off = 0;
     while (off < len) {
-        ssize_t n = send(s->fd[to], data + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n = send(d->wfd, data + off, len - off, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) break;
@@ -152,133 +260,115 @@ static int send_to(Sess *s, int to, const char *data, size_t len) {
         off += (size_t)n;
     }
     if (off < len) {
-        s->pend[to] = malloc(len - off);
-        if (s->pend[to] == NULL) return ENOMEM;
-        memcpy(s->pend[to], data + off, len - off);
-        s->pend_len[to] = len - off;
-        s->pend_off[to] = 0;
+        d->pend = malloc(len - off);
+        if (d->pend == NULL) return ENOMEM;
+        memcpy(d->pend, data + off, len - off);
+        d->pend_len = len - off;
+        d->pend_off = 0;
     }
     return 0;
 }
 
-static int flush(Sess *s, int to) {
-    while (s->pend_len[to]) {
-        ssize_t n = send(s->fd[to], s->pend[to] + s->pend_off[to], s->pend_len[to],
-                         MSG_NOSIGNAL | MSG_DONTWAIT);
+static int flush(Dir *d) {
+    while (d->pend_len) {
+        ssize_t n = send(d->wfd, d->pend + d->pend_off, d->pend_len, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR) continue;
             return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : errno;
         }
-        s->pend_off[to] += (size_t)n;
-        s->pend_len[to] -= (size_t)n;
+        d->pend_off += (size_t)n;
+        d->pend_len -= (size_t)n;
     }
-    free(s->pend[to]);
-    s->pend[to] = NULL;
-    if (s->eof[!to]) half_close(s, to);
+    free(d->pend);
+    d->pend = NULL;
     return 0;
 }
 
-static void read_side(Worker *w, Sess *s, int side) {
-    ssize_t n = recv(s->fd[side], w->buf, w->pump->buf_size, 0);
+static void on_readable(Worker *w, Dir *d) {
+    Sess *s = d->s;
+    ssize_t n = recv(d->rfd, w->buf, w->pump->buf_size, 0);
     if (n < 0) {
-        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) lost(w, s, side, errno);
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) lost(w, d, d->from, errno);
         return;
     }
     if (n == 0) {
-        s->eof[side] = 1;
-        if (!s->pend_len[!side]) half_close(s, !side);
+        d->eof = 1;
+        if (!d->pend_len) finish(w, d);
         return;
     }
-    s->bytes[side] += (uint64_t)n;
-    int err = chain_append_data(w->pump->chain, s->sid, side, w->buf, (size_t)n);
+    __atomic_add_fetch(&s->bytes[d->from], (uint64_t)n, __ATOMIC_RELAXED);
+    int err = chain_append_data(w->pump->chain, s->sid, d->from, w->buf, (size_t)n);
     if (err) {
         char why[200];
         snprintf(why, sizeof why, "store failed: store append failed: %s", strerror(err));
-        end(w, s, why, 1, 1, err);
+        cut(w, d, why, 1, 1, err);
         return;
     }
-    err = send_to(s, !side, w->buf, (size_t)n);
-    if (err) lost(w, s, !side, err);
-}
-
-/* -- epoll --------------------------------------------------------------------------- */
-
-static uint64_t tag(Sess *s, int side) { return (uint64_t)(uintptr_t)s | (uint64_t)side; }
-
-static void update_interest(Worker *w, Sess *s) {
-    for (int i = 0; i < 2; i++) {
-        if (s->fd[i] < 0 || s->mask[i] == UINT32_MAX) continue;
-        uint32_t m = 0;
-        if (!s->eof[i] && !s->pend_len[!i]) m |= EPOLLIN;
-        if (s->pend_len[i]) m |= EPOLLOUT;
-        if (m == s->mask[i]) continue;
-        struct epoll_event ev = {.events = m, .data.u64 = tag(s, i)};
-        epoll_ctl(w->ep, EPOLL_CTL_MOD, s->fd[i], &ev);
-        s->mask[i] = m;
-    }
-}
-
-static void on_event(Worker *w, Sess *s, int side, uint32_t events) {
-    if (s->dead) return;
-    if (s->pend_len[side] && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
-        int err = flush(s, side);
-        if (err) { lost(w, s, side, err); return; }
-    }
-    if ((s->mask[side] & EPOLLIN) && (events & (EPOLLIN | EPOLLERR | EPOLLHUP))) {
-        read_side(w, s, side);
-        if (s->dead) return;
-    } else if (events & EPOLLERR) {
-        int err = 0;
-        socklen_t len = sizeof err;
-        getsockopt(s->fd[side], SOL_SOCKET, SO_ERROR, &err, &len);
-        lost(w, s, side, err ? err : ECONNRESET);
-        return;
-    } else if ((events & EPOLLHUP) && !s->pend_len[side]) {
-        /* Nothing to read or send there now; a later send finds out the rest. */
-        epoll_ctl(w->ep, EPOLL_CTL_DEL, s->fd[side], NULL);
-        s->mask[side] = UINT32_MAX;
-    }
-    if (finished(s)) {
-        end(w, s, "closed", 0, 0, 0);
+    if (is_dead(s)) {  /* cut by the other direction meanwhile: recorded, not forwarded */
+        retire(w, d);
         return;
     }
-    if (s->mask[side] != UINT32_MAX) update_interest(w, s);
+    err = send_all(d, w->buf, (size_t)n);
+    if (err) lost(w, d, !d->from, err);
 }
 
-static void adopt(Worker *w, Sess *s) {
-    s->prev = NULL;
-    s->next = w->live;
-    if (w->live) w->live->prev = s;
-    w->live = s;
-    for (int i = 0; i < 2; i++) {
-        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = tag(s, i)};
-        s->mask[i] = EPOLLIN;
-        if (epoll_ctl(w->ep, EPOLL_CTL_ADD, s->fd[i], &ev) != 0) {
-            lost(w, s, i, errno);
-            return;
-        }
+static void on_event(Worker *w, Dir *d, int write_side, uint32_t events) {
+    if (d->retired) return;
+    if (is_dead(d->s)) {
+        retire(w, d);
+        return;
     }
+    if (write_side) {
+        int err = flush(d);
+        if (err) { lost(w, d, !d->from, err); return; }
+        if (!d->pend_len && d->eof) { finish(w, d); return; }
+    } else if (!d->pend_len) {
+        on_readable(w, d);
+        if (d->retired) return;
+    }
+    update_interest(w, d);
+}
+
+/* -- the worker ------------------------------------------------------------------- */
+
+static void adopt(Worker *w, Dir *d) {
+    d->prev = NULL;
+    d->next = w->live;
+    if (w->live) w->live->prev = d;
+    w->live = d;
+    d->rmask = d->wmask = UNREGISTERED;
+    if (is_dead(d->s)) { retire(w, d); return; }
+    set_interest(w, d->rfd, &d->rmask, EPOLLIN, tag(d, 0));
 }
 
 static void take_inbox(Worker *w) {
     uint64_t n;
     (void)!read(w->wake, &n, sizeof n);
     pthread_mutex_lock(&w->mu);
-    Sess *s = w->inbox;
+    Dir *d = w->inbox;
+    Msg *m = w->msgs;
     w->inbox = NULL;
+    w->msgs = NULL;
     pthread_mutex_unlock(&w->mu);
-    while (s) {
-        Sess *next = s->next;
-        adopt(w, s);
-        s = next;
+    while (d) {            /* new directions first: a message may be about one of them */
+        Dir *next = d->next;
+        adopt(w, d);
+        d = next;
+    }
+    while (m) {
+        Msg *next = m->next;
+        if (!m->d->retired) retire(w, m->d);
+        unref(m->d->s);
+        free(m);
+        m = next;
     }
 }
 
 static void bury(Worker *w) {
-    while (w->dead) {
-        Sess *s = w->dead;
-        w->dead = s->next;
-        free(s);
+    while (w->buried) {
+        Dir *d = w->buried;
+        w->buried = d->next;
+        unref(d->s);
     }
 }
 
@@ -286,20 +376,37 @@ static void *worker_main(void *arg) {
     Worker *w = arg;
     pthread_setname_np(pthread_self(), "tollgate-relay");  /* for top -H and ps */
     struct epoll_event evs[64];
-    for (;;) {
+    while (!__atomic_load_n(&w->pump->stopping, __ATOMIC_ACQUIRE)) {
         int n = epoll_wait(w->ep, evs, 64, -1);
         for (int i = 0; i < n; i++) {
             uint64_t t = evs[i].data.u64;
             if (t == 0) take_inbox(w);
-            else on_event(w, (Sess *)(uintptr_t)(t & ~1ull), (int)(t & 1), evs[i].events);
+            else on_event(w, (Dir *)(uintptr_t)(t & ~1ull), (int)(t & 1), evs[i].events);
         }
         bury(w);
-        if (w->pump->stopping) break;
     }
-    take_inbox(w);
-    while (w->live) end(w, w->live, w->pump->stop_reason, 1, 1, 0);
-    bury(w);
     return NULL;
+}
+
+/* After the threads have stopped: reset what is left, in the closing thread. */
+static void reset_remaining(Pump *p) {
+    for (int i = 0; i < p->nworkers; i++) take_inbox(&p->workers[i]);
+    for (int i = 0; i < p->nworkers; i++) {
+        Worker *w = &p->workers[i];
+        while (w->live) {
+            Dir *d = w->live;
+            Sess *s = d->s;
+            pthread_mutex_lock(&s->mu);
+            if (!s->dead) {
+                snprintf(s->reason, sizeof s->reason, "%s", p->stop_reason);
+                s->reset[CLIENT] = s->reset[SERVER] = 1;
+                __atomic_store_n(&s->dead, 1, __ATOMIC_RELEASE);
+            }
+            pthread_mutex_unlock(&s->mu);
+            retire(w, d);
+            bury(w);
+        }
+    }
 }
 
 /* -- the Python type ------------------------------------------------------------- */
@@ -312,6 +419,7 @@ static void stop_workers(Pump *p, const char *reason) {
     uint64_t one = 1;
     for (int i = 0; i < p->nworkers; i++) (void)!write(p->workers[i].wake, &one, sizeof one);
     for (int i = 0; i < p->nworkers; i++) pthread_join(p->workers[i].thread, NULL);
+    reset_remaining(p);
 }
 
 static int start_worker(Pump *p, Worker *w) {
@@ -375,19 +483,41 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
     }
     Sess *s = calloc(1, sizeof *s);
     if (s == NULL) return PyErr_NoMemory();
+    /* each direction sends through its own descriptor of the other side */
+    int wfd[2] = {fcntl(sfd, F_DUPFD_CLOEXEC, 0), fcntl(cfd, F_DUPFD_CLOEXEC, 0)};
+    if (wfd[0] < 0 || wfd[1] < 0) {
+        int err = errno;
+        for (int i = 0; i < 2; i++) if (wfd[i] >= 0) close(wfd[i]);
+        free(s);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    pthread_mutex_init(&s->mu, NULL);
     s->sid = sid;
     s->fd[CLIENT] = cfd;
     s->fd[SERVER] = sfd;
-    Worker *w = &p->workers[p->next_worker++ % (unsigned)p->nworkers];
+    s->refs = s->live_dirs = 2;
+    snprintf(s->reason, sizeof s->reason, "closed");
     pthread_mutex_lock(&p->done_mu);
     p->live_count++;
     pthread_mutex_unlock(&p->done_mu);
-    pthread_mutex_lock(&w->mu);
-    s->next = w->inbox;
-    w->inbox = s;
-    pthread_mutex_unlock(&w->mu);
-    uint64_t one = 1;
-    (void)!write(w->wake, &one, sizeof one);
+    for (int i = 0; i < 2; i++) {
+        Dir *d = &s->d[i];
+        d->s = s;
+        d->from = i;
+        d->rfd = s->fd[i];
+        d->wfd = wfd[i];
+        d->w = &p->workers[p->next_worker++ % (unsigned)p->nworkers];
+    }
+    for (int i = 0; i < 2; i++) {
+        Worker *w = s->d[i].w;
+        pthread_mutex_lock(&w->mu);
+        s->d[i].next = w->inbox;
+        w->inbox = &s->d[i];
+        pthread_mutex_unlock(&w->mu);
+        uint64_t one = 1;
+        (void)!write(w->wake, &one, sizeof one);
+    }
     Py_RETURN_NONE;
 }
 
