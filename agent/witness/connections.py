@@ -56,10 +56,14 @@ class ConnectTable:
                 fut = loop.create_future()
                 self._waiting[key] = (loop, fut)
         if ev is None:
+            # A timer resolving the future with None: cheaper than asyncio.timeout,
+            # and this runs for every connection.
+            timer = loop.call_later(wait_s, _resolve, fut, None)
             try:
-                async with asyncio.timeout(wait_s):  # cheaper than wait_for, per connection
-                    ev = await fut
-            except TimeoutError:
+                ev = await fut
+            finally:
+                timer.cancel()
+            if ev is None:
                 with self._lock:
                     self._waiting.pop(key, None)
                 self.misses += 1
@@ -73,6 +77,6 @@ class ConnectTable:
                 "chain": self._procs.chain(ev.tgid), "probe": "ebpf:sock/inet_sock_set_state"}
 
 
-def _resolve(fut: asyncio.Future, ev: TcpEvent) -> None:
+def _resolve(fut: asyncio.Future, ev: TcpEvent | None) -> None:
     if not fut.done():
         fut.set_result(ev)
