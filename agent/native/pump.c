@@ -44,7 +44,7 @@ typedef struct Dir {
     int from;                  /* the side read; the other side is sent to */
     int rfd, wfd;              /* the side's socket; a dup of the other's, for sends */
     uint32_t rmask, wmask;     /* registered interest, or UNREGISTERED */
-    uint8_t eof, retired;      /* retired: let go of the session (worker-local) */
+    uint8_t eof, adopted, retired;  /* worker-local: registered; let go of the session */
     char *pend;                /* what the other side could not take yet */
     size_t pend_len, pend_off;
     struct Dir *next, *prev;   /* inbox, then the worker's live list */
@@ -219,9 +219,12 @@ static void lost(Worker *w, Dir *d, int side, int err) {
     cut(w, d, why, side != CLIENT, side != SERVER, 0);
 }
 
-/* Everything this direction read is delivered and its EOF passed on. */
+/* Everything this direction read is delivered: pass its EOF on, unless the
+ * session was cut (then the peer gets a reset, never a FIN before it). */
 static void finish(Worker *w, Dir *d) {
-    shutdown(d->wfd, SHUT_WR);
+    pthread_mutex_lock(&d->s->mu);
+    if (!d->s->dead) shutdown(d->wfd, SHUT_WR);
+    pthread_mutex_unlock(&d->s->mu);
     retire(w, d);
 }
 
@@ -332,6 +335,7 @@ static void on_event(Worker *w, Dir *d, int write_side, uint32_t events) {
 /* -- the worker ------------------------------------------------------------------- */
 
 static void adopt(Worker *w, Dir *d) {
+    d->adopted = 1;
     d->prev = NULL;
     d->next = w->live;
     if (w->live) w->live->prev = d;
@@ -355,12 +359,27 @@ static void take_inbox(Worker *w) {
         adopt(w, d);
         d = next;
     }
+    Msg *later = NULL;
     while (m) {
         Msg *next = m->next;
-        if (!m->d->retired) retire(w, m->d);
-        unref(m->d->s);
-        free(m);
+        if (!m->d->adopted) {
+            /* cut before Pump_add handed this direction over: it is on its way */
+            m->next = later;
+            later = m;
+        } else {
+            if (!m->d->retired) retire(w, m->d);
+            unref(m->d->s);
+            free(m);
+        }
         m = next;
+    }
+    if (later) {
+        pthread_mutex_lock(&w->mu);
+        Msg *tail = later;
+        while (tail->next) tail = tail->next;
+        tail->next = w->msgs;
+        w->msgs = later;
+        pthread_mutex_unlock(&w->mu);
     }
 }
 
@@ -391,6 +410,10 @@ static void *worker_main(void *arg) {
 /* After the threads have stopped: reset what is left, in the closing thread. */
 static void reset_remaining(Pump *p) {
     for (int i = 0; i < p->nworkers; i++) take_inbox(&p->workers[i]);
+    for (int i = 0; i < p->nworkers; i++) {
+        take_inbox(&p->workers[i]);  /* messages re-queued by the first pass */
+        bury(&p->workers[i]);
+    }
     for (int i = 0; i < p->nworkers; i++) {
         Worker *w = &p->workers[i];
         while (w->live) {
@@ -507,6 +530,7 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
         d->from = i;
         d->rfd = s->fd[i];
         d->wfd = wfd[i];
+        d->rmask = d->wmask = UNREGISTERED;
         d->w = &p->workers[p->next_worker++ % (unsigned)p->nworkers];
     }
     for (int i = 0; i < 2; i++) {
