@@ -24,7 +24,7 @@ mod = importlib.util.module_from_spec(spec)
 sys.modules["agent.native._native"] = mod
 spec.loader.exec_module(mod)
 import pytest
-sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:worm_cleanup", *sys.argv[2:]]))
+sys.exit(pytest.main(["-q", "-s", "-p", "no:cacheprovider", "-p", "no:worm_cleanup", *sys.argv[2:]]))
 """
 
 
