@@ -1,5 +1,7 @@
-"""The only asyncio module of the proxy: accepts redirected connections,
-opens the upstream side, and carries out each session's relay commands.
+"""The asyncio relay (proxy.data_plane "python"): accepts redirected
+connections, opens the upstream side, and carries out each session's relay
+commands. Proxy also holds what both data planes do per session (open,
+refusal, attribution, close records); handoff.py is the native plane's front.
 
 Backpressure is asyncio's own: a side's transport pauses the *other* side's
 reading when its write buffer passes the high-water mark, so memory stays

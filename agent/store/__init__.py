@@ -1,6 +1,7 @@
 """Append-only evidence store: framed, checksummed, hash-chained records in
 segment files, sealed with a forward-secure key. The store knows nobody: it
-imports nothing from the rest of the agent.
+imports nothing from the rest of the agent but its append point in C
+(agent/native), which the relay threads share.
 
 format   the frame and record kinds        writer   append, rotate, recover, seal
 reader   frames back, torn-tail scan        commit   group fsync for asyncio callers
