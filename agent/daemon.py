@@ -120,7 +120,8 @@ class Agent:
                              f' per chunk; use "auto" or "python" with store.durability "fsync"')
         from agent.native import Pump
         threads = cfg.proxy.relay_threads or min(os.cpu_count() or 1, 4)
-        return Handoff(self.proxy, Pump(self.store.chain, threads, cfg.proxy.buffer_bytes))
+        return Handoff(self.proxy, Pump(self.store.chain, threads, cfg.proxy.buffer_bytes,
+                                        cfg.proxy.connect_timeout_s))
 
     def _start_witness(self):
         """The kernel's own view; without it a bypass would go unseen, so an

@@ -22,8 +22,12 @@
  */
 #include "native.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -49,6 +53,13 @@ typedef struct Dir {
     size_t pend_len, pend_off;
     struct Dir *next, *prev;   /* inbox, then the worker's live list */
 } Dir;
+
+typedef struct Dial {         /* an upstream connect in progress (Pump.connect) */
+    uint64_t sid, deadline_ns;
+    int cfd, sfd, family, port;
+    unsigned char addr[16];
+    struct Dial *next, *prev;  /* inbox, then the worker's list, oldest first */
+} Dial;
 
 typedef struct Msg {           /* "look at this direction": its session was cut */
     Dir *d;
@@ -85,6 +96,8 @@ struct Worker {
     Dir *inbox, *live;
     Msg *msgs;
     Dir *buried;               /* retired this batch, released after it */
+    Dial *dial_inbox;
+    Dial *dialing, *dialing_tail;  /* one timeout for all: deadlines in order */
     char *buf;
 };
 
@@ -102,6 +115,7 @@ typedef struct Pump {
     volatile int stopping;
     char stop_reason[160];
     uint64_t live_count;       /* under done_mu */
+    uint64_t connect_timeout_ns;
 } Pump;
 
 static int is_dead(Sess *s) { return __atomic_load_n(&s->dead, __ATOMIC_ACQUIRE); }
@@ -118,7 +132,8 @@ static void unref(Sess *s) {
 
 /* -- ending sessions ------------------------------------------------------------- */
 
-static void push_done(Pump *p, Sess *s) {
+static void push_done(Pump *p, uint64_t sid, const char *reason, uint64_t client_bytes,
+                      uint64_t server_bytes, int store_errno) {
     pthread_mutex_lock(&p->done_mu);
     if (p->ndone == p->cap) {
         size_t cap = p->cap ? p->cap * 2 : 64;
@@ -128,11 +143,11 @@ static void push_done(Pump *p, Sess *s) {
         p->cap = cap;
     }
     Done *d = &p->done[p->ndone++];
-    d->sid = s->sid;
-    d->client_bytes = s->bytes[CLIENT];
-    d->server_bytes = s->bytes[SERVER];
-    d->store_errno = s->store_errno;
-    snprintf(d->reason, sizeof d->reason, "%s", s->reason);
+    d->sid = sid;
+    d->client_bytes = client_bytes;
+    d->server_bytes = server_bytes;
+    d->store_errno = store_errno;
+    snprintf(d->reason, sizeof d->reason, "%s", reason);
     p->live_count--;
     pthread_mutex_unlock(&p->done_mu);
     uint64_t one = 1;
@@ -172,7 +187,8 @@ static void retire(Worker *w, Dir *d) {
     if (last) {
         close_side(s, CLIENT);
         close_side(s, SERVER);
-        push_done(w->pump, s);
+        push_done(w->pump, s->sid, s->reason, s->bytes[CLIENT], s->bytes[SERVER],
+                  s->store_errno);
     }
     d->next = w->buried;  /* released after this batch: its events may still name d */
     w->buried = d;
@@ -391,24 +407,158 @@ static void bury(Worker *w) {
     }
 }
 
+/* -- connecting upstream ---------------------------------------------------------- */
+
+static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd);
+
+static uint64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* The subject sees a reset; the session ends with reason, nothing relayed. */
+static void dial_end(Worker *w, Dial *d, const char *reason) {
+    struct linger lg = {1, 0};
+    setsockopt(d->cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(d->cfd);
+    if (d->sfd >= 0) close(d->sfd);
+    push_done(w->pump, d->sid, reason, 0, 0, 0);
+    free(d);
+}
+
+static void dial_fail(Worker *w, Dial *d, const char *prefix, const char *why) {
+    char reason[200];
+    snprintf(reason, sizeof reason, "%s: %s", prefix, why);
+    dial_end(w, d, reason);
+}
+
+static void dial_connected(Worker *w, Dial *d) {
+    int err = start_relay(w->pump, d->sid, d->cfd, d->sfd);
+    if (err) {
+        dial_fail(w, d, "relay failed", strerror(err));
+        return;
+    }
+    free(d);
+}
+
+static void dial_unlink(Worker *w, Dial *d) {
+    if (d->prev) d->prev->next = d->next; else w->dialing = d->next;
+    if (d->next) d->next->prev = d->prev; else w->dialing_tail = d->prev;
+}
+
+static void dial_start(Worker *w, Dial *d) {
+    union { struct sockaddr sa; struct sockaddr_in v4; struct sockaddr_in6 v6; } to = {0};
+    socklen_t len;
+    if (d->family == AF_INET) {
+        to.v4.sin_family = AF_INET;
+        to.v4.sin_port = htons((uint16_t)d->port);
+        memcpy(&to.v4.sin_addr, d->addr, 4);
+        len = sizeof to.v4;
+    } else {
+        to.v6.sin6_family = AF_INET6;
+        to.v6.sin6_port = htons((uint16_t)d->port);
+        memcpy(&to.v6.sin6_addr, d->addr, 16);
+        len = sizeof to.v6;
+    }
+    d->sfd = socket(d->family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (d->sfd < 0) {
+        dial_fail(w, d, "upstream failed", strerror(errno));
+        return;
+    }
+    int one = 1;  /* a transparent relay must not add Nagle delay the subject did not ask for */
+    setsockopt(d->sfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (connect(d->sfd, &to.sa, len) == 0) {
+        dial_connected(w, d);
+        return;
+    }
+    struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = (uint64_t)(uintptr_t)d | 2};
+    if (errno != EINPROGRESS || epoll_ctl(w->ep, EPOLL_CTL_ADD, d->sfd, &ev) != 0) {
+        dial_fail(w, d, "upstream failed", strerror(errno));
+        return;
+    }
+    d->deadline_ns = mono_ns() + w->pump->connect_timeout_ns;
+    d->next = NULL;
+    d->prev = w->dialing_tail;
+    if (w->dialing_tail) w->dialing_tail->next = d; else w->dialing = d;
+    w->dialing_tail = d;
+}
+
+static void on_dialed(Worker *w, Dial *d) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(d->sfd, SOL_SOCKET, SO_ERROR, &err, &len);
+    epoll_ctl(w->ep, EPOLL_CTL_DEL, d->sfd, NULL);
+    dial_unlink(w, d);
+    if (err) dial_fail(w, d, "upstream failed", strerror(err));
+    else dial_connected(w, d);
+}
+
+/* Ends connects past their deadline; returns epoll_wait's timeout (ms). */
+static int expire_dials(Worker *w) {
+    uint64_t now = mono_ns();
+    while (w->dialing && w->dialing->deadline_ns <= now) {
+        Dial *d = w->dialing;
+        epoll_ctl(w->ep, EPOLL_CTL_DEL, d->sfd, NULL);
+        dial_unlink(w, d);
+        dial_fail(w, d, "upstream failed", "TimeoutError");  /* as the asyncio relay says it */
+    }
+    if (!w->dialing) return -1;
+    return (int)((w->dialing->deadline_ns - now + 999999) / 1000000);
+}
+
+static Dial *take_dials(Worker *w) {
+    pthread_mutex_lock(&w->mu);
+    Dial *d = w->dial_inbox;
+    w->dial_inbox = NULL;
+    pthread_mutex_unlock(&w->mu);
+    return d;
+}
+
+/* Closing: every connect not yet done ends with the stop reason. */
+static void end_dials(Worker *w, const char *reason) {
+    for (Dial *d = take_dials(w), *next; d; d = next) {
+        next = d->next;
+        dial_end(w, d, reason);
+    }
+    while (w->dialing) {
+        Dial *d = w->dialing;
+        epoll_ctl(w->ep, EPOLL_CTL_DEL, d->sfd, NULL);
+        dial_unlink(w, d);
+        dial_end(w, d, reason);
+    }
+}
+
 static void *worker_main(void *arg) {
     Worker *w = arg;
     pthread_setname_np(pthread_self(), "tollgate-relay");  /* for top -H and ps */
     struct epoll_event evs[64];
+    int timeout_ms = -1;
     while (!__atomic_load_n(&w->pump->stopping, __ATOMIC_ACQUIRE)) {
-        int n = epoll_wait(w->ep, evs, 64, -1);
+        int n = epoll_wait(w->ep, evs, 64, timeout_ms);
         for (int i = 0; i < n; i++) {
             uint64_t t = evs[i].data.u64;
-            if (t == 0) take_inbox(w);
-            else on_event(w, (Dir *)(uintptr_t)(t & ~1ull), (int)(t & 1), evs[i].events);
+            if (t == 0) {
+                take_inbox(w);
+                for (Dial *d = take_dials(w), *next; d; d = next) {
+                    next = d->next;
+                    dial_start(w, d);
+                }
+            } else if (t & 2) {
+                on_dialed(w, (Dial *)(uintptr_t)(t & ~3ull));
+            } else {
+                on_event(w, (Dir *)(uintptr_t)(t & ~1ull), (int)(t & 1), evs[i].events);
+            }
         }
         bury(w);
+        timeout_ms = expire_dials(w);
     }
     return NULL;
 }
 
 /* After the threads have stopped: reset what is left, in the closing thread. */
 static void reset_remaining(Pump *p) {
+    for (int i = 0; i < p->nworkers; i++) end_dials(&p->workers[i], p->stop_reason);
     for (int i = 0; i < p->nworkers; i++) take_inbox(&p->workers[i]);
     for (int i = 0; i < p->nworkers; i++) {
         take_inbox(&p->workers[i]);  /* messages re-queued by the first pass */
@@ -458,12 +608,15 @@ static int start_worker(Pump *p, Worker *w) {
 }
 
 static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
-    static char *names[] = {"chain", "workers", "buffer_bytes", NULL};
+    static char *names[] = {"chain", "workers", "buffer_bytes", "connect_timeout_s", NULL};
     PyObject *chain;
     int workers;
     Py_ssize_t buf;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!in", names, &ChainType, &chain, &workers, &buf))
+    double connect_timeout_s = 10.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!in|d", names, &ChainType, &chain, &workers,
+                                     &buf, &connect_timeout_s))
         return -1;
+    p->connect_timeout_ns = (uint64_t)(connect_timeout_s * 1e9);
     if (p->workers) {
         PyErr_SetString(PyExc_RuntimeError, "Pump is already running");
         return -1;
@@ -495,25 +648,22 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
     return 0;
 }
 
-/* add(session_id, client_fd, server_fd): the pump owns both sockets from here. */
-static PyObject *Pump_add(Pump *p, PyObject *args) {
-    unsigned long long sid;
-    int cfd, sfd;
-    if (!PyArg_ParseTuple(args, "Kii", &sid, &cfd, &sfd)) return NULL;
-    if (p->closed || !p->started) {
-        PyErr_SetString(PyExc_RuntimeError, "pump is closed");
-        return NULL;
-    }
+static Worker *next_worker(Pump *p) {
+    unsigned i = __atomic_fetch_add(&p->next_worker, 1, __ATOMIC_RELAXED);
+    return &p->workers[i % (unsigned)p->nworkers];
+}
+
+/* Relay two connected sockets: 0, or an errno (nothing taken over). */
+static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd) {
     Sess *s = calloc(1, sizeof *s);
-    if (s == NULL) return PyErr_NoMemory();
+    if (s == NULL) return ENOMEM;
     /* each direction sends through its own descriptor of the other side */
     int wfd[2] = {fcntl(sfd, F_DUPFD_CLOEXEC, 0), fcntl(cfd, F_DUPFD_CLOEXEC, 0)};
     if (wfd[0] < 0 || wfd[1] < 0) {
         int err = errno;
         for (int i = 0; i < 2; i++) if (wfd[i] >= 0) close(wfd[i]);
         free(s);
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return err;
     }
     pthread_mutex_init(&s->mu, NULL);
     s->sid = sid;
@@ -521,9 +671,6 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
     s->fd[SERVER] = sfd;
     s->refs = s->live_dirs = 2;
     snprintf(s->reason, sizeof s->reason, "closed");
-    pthread_mutex_lock(&p->done_mu);
-    p->live_count++;
-    pthread_mutex_unlock(&p->done_mu);
     for (int i = 0; i < 2; i++) {
         Dir *d = &s->d[i];
         d->s = s;
@@ -531,7 +678,7 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
         d->rfd = s->fd[i];
         d->wfd = wfd[i];
         d->rmask = d->wmask = UNREGISTERED;
-        d->w = &p->workers[p->next_worker++ % (unsigned)p->nworkers];
+        d->w = next_worker(p);
     }
     for (int i = 0; i < 2; i++) {
         Worker *w = s->d[i].w;
@@ -542,6 +689,68 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
         uint64_t one = 1;
         (void)!write(w->wake, &one, sizeof one);
     }
+    return 0;
+}
+
+static void count_live(Pump *p, int delta) {
+    pthread_mutex_lock(&p->done_mu);
+    p->live_count += (uint64_t)(int64_t)delta;
+    pthread_mutex_unlock(&p->done_mu);
+}
+
+static int check_open(Pump *p) {
+    if (p->closed || !p->started) {
+        PyErr_SetString(PyExc_RuntimeError, "pump is closed");
+        return -1;
+    }
+    return 0;
+}
+
+/* add(session_id, client_fd, server_fd): the pump owns both sockets from here. */
+static PyObject *Pump_add(Pump *p, PyObject *args) {
+    unsigned long long sid;
+    int cfd, sfd;
+    if (!PyArg_ParseTuple(args, "Kii", &sid, &cfd, &sfd) || check_open(p) < 0) return NULL;
+    count_live(p, 1);
+    int err = start_relay(p, sid, cfd, sfd);
+    if (err) {
+        count_live(p, -1);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* connect(session_id, client_fd, host, port): a worker connects upstream,
+ * then relays; a failed or timed-out connect resets the client and ends the
+ * session "upstream failed: ...". The pump owns client_fd from here. */
+static PyObject *Pump_connect(Pump *p, PyObject *args) {
+    unsigned long long sid;
+    int cfd, port;
+    const char *host;
+    if (!PyArg_ParseTuple(args, "Kisi", &sid, &cfd, &host, &port) || check_open(p) < 0)
+        return NULL;
+    Dial *d = calloc(1, sizeof *d);
+    if (d == NULL) return PyErr_NoMemory();
+    d->family = inet_pton(AF_INET, host, d->addr) == 1 ? AF_INET
+              : inet_pton(AF_INET6, host, d->addr) == 1 ? AF_INET6 : 0;
+    if (!d->family || port < 1 || port > 65535) {
+        free(d);
+        PyErr_Format(PyExc_ValueError, "not an address and port: %s %d", host, port);
+        return NULL;
+    }
+    d->sid = sid;
+    d->cfd = cfd;
+    d->sfd = -1;
+    d->port = port;
+    count_live(p, 1);
+    Worker *w = next_worker(p);
+    pthread_mutex_lock(&w->mu);
+    d->next = w->dial_inbox;
+    w->dial_inbox = d;
+    pthread_mutex_unlock(&w->mu);
+    uint64_t one = 1;
+    (void)!write(w->wake, &one, sizeof one);
     Py_RETURN_NONE;
 }
 
@@ -611,6 +820,8 @@ static PyObject *Pump_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
 static PyMethodDef Pump_methods[] = {
     {"add", (PyCFunction)Pump_add, METH_VARARGS,
      "add(session_id, client_fd, server_fd): relay them; the pump owns the fds"},
+    {"connect", (PyCFunction)Pump_connect, METH_VARARGS,
+     "connect(session_id, client_fd, host, port): connect upstream, then relay"},
     {"finished", (PyCFunction)Pump_finished, METH_NOARGS,
      "ended sessions since the last call: (id, reason, client_bytes, server_bytes, store_errno)"},
     {"close", (PyCFunction)Pump_close, METH_VARARGS,
@@ -627,7 +838,7 @@ static PyGetSetDef Pump_getset[] = {
 PyTypeObject PumpType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "agent.native._native.Pump",
-    .tp_doc = "Pump(chain, workers, buffer_bytes): relay threads for established sessions.",
+    .tp_doc = "Pump(chain, workers, buffer_bytes, connect_timeout_s=10): relay threads.",
     .tp_basicsize = sizeof(Pump),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = Pump_new,

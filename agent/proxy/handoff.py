@@ -1,11 +1,11 @@
-"""The native data plane's Python half: accept, open, connect, hand off.
+"""The native data plane's Python half: accept, open, name, hand off.
 
 Python keeps what needs judgement per connection (the original destination,
-SESSION_OPEN, policy, naming the process, the upstream connect) and then
-gives both sockets to the pump (agent/native/pump.c), whose threads relay
-and record every chunk without the GIL. Until the handoff nothing is read
-from either socket, so the subject's first bytes wait for attribution in the
-kernel's buffer. The pump reports each ended session; SESSION_CLOSE is
+SESSION_OPEN, naming the process, policy) and then gives the subject's
+socket to the pump (agent/native/pump.c), whose threads connect upstream,
+then relay and record every chunk without the GIL. Until the handoff
+nothing is read from the subject's socket, so its first bytes wait for
+attribution in the kernel's buffer. The pump reports each ended session; SESSION_CLOSE is
 written here, after every DATA record of it.
 
 Used with durability "write"; "fsync" needs group commit before each
@@ -15,9 +15,7 @@ forward, which the asyncio relay (server.py) does.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
 import socket
 
 from agent.native import Pump
@@ -95,62 +93,29 @@ class Handoff:
         task.add_done_callback(self.opening.discard)
 
     async def _open(self, client: socket.socket, session: Session) -> None:
-        """Name the process and connect upstream, side by side; then hand off."""
+        """Name the process, apply policy, then hand the socket to the pump,
+        which connects upstream itself (off this thread) and relays."""
         proxy = self.proxy
-        naming = asyncio.create_task(proxy.attribute(session))
-        upstream = None
         try:
-            why = proxy.refusal(session.original_dst)
-            if why:
-                proxy.stats["refused"] += 1
-                await naming  # a refusal is evidence too: name the process first
-                proxy.hooks.refused(session, why)
-                self._fail(client, session, f"refused: {why}")
-                return
-            try:
-                upstream = await self._dial(*session.original_dst)
-            except (OSError, TimeoutError) as e:
-                proxy.stats["upstream_failed"] += 1
-                self._fail(client, session, _why(e) or "timeout")
-                return
-            await naming
+            await proxy.attribute(session)
         except asyncio.CancelledError as e:
-            naming.cancel()
-            if upstream is not None:
-                upstream.close()
             reset_socket(client)
             proxy.close_record(session, str(e.args[0]) if e.args else "cancelled", 0, 0)
             return
+        why = proxy.refusal(session.original_dst)
+        if why:
+            proxy.stats["refused"] += 1
+            proxy.hooks.refused(session, why)  # named first: a refusal is evidence too
+            self._fail(client, session, f"refused: {why}")
+            return
         try:
-            self.pump.add(session.id, client.fileno(), upstream.fileno())
-        except (OSError, RuntimeError) as e:  # out of descriptors (each direction dups one)
-            upstream.close()
+            self.pump.connect(session.id, client.fileno(), *session.original_dst)
+        except (OSError, RuntimeError, ValueError) as e:
             reset_socket(client)
-            self.proxy.close_record(session, f"relay failed: {_why(e)}", 0, 0)
+            proxy.close_record(session, f"relay failed: {_why(e)}", 0, 0)
             return
         self.relayed[session.id] = session
-        client.detach()  # the pump owns them now
-        upstream.detach()
-
-    async def _dial(self, host: str, port: int) -> socket.socket:
-        """A non-blocking connect awaited on writability. Not loop.sock_connect:
-        uvloop resolves even a numeric address there, in a thread per call."""
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                             socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            # A transparent relay must not add Nagle delay the subject did not ask for.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex((host, port))
-            if err == errno.EINPROGRESS:
-                await _writable(sock, self.proxy.connect_timeout_s)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        client.detach()  # the pump owns it now
 
     def _fail(self, client: socket.socket, session: Session, error: str) -> None:
         reset_socket(client)
@@ -162,21 +127,10 @@ class Handoff:
         proxy = self.proxy
         for sid, reason, client_bytes, server_bytes, store_errno in self.pump.finished():
             session = self.relayed.pop(sid)
+            if reason.startswith("upstream failed"):
+                proxy.stats["upstream_failed"] += 1
             if store_errno:
                 proxy.stats["store_errors"] += 1
                 proxy.hooks.store_failed(proxy.store.failed_in_relay(store_errno))
             proxy.close_record(session, reason, client_bytes, server_bytes)
 
-
-async def _writable(sock: socket.socket, timeout_s: float) -> None:
-    """Wait for the connect to finish; TimeoutError after timeout_s. A timer on
-    the future, not asyncio.timeout: half the cost, on every connection."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
-    timer = loop.call_later(timeout_s, lambda: ready.done() or ready.set_exception(TimeoutError()))
-    try:
-        await ready
-    finally:
-        timer.cancel()
-        loop.remove_writer(sock.fileno())

@@ -203,3 +203,77 @@ def test_many_sessions_both_ways_at_once_arrive_whole_and_recorded(rig):
         assert b"".join(recorded[(sid, Direction.CLIENT)]) == up
         assert b"".join(recorded[(sid, Direction.SERVER)]) == down
     assert verify(rig.writer.dir).ok
+
+
+def dial(rig: Rig, sid: int, port: int) -> socket.socket:
+    """subject <-> [pump connects to 127.0.0.1:port itself]."""
+    subject, proxy_client = tcp_pair()
+    proxy_client.setblocking(False)
+    rig.pump.connect(sid, proxy_client.detach(), "127.0.0.1", port)
+    subject.settimeout(10)
+    return subject
+
+
+def test_pump_connects_upstream_then_relays(rig):
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        subject = dial(rig, 20, ls.getsockname()[1])
+        dest, _ = ls.accept()
+    dest.settimeout(10)
+    subject.sendall(b"SELECT 1;")
+    assert recv_exactly(dest, 9) == b"SELECT 1;"
+    dest.sendall(b"1 row")
+    assert recv_exactly(subject, 5) == b"1 row"
+    subject.close()
+    dest.close()
+    assert rig.wait_ended() == [(20, "closed", 9, 5, 0)]
+
+
+def test_refused_connect_resets_the_subject(rig):
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        port = ls.getsockname()[1]  # closed again: nothing listens there
+    subject = dial(rig, 21, port)
+    with pytest.raises(ConnectionResetError):
+        subject.recv(1)
+    assert rig.wait_ended() == [(21, "upstream failed: Connection refused", 0, 0, 0)]
+
+
+def test_connect_that_never_completes_times_out(tmp_path):
+    rig = Rig(tmp_path / "store")
+    rig.pump = Pump(rig.writer.chain, 2, 1 << 16, 0.3)
+    # A listener whose accept queue is full drops further SYNs: the connect hangs.
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    fill = [socket.create_connection(ls.getsockname(), 2)]  # backlog 0: one fills it
+    try:
+        subject = dial(rig, 22, ls.getsockname()[1])
+        started = time.monotonic()
+        assert rig.wait_ended(timeout=5) == [(22, "upstream failed: TimeoutError", 0, 0, 0)]
+        assert 0.25 < time.monotonic() - started < 3
+        with pytest.raises(ConnectionResetError):
+            subject.recv(1)
+    finally:
+        for s in fill:
+            s.close()
+        ls.close()
+        rig.close()
+
+
+def test_close_ends_connects_in_progress_with_the_reason(tmp_path):
+    rig = Rig(tmp_path / "store")
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(0)
+    fill = [socket.create_connection(ls.getsockname(), 2)]  # backlog 0: one fills it
+    try:
+        subject = dial(rig, 23, ls.getsockname()[1])
+        time.sleep(0.2)
+        rig.pump.close("agent stopping: test")
+        assert rig.wait_ended() == [(23, "agent stopping: test", 0, 0, 0)]
+        with pytest.raises(ConnectionResetError):
+            subject.recv(1)
+    finally:
+        for s in fill:
+            s.close()
+        ls.close()
+        rig.close()

@@ -3,6 +3,7 @@ rejected, the metadata server is refused, and the rules defend themselves."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 
@@ -117,12 +118,17 @@ def test_connection_while_rule_deleted_is_bypass_then_rule_is_back(agent, sandbo
     go = gate / "go"
     # The subject is already running and polls for `go`, so it connects within
     # a millisecond of the deletion, well before the watcher restores the rule.
-    connect = (f"import os,socket,time\nwhile not os.path.exists('{go}'): time.sleep(0.0005)\n"
+    # It says "ready" once started: on a loaded machine the interpreter's start
+    # alone can outlast the watcher's 200 ms, and a subject that connects after
+    # the rule is back is (rightly) redirected, not a bypass.
+    connect = ("import os,socket,sys,time\nprint('ready', flush=True)\n"
+               f"while not os.path.exists('{go}'): time.sleep(0.0005)\n"
                f"s=socket.create_connection(('{CORP_V4}',8080),3)\n"
                "s.sendall(b'GET /hello.txt HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100)); time.sleep(1)")
     before = len(alerts_of(agent, "bypass"))
-    subject = sandbox.spawn(sandbox.bastion, [sys.executable, "-c", connect], user=sandbox.subject)
-    time.sleep(0.5)
+    subject = sandbox.spawn(sandbox.bastion, [sys.executable, "-c", connect], user=sandbox.subject,
+                            stdout=subprocess.PIPE, text=True)
+    assert subject.stdout.readline().strip() == "ready"
     sandbox.run(sandbox.bastion, ["sh", "-c", f"nft delete rule inet tollgate steer handle "
                                   f"{handle} && touch {go}"], check=True)
     subject.wait(10)
