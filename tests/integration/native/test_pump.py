@@ -5,6 +5,7 @@ both and forwards nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -237,43 +238,41 @@ def test_refused_connect_resets_the_subject(rig):
     assert rig.wait_ended() == [(21, "upstream failed: Connection refused", 0, 0, 0)]
 
 
+@contextlib.contextmanager
+def unanswered_port():
+    """A port whose listener's accept queue is full: further SYNs are dropped,
+    so a connect there hangs."""
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(0)
+        with socket.create_connection(ls.getsockname(), 2):  # backlog 0: one fills it
+            yield ls.getsockname()[1]
+
+
 def test_connect_that_never_completes_times_out(tmp_path):
     rig = Rig(tmp_path / "store")
     rig.pump = Pump(rig.writer.chain, 2, 1 << 16, 0.3)
-    # A listener whose accept queue is full drops further SYNs: the connect hangs.
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(0)
-    fill = [socket.create_connection(ls.getsockname(), 2)]  # backlog 0: one fills it
     try:
-        subject = dial(rig, 22, ls.getsockname()[1])
-        started = time.monotonic()
-        assert rig.wait_ended(timeout=5) == [(22, "upstream failed: TimeoutError", 0, 0, 0)]
-        assert 0.25 < time.monotonic() - started < 3
-        with pytest.raises(ConnectionResetError):
-            subject.recv(1)
+        with unanswered_port() as port:
+            subject = dial(rig, 22, port)
+            started = time.monotonic()
+            assert rig.wait_ended(timeout=5) == [(22, "upstream failed: TimeoutError", 0, 0, 0)]
+            assert 0.25 < time.monotonic() - started < 3
+            with pytest.raises(ConnectionResetError):
+                subject.recv(1)
     finally:
-        for s in fill:
-            s.close()
-        ls.close()
         rig.close()
 
 
 def test_close_ends_connects_in_progress_with_the_reason(tmp_path):
     rig = Rig(tmp_path / "store")
-    ls = socket.socket()
-    ls.bind(("127.0.0.1", 0))
-    ls.listen(0)
-    fill = [socket.create_connection(ls.getsockname(), 2)]  # backlog 0: one fills it
     try:
-        subject = dial(rig, 23, ls.getsockname()[1])
-        time.sleep(0.2)
-        rig.pump.close("agent stopping: test")
-        assert rig.wait_ended() == [(23, "agent stopping: test", 0, 0, 0)]
-        with pytest.raises(ConnectionResetError):
-            subject.recv(1)
+        with unanswered_port() as port:
+            subject = dial(rig, 23, port)
+            time.sleep(0.2)
+            rig.pump.close("agent stopping: test")
+            assert rig.wait_ended() == [(23, "agent stopping: test", 0, 0, 0)]
+            with pytest.raises(ConnectionResetError):
+                subject.recv(1)
     finally:
-        for s in fill:
-            s.close()
-        ls.close()
         rig.close()
