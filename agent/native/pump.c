@@ -1,7 +1,10 @@
-/* Relay threads for established sessions: read, record, send.
+/* Relay threads: connect upstream, then read, record, send.
  *
- * The Python proxy accepts, names the process, applies policy and connects
- * upstream; then it hands both sockets here.  Each direction of a session
+ * The Python proxy accepts, names the process and applies policy; then it
+ * hands the subject's socket here with the destination (Pump.connect), or
+ * two connected sockets (Pump.add).  A worker connects without blocking and
+ * ends the session "upstream failed: ..." with a reset to the subject when
+ * that fails or outlasts the timeout.  Each direction of a session
  * (subject -> destination, destination -> subject) is owned by one worker
  * thread, the two by different workers when there are two or more, so one
  * busy session keeps two cores busy: while one direction holds the chain to
