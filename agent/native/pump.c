@@ -197,6 +197,11 @@ static void retire(Worker *w, Dir *d) {
     w->buried = d;
 }
 
+static void wake(Worker *w) {
+    uint64_t one = 1;
+    (void)!write(w->wake, &one, sizeof one);
+}
+
 static void post(Worker *w, Dir *d) {
     Msg *m = malloc(sizeof *m);
     if (m == NULL) abort();
@@ -205,8 +210,7 @@ static void post(Worker *w, Dir *d) {
     m->next = w->msgs;
     w->msgs = m;
     pthread_mutex_unlock(&w->mu);
-    uint64_t one = 1;
-    (void)!write(w->wake, &one, sizeof one);
+    wake(w);
 }
 
 /* Cut the session: the first reason wins; the other direction is told. */
@@ -592,8 +596,7 @@ static void stop_workers(Pump *p, const char *reason) {
     p->closed = 1;
     snprintf(p->stop_reason, sizeof p->stop_reason, "%s", reason);
     __atomic_store_n(&p->stopping, 1, __ATOMIC_SEQ_CST);
-    uint64_t one = 1;
-    for (int i = 0; i < p->nworkers; i++) (void)!write(p->workers[i].wake, &one, sizeof one);
+    for (int i = 0; i < p->nworkers; i++) wake(&p->workers[i]);
     for (int i = 0; i < p->nworkers; i++) pthread_join(p->workers[i].thread, NULL);
     reset_remaining(p);
 }
@@ -689,8 +692,7 @@ static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd) {
         s->d[i].next = w->inbox;
         w->inbox = &s->d[i];
         pthread_mutex_unlock(&w->mu);
-        uint64_t one = 1;
-        (void)!write(w->wake, &one, sizeof one);
+        wake(w);
     }
     return 0;
 }
@@ -752,8 +754,7 @@ static PyObject *Pump_connect(Pump *p, PyObject *args) {
     d->next = w->dial_inbox;
     w->dial_inbox = d;
     pthread_mutex_unlock(&w->mu);
-    uint64_t one = 1;
-    (void)!write(w->wake, &one, sizeof one);
+    wake(w);
     Py_RETURN_NONE;
 }
 
