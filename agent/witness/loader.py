@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.witness import btf
+from agent.witness import btf, cgroup_link
 from agent.witness.events import Event, decode
 
 log = logging.getLogger("tollgate.witness")
@@ -35,7 +35,6 @@ def cgroup2_root(mounts_file: str = "/proc/mounts") -> str | None:
     except OSError:
         return None
     return min(found, key=len) if found else None
-_BPF_F_ALLOW_MULTI = 2
 MAX_SUBJECT_TASKS = 65536
 MAX_SOCKETS = 65536
 
@@ -109,8 +108,7 @@ class Probes:
         self.proxy_port = proxy_port
         self._on_event = on_event
         self._bpf = None
-        self._guard_fn = None
-        self._cgroup_fd = -1
+        self._guard_link = -1
         self._lost_seen = 0
         self.attached: list[str] = []
         self.handler_errors = 0
@@ -153,13 +151,16 @@ class Probes:
             fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         except Exception as e:
             raise WitnessUnavailable(f"guard program did not load: {e}") from e
+        hook = bcc.BPFAttachType.CGROUP_INET_SOCK_CREATE
         try:
-            bcc.BPF.attach_func(fn, fd, bcc.BPFAttachType.CGROUP_INET_SOCK_CREATE,
-                                _BPF_F_ALLOW_MULTI)
-        except Exception as e:
-            os.close(fd)
+            self._guard_link = cgroup_link.link(fn.fd, fd, hook)
+            swept = cgroup_link.sweep_legacy(fd, hook, "tg_guard_sock_create")
+        except OSError as e:
             raise WitnessUnavailable(f"guard did not attach to the cgroup2 root: {e}") from e
-        self._guard_fn, self._cgroup_fd = fn, fd
+        finally:
+            os.close(fd)
+        if swept:
+            log.warning("detached %d guard(s) an earlier agent left on %s", swept, root)
         self.attached.append(f"cgroup_inet_sock_create:{root}")
 
     def _on_ring(self, _ctx, data, size) -> None:
@@ -187,14 +188,9 @@ class Probes:
     def close(self) -> None:
         if self._bpf is None:
             return
-        if self._guard_fn is not None:
-            import bcc
-            try:
-                bcc.BPF.detach_func(self._guard_fn, self._cgroup_fd,
-                                    bcc.BPFAttachType.CGROUP_INET_SOCK_CREATE)
-            finally:
-                os.close(self._cgroup_fd)
-                self._guard_fn = None
+        if self._guard_link >= 0:
+            os.close(self._guard_link)   # closing the link detaches the guard
+            self._guard_link = -1
         self._bpf.cleanup()
         self._bpf = None
         self.attached = []
