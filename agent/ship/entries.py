@@ -2,7 +2,7 @@
 
 An entry carries the whole raw payload (base64) with the frame fields, so the
 cloud copy alone proves a record: sha256(encode_header(kind, len, seq, ts,
-prev) + payload) == hash. insertId and timestamp depend only on the record,
+prev) + sha256(payload)) == hash (format.frame_hash). insertId and timestamp depend only on the record,
 so a retried or re-read batch folds into the entries already written.
 """
 

@@ -12,8 +12,10 @@ A segment file is a run of frames. One frame:
     payload   length bytes
     crc32          4 bytes  over everything above; detects a torn tail cheaply
 
-A record's hash is SHA-256 of the frame without its crc, so the chain covers
-kind, sequence, time and payload. Seals (checkpoints) are ordinary records
+A record's hash is SHA-256(header || SHA-256(payload)), so the chain covers
+kind, sequence, time and payload; the payload's own digest needs no lock, so
+relay threads compute it in parallel before they take the chain (version 2;
+version 1 frames, hashed as SHA-256 of header || payload, are still read). Seals (checkpoints) are ordinary records
 whose payload signs a chain head; they need nothing more from the frame.
 """
 
@@ -26,7 +28,8 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"TG"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                      # what this build writes
+READABLE_VERSIONS = frozenset({1, 2})
 HEADER = struct.Struct(">2sBBIQQ32s")
 CRC = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
@@ -82,14 +85,25 @@ def encode_header(kind: int, length: int, seq: int, ts_ns: int, prev: bytes) -> 
     return HEADER.pack(MAGIC, FORMAT_VERSION, kind, length, seq, ts_ns, prev)
 
 
+def frame_hash(header: bytes | memoryview, *payload_parts: bytes | memoryview) -> bytes:
+    """The record's hash: the link the next frame's `prev` must hold."""
+    if header[2] == 1:
+        h = hashlib.sha256(header)
+        for part in payload_parts:
+            h.update(part)
+        return h.digest()
+    inner = hashlib.sha256()
+    for part in payload_parts:
+        inner.update(part)
+    return hashlib.sha256(bytes(header) + inner.digest()).digest()
+
+
 def frame_digest(header: bytes, *payload_parts: bytes) -> tuple[bytes, bytes]:
-    """(sha256, crc32 trailer) of one frame whose payload is the parts joined."""
-    h = hashlib.sha256(header)
+    """(record hash, crc32 trailer) of one frame whose payload is the parts joined."""
     crc = zlib.crc32(header)
     for part in payload_parts:
-        h.update(part)
         crc = zlib.crc32(part, crc)
-    return h.digest(), CRC.pack(crc)
+    return frame_hash(header, *payload_parts), CRC.pack(crc)
 
 
 def data_payload_head(session_id: int, direction: Direction) -> bytes:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from agent.store.format import (
-    CRC, FORMAT_VERSION, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, ZERO_HASH,
+    CRC, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, READABLE_VERSIONS, ZERO_HASH,
     Kind, Record, frame_digest,
 )
 
@@ -39,7 +39,7 @@ def _read_frame(buf: memoryview, off: int, name: str) -> tuple[Record | None, st
     if len(buf) - off < HEADER_SIZE:
         return None, "short header"
     magic, ver, kind, length, seq, ts, prev = HEADER.unpack_from(buf, off)
-    if magic != MAGIC or ver != FORMAT_VERSION:
+    if magic != MAGIC or ver not in READABLE_VERSIONS:
         return None, "bad magic"
     if length > MAX_PAYLOAD:
         return None, "length out of range"

@@ -16,7 +16,6 @@ break is unproven, so only the first one is exact):
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
@@ -28,8 +27,8 @@ import orjson
 
 from agent.store import seal as sealing
 from agent.store.format import (
-    CRC, FORMAT_VERSION, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, ZERO_HASH, Kind,
-    segment_name,
+    CRC, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, READABLE_VERSIONS, ZERO_HASH, Kind,
+    frame_hash, segment_name,
 )
 from agent.store.immutable import is_immutable
 from agent.store.keys import Ratchet
@@ -183,7 +182,7 @@ class _Verifier:
         else:
             magic, ver, kind, length, seq, ts, prev = HEADER.unpack_from(buf, off)
             end = off + HEADER_SIZE + length
-            if magic != MAGIC or ver != FORMAT_VERSION:
+            if magic != MAGIC or ver not in READABLE_VERSIONS:
                 why = "bad magic or version"
             elif length > MAX_PAYLOAD:
                 why = "length out of range"
@@ -205,7 +204,7 @@ class _Verifier:
         # at a segment's start the link is checked after its store id and name,
         # which say more precisely what happened
         self.linked = expect is None or prev == self.prev_hash
-        self.prev_hash = hashlib.sha256(buf[off:end]).digest()
+        self.prev_hash = frame_hash(buf[off:off + HEADER_SIZE], buf[off + HEADER_SIZE:end])
         self.frame_ts, self.frame_prev = ts, prev
         r = self.report
         if r.first_seq < 0:

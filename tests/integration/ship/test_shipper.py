@@ -75,7 +75,8 @@ def test_recorded_session_arrives_in_order_with_labels(server, store, tmp_path):
         raw = base64.b64decode(body["payload_b64"])
         # The cloud copy alone proves the record: its frame hash recomputes.
         header = encode_header(rec.kind, len(raw), seq, rec.ts_ns, bytes.fromhex(body["prev"]))
-        assert hashlib.sha256(header + raw).hexdigest() == body["hash"] == rec.hash.hex()
+        recomputed = hashlib.sha256(header + hashlib.sha256(raw).digest()).hexdigest()
+        assert recomputed == body["hash"] == rec.hash.hex()
     for seqs, subject in ((s1, "devin"), (s2, "1001")):
         arrived = [int(e.labels["seq"]) for e in server.entries
                    if e.labels.get("session") == str(seqs[0])]
