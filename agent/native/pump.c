@@ -322,7 +322,6 @@ static void on_readable(Worker *w, Dir *d) {
         if (!d->pend_len) finish(w, d);
         return;
     }
-    __atomic_add_fetch(&s->bytes[d->from], (uint64_t)n, __ATOMIC_RELAXED);
     int err = chain_append_data(w->pump->chain, s->sid, d->from, w->buf, (size_t)n);
     if (err) {
         char why[200];
@@ -330,6 +329,8 @@ static void on_readable(Worker *w, Dir *d) {
         cut(w, d, why, 1, 1, err);
         return;
     }
+    /* The close record's byte counts are what the store holds, not what was read. */
+    __atomic_add_fetch(&s->bytes[d->from], (uint64_t)n, __ATOMIC_RELAXED);
     if (is_dead(s)) {  /* cut by the other direction meanwhile: recorded, not forwarded */
         retire(w, d);
         return;

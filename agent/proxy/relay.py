@@ -50,8 +50,6 @@ class Close:
 @dataclass(frozen=True, slots=True)
 class Finish:
     reason: str
-    client_bytes: int  # subject -> destination
-    server_bytes: int  # destination -> subject
 
 
 Command = Record | Send | HalfClose | Close | Finish
@@ -59,6 +57,8 @@ Command = Record | Send | HalfClose | Close | Finish
 
 class Relay:
     def __init__(self) -> None:
+        # Bytes of each side the store holds (recorded()), not merely read:
+        # the close record counts what the evidence contains.
         self.bytes = [0, 0]
         self.eof = [False, False]
         self.finished = False
@@ -66,8 +66,11 @@ class Relay:
     def data_received(self, side: Side, data: bytes) -> list[Command]:
         if self.finished:
             return []
-        self.bytes[side] += len(data)
         return [Record(Direction(side), data), Send(side.other, data)]
+
+    def recorded(self, side: Side, size: int) -> None:
+        """A chunk of side's data is in the store."""
+        self.bytes[side] += size
 
     def eof_received(self, side: Side) -> list[Command]:
         if self.finished or self.eof[side]:
@@ -96,4 +99,4 @@ class Relay:
 
     def _finish(self, reason: str) -> Finish:
         self.finished = True
-        return Finish(reason, self.bytes[Side.CLIENT], self.bytes[Side.SERVER])
+        return Finish(reason)

@@ -243,10 +243,12 @@ class Connection:
 
     def _record(self, cmd: Record) -> int | None:
         try:
-            return self.proxy.store.append_data(self.session.id, cmd.direction, cmd.data)
+            seq = self.proxy.store.append_data(self.session.id, cmd.direction, cmd.data)
         except Exception as e:
             self._store_failed(e)
             return None
+        self.relay.recorded(Side(cmd.direction), len(cmd.data))
+        return seq
 
     def _store_failed(self, e: BaseException) -> None:
         """A chunk could not be made durable: cut the session (fail closed)."""
@@ -277,17 +279,23 @@ class Connection:
             e = f.exception() if not f.cancelled() else asyncio.CancelledError()
             if e is not None:
                 self._store_failed(e)
-            elif self.relay.finished:
-                pass  # cut meanwhile: nothing more is forwarded
-            elif self.proxy.durable is not None:
-                self._defer(f.result(), src, rest)  # blocks src until durable
             else:
-                self.run(rest)
-            if self._recording[src] < limit:
-                self.unblock(src, "record")
-            if not any(self._recording) and self._finished is not None:
-                self._close_record(self._finished)
+                self.relay.recorded(src, size)
+                if self.relay.finished:
+                    pass  # cut meanwhile: recorded, not forwarded
+                elif self.proxy.durable is not None:
+                    self._defer(f.result(), src, rest)  # blocks src until durable
+                else:
+                    self.run(rest)
+            self._settled(src, limit)
         fut.add_done_callback(recorded)
+
+    def _settled(self, src: Side, limit: int) -> None:
+        """A chunk left the recorder: read on, or write the close record last."""
+        if self._recording[src] < limit:
+            self.unblock(src, "record")
+        if not any(self._recording) and self._finished is not None:
+            self._close_record(self._finished)
 
     def _defer(self, seq: int, src: Side, rest: list[Command]) -> None:
         self.block(src, "durable")
@@ -320,7 +328,7 @@ class Connection:
 
     def _close_record(self, f: Finish) -> None:
         self._finished = None
-        self.proxy.close_record(self.session, f.reason, f.client_bytes, f.server_bytes)
+        self.proxy.close_record(self.session, f.reason, *self.relay.bytes)
 
     # -- the upstream side -------------------------------------------------------
 
