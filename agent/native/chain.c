@@ -101,6 +101,11 @@ int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, 
 /* Each relay thread hashes its own payloads, outside the chain's lock. */
 static __thread EVP_MD_CTX *thread_md;
 
+void chain_thread_exit(void) {
+    EVP_MD_CTX_free(thread_md);
+    thread_md = NULL;
+}
+
 int chain_append_data(Chain *c, uint64_t session, int direction, const void *data, size_t len) {
     uint8_t head[TG_DATA_HEAD_SIZE], pdigest[32];
     put_be64(head, session);

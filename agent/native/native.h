@@ -50,5 +50,7 @@ int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, 
                         const void *payload, size_t len, const uint8_t *pdigest, uint64_t *seq);
 /* The relay threads' append: lock, append, signal upkeep when due, unlock. */
 int chain_append_data(Chain *c, uint64_t session, int direction, const void *data, size_t len);
+/* A relay thread that appended frees its hashing context before it ends. */
+void chain_thread_exit(void);
 
 #endif
