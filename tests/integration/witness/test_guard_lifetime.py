@@ -42,17 +42,21 @@ os._exit(0)   # as a SIGKILLed agent of the old kind would: no detach
 """
 
 
-def guards() -> list[dict]:
+def guards() -> set[int]:
+    """Ids of the guard programs attached to the cgroup2 root. Other agents
+    (fixtures of other test modules) may hold theirs: tests compare sets."""
     out = subprocess.run(["bpftool", "-j", "cgroup", "show", cgroup2_root()],
                          capture_output=True, text=True, check=True).stdout
-    return [p for p in json.loads(out.strip() or "[]") if p.get("name", "").startswith(GUARD)]
+    return {p["id"] for p in json.loads(out.strip() or "[]")
+            if p.get("name", "").startswith(GUARD)}
 
 
-def wait_count(n: int, timeout: float = 5.0) -> list[dict]:
+def wait_guards(want: set[int], timeout: float = 5.0) -> set[int]:
+    """The attached set once it equals want (links are released asynchronously)."""
     deadline = time.monotonic() + timeout
-    while (found := guards()) and len(found) != n and time.monotonic() < deadline:
+    while (found := guards()) != want and time.monotonic() < deadline:
         time.sleep(0.05)
-    return guards()
+    return found
 
 
 def run_agent_side(code: str, *args: str) -> subprocess.Popen:
@@ -67,42 +71,50 @@ def subject_uid():
 
 
 def test_sigkilled_agent_leaves_no_guard_attached(subject_uid):
-    before = len(guards())
+    before = guards()
     p = run_agent_side(HOLD_PROBES, str(subject_uid))
     try:
         assert p.stdout.readline().strip() == "attached"
-        assert len(guards()) == before + 1
+        assert len(guards() - before) == 1
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    assert len(wait_count(before)) == before
+    assert wait_guards(before) == before
 
 
 def test_guards_left_by_old_agents_are_swept_on_start(subject_uid):
+    before = guards()
     for _ in range(3):
         subprocess.run([sys.executable, "-c", LEAVE_LEGACY_GUARD], check=True,
                        env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert len(guards()) >= 3
+    left = guards() - before
+    assert len(left) == 3
     probes = Probes([subject_uid], pages=8, guard=True, on_event=lambda e: None)
     probes.start()
     try:
-        assert len(guards()) == 1   # ours, attached through a link: the sweep spares it
+        now = guards()
+        ours = now - before
+        assert not now & left                 # the leftovers are gone
+        assert len(ours) == 1                 # ours, attached through a link
     finally:
         probes.close()
-    assert wait_count(0) == []
+    assert wait_guards(now - ours) == now - ours
 
 
 def test_sweep_spares_the_guard_of_another_running_agent(subject_uid):
+    before = guards()
     other = run_agent_side(HOLD_PROBES, str(subject_uid))
     try:
         assert other.stdout.readline().strip() == "attached"
+        theirs = guards() - before
         probes = Probes([subject_uid], pages=8, guard=True, on_event=lambda e: None)
         probes.start()
         try:
-            assert len(guards()) == 2
+            now = guards()
+            assert theirs <= now and len(now - before - theirs) == 1
         finally:
             probes.close()
-        assert len(wait_count(1)) == 1
+        assert wait_guards(before | theirs) == before | theirs
     finally:
         other.send_signal(signal.SIGKILL)
         other.wait()
