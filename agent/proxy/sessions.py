@@ -32,7 +32,10 @@ class Session:
 class SessionTable:
     def __init__(self, linger_s: float = 30.0) -> None:
         self._open: dict[Key, Session] = {}
-        self._closed: OrderedDict[Key, Session] = OrderedDict()
+        # Closed sessions by key -> when they closed. Only the key is asked
+        # for; at thousands of connections a second a Session with its
+        # attribution, kept linger_s, was tens of MiB.
+        self._closed: OrderedDict[Key, int] = OrderedDict()
         self._lock = threading.Lock()
         self.linger_s = linger_s
         self.opened = 0
@@ -46,15 +49,15 @@ class SessionTable:
         s.closed_ns = time.monotonic_ns()
         with self._lock:
             self._open.pop(s.key, None)
-            self._closed[s.key] = s
+            self._closed[s.key] = s.closed_ns
             self._closed.move_to_end(s.key)
             self._expire(s.closed_ns)
 
     def _expire(self, now_ns: int) -> None:
         horizon = now_ns - int(self.linger_s * 1e9)
         while self._closed:
-            key, old = next(iter(self._closed.items()))
-            if old.closed_ns >= horizon:
+            key, closed_ns = next(iter(self._closed.items()))
+            if closed_ns >= horizon:
                 break
             del self._closed[key]
 
