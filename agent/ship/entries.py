@@ -1,8 +1,10 @@
 """Store records -> Cloud Logging LogEntry protos, one record at a time.
 
 An entry carries the whole raw payload (base64) with the frame fields, so the
-cloud copy alone proves a record: sha256(encode_header(kind, len, seq, ts,
-prev) + sha256(payload)) == hash (format.frame_hash). insertId and timestamp depend only on the record,
+cloud copy alone proves a record: frame_hash(encode_header(kind, len, seq,
+ts, prev, format_version), payload) == hash, which for format_version 2 is
+sha256(header + sha256(payload)) and for 1 (stores written before) is
+sha256(header + payload). insertId and timestamp depend only on the record,
 so a retried or re-read batch folds into the entries already written.
 """
 
@@ -141,7 +143,8 @@ def _entry(record: Record, target: Target, subject: str | None, iid: str):
 
 def _body(record: Record) -> dict:
     body = {"seq": record.seq, "ts_ns": str(record.ts_ns), "kind": record.kind.name,
-            "hash": record.hash.hex(), "prev": record.prev.hex()}
+            "hash": record.hash.hex(), "prev": record.prev.hex(),
+            "format_version": record.version}
     if record.kind is Kind.DATA:
         sid, direction, _ = record.data()
         body.update(session=sid, direction=direction.name.lower())

@@ -70,6 +70,7 @@ class Record:
     hash: bytes
     segment: str
     offset: int
+    version: int = FORMAT_VERSION   # of the frame: it says how the hash was made
 
     def json(self) -> dict:
         import orjson
@@ -81,8 +82,9 @@ class Record:
         return sid, Direction(d), self.payload[DATA_HEAD.size:]
 
 
-def encode_header(kind: int, length: int, seq: int, ts_ns: int, prev: bytes) -> bytes:
-    return HEADER.pack(MAGIC, FORMAT_VERSION, kind, length, seq, ts_ns, prev)
+def encode_header(kind: int, length: int, seq: int, ts_ns: int, prev: bytes,
+                  version: int = FORMAT_VERSION) -> bytes:
+    return HEADER.pack(MAGIC, version, kind, length, seq, ts_ns, prev)
 
 
 def frame_hash(header: bytes | memoryview, *payload_parts: bytes | memoryview) -> bytes:

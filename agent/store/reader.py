@@ -55,7 +55,7 @@ def _read_frame(buf: memoryview, off: int, name: str) -> tuple[Record | None, st
         kind = Kind(kind)
     except ValueError:
         return None, f"unknown kind {kind}"
-    return Record(seq, ts, kind, prev, payload, digest, name, off), None
+    return Record(seq, ts, kind, prev, payload, digest, name, off, ver), None
 
 
 def scan_segment(path: Path, prev_hash: bytes | None = None,

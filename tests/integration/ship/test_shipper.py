@@ -51,6 +51,36 @@ def assert_whole_and_folded(server, store) -> None:
         assert all(c.SerializeToString(deterministic=True) == first for c in copies)
 
 
+def cloud_hash(body: dict, kind: Kind, seq: int) -> str:
+    """The record's hash from its cloud copy alone, as a reviewer would
+    recompute it (format 1: over header + payload; 2: header + its digest)."""
+    raw = base64.b64decode(body["payload_b64"])
+    version = int(body["format_version"])
+    header = encode_header(kind, len(raw), seq, int(body["ts_ns"]), bytes.fromhex(body["prev"]),
+                           version)
+    return hashlib.sha256(header + (raw if version == 1 else hashlib.sha256(raw).digest())
+                          ).hexdigest()
+
+
+def test_a_store_spanning_the_format_upgrade_is_proven_from_the_cloud(server, tmp_path):
+    import shutil
+    from agent.store import SealKey, StoreWriter
+    fixture = HERE.parents[1] / "unit" / "store" / "fixtures" / "format-v1"
+    shutil.copytree(fixture, tmp_path / "v1")
+    (tmp_path / "v1" / "seal.key").chmod(0o600)
+    w = StoreWriter(tmp_path / "v1" / "store", seal_key=SealKey(tmp_path / "v1" / "seal.key"))
+    for i in range(5):
+        w.append_data(9, Direction(i % 2), b"after the upgrade %d" % i)
+    w.close()
+    Shipper(ship_config(server, tmp_path / "state"), tmp_path / "v1" / "store").run_once()
+    recs = {r.seq: r for r in iter_records(tmp_path / "v1" / "store")}
+    bodies = {int(e.labels["seq"]): payload(e) for e in server.entries}
+    assert set(bodies) == set(recs)
+    assert {b["format_version"] for b in bodies.values()} == {1, 2}
+    for seq, rec in recs.items():
+        assert cloud_hash(bodies[seq], rec.kind, seq) == bodies[seq]["hash"] == rec.hash.hex()
+
+
 def test_recorded_session_arrives_in_order_with_labels(server, store, tmp_path):
     s1 = write_session(store, chunks=12, subject="devin")
     s2 = write_session(store, chunks=6, subject="1001")
@@ -73,10 +103,8 @@ def test_recorded_session_arrives_in_order_with_labels(server, store, tmp_path):
         assert e.labels["host"] and e.labels["seq"] == str(seq)
         body = payload(e)
         raw = base64.b64decode(body["payload_b64"])
-        # The cloud copy alone proves the record: its frame hash recomputes.
-        header = encode_header(rec.kind, len(raw), seq, rec.ts_ns, bytes.fromhex(body["prev"]))
-        recomputed = hashlib.sha256(header + hashlib.sha256(raw).digest()).hexdigest()
-        assert recomputed == body["hash"] == rec.hash.hex()
+        assert body["format_version"] == 2
+        assert cloud_hash(body, rec.kind, seq) == body["hash"] == rec.hash.hex()
     for seqs, subject in ((s1, "devin"), (s2, "1001")):
         arrived = [int(e.labels["seq"]) for e in server.entries
                    if e.labels.get("session") == str(seqs[0])]
