@@ -8,14 +8,15 @@ detaches it when the agent exits, however it exits. `sweep_legacy` removes
 guards earlier versions left attached the old way; it cannot touch a link, so
 it never detaches the guard of another running agent.
 
-Calls go to libbpf (the library BCC itself is built on) through ctypes.
+Calls go to libbpf through agent/witness/libbpf.py.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
-import ctypes.util
 import os
+
+from agent.witness.libbpf import check, lib
 
 _BPF_OBJ_NAME_LEN = 16
 _PROG_INFO_NAME_OFFSET = 64       # struct bpf_prog_info: name follows map_ids
@@ -23,68 +24,41 @@ _PROG_INFO_BYTES = 256            # room for the whole struct; the tail stays ze
 _MAX_QUERY = 64                   # the kernel's limit on programs per cgroup hook
 
 
-def _libbpf() -> ct.CDLL:
-    lib = ct.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
-    lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
-    lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
-                                   ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
-    lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
-    lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-    lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
-    return lib
-
-
-def _check(rc: int, what: str) -> int:
-    # libbpf returns -errno (and sets errno) on failure.
-    if rc < 0:
-        err = -rc if rc != -1 else ct.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return rc
-
-
 def link(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
     """Attach `prog_fd` to the cgroup; returns the link fd. Closing it detaches."""
-    return _check(_libbpf().bpf_link_create(prog_fd, cgroup_fd, attach_type, None),
-                  "BPF_LINK_CREATE")
+    return check(lib().bpf_link_create(prog_fd, cgroup_fd, attach_type, None),
+                 "BPF_LINK_CREATE")
 
 
 def attached_ids(cgroup_fd: int, attach_type: int) -> list[int]:
     """Ids of the programs attached directly to this cgroup at this hook."""
     ids = (ct.c_uint32 * _MAX_QUERY)()
     count, flags = ct.c_uint32(_MAX_QUERY), ct.c_uint32(0)
-    _check(_libbpf().bpf_prog_query(cgroup_fd, attach_type, 0, ct.byref(flags), ids,
-                                    ct.byref(count)), "BPF_PROG_QUERY")
+    check(lib().bpf_prog_query(cgroup_fd, attach_type, 0, ct.byref(flags), ids,
+                               ct.byref(count)), "BPF_PROG_QUERY")
     return list(ids[:count.value])
 
 
-def program_name(prog_id: int) -> str | None:
-    """The program's name (truncated by the kernel to 15 bytes), None if it is gone."""
-    lib = _libbpf()
-    fd = lib.bpf_prog_get_fd_by_id(prog_id)
-    if fd < 0:
-        return None
-    try:
-        info = ct.create_string_buffer(_PROG_INFO_BYTES)
-        size = ct.c_uint32(_PROG_INFO_BYTES)
-        _check(lib.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)), "BPF_OBJ_GET_INFO_BY_FD")
-        raw = info.raw[_PROG_INFO_NAME_OFFSET:_PROG_INFO_NAME_OFFSET + _BPF_OBJ_NAME_LEN]
-        return raw.split(b"\0", 1)[0].decode(errors="replace")
-    finally:
-        os.close(fd)
+def program_name(prog_fd: int) -> str:
+    """The program's name (truncated by the kernel to 15 bytes)."""
+    info = ct.create_string_buffer(_PROG_INFO_BYTES)
+    size = ct.c_uint32(_PROG_INFO_BYTES)
+    check(lib().bpf_obj_get_info_by_fd(prog_fd, info, ct.byref(size)), "BPF_OBJ_GET_INFO_BY_FD")
+    raw = info.raw[_PROG_INFO_NAME_OFFSET:_PROG_INFO_NAME_OFFSET + _BPF_OBJ_NAME_LEN]
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
 def sweep_legacy(cgroup_fd: int, attach_type: int, name: str) -> int:
     """Detach every legacy attachment of a program called `name`; returns how many."""
-    lib, wanted, swept = _libbpf(), name[:_BPF_OBJ_NAME_LEN - 1], 0
+    wanted, swept = name[:_BPF_OBJ_NAME_LEN - 1], 0
     for prog_id in attached_ids(cgroup_fd, attach_type):
-        if program_name(prog_id) != wanted:
-            continue
-        fd = lib.bpf_prog_get_fd_by_id(prog_id)
+        fd = lib().bpf_prog_get_fd_by_id(prog_id)
         if fd < 0:
-            continue
+            continue   # gone meanwhile
         try:
-            # Fails with ENOENT for a link-attached program: that one is alive.
-            if lib.bpf_prog_detach2(fd, cgroup_fd, attach_type) == 0:
+            # Detaching fails with ENOENT for a link-attached program: that one is alive.
+            if (program_name(fd) == wanted
+                    and lib().bpf_prog_detach2(fd, cgroup_fd, attach_type) == 0):
                 swept += 1
         finally:
             os.close(fd)

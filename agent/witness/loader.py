@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from agent.witness import btf, cgroup_link
+from agent.witness import btf, cgroup_link, libbpf
 from agent.witness.events import Event, decode
 
 log = logging.getLogger("tollgate.witness")
@@ -207,20 +207,16 @@ class _RingReader:
     record's callback had to take it back: per subject connection three
     contended hand-overs with the proxy's thread. Here the wait is a plain
     poll(2) on libbpf's epoll fd and the read goes through a PyDLL handle
-    (the GIL stays held), so the callbacks re-enter Python cheaply. The read
-    also drains records submitted with BPF_RB_NO_WAKEUP when the wait only
-    timed out.
+    (the GIL stays held), so the callbacks re-enter Python cheaply.
     """
 
     def __init__(self, manager: int) -> None:
-        libbpf = ct.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1")
-        libbpf.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
         held = ct.PyDLL(ctypes.util.find_library("bcc") or "libbcc.so.0")
         held.bpf_consume_ringbuf.argtypes = [ct.c_void_p]
         held.bpf_consume_ringbuf.restype = ct.c_int
         self._consume, self._manager = held.bpf_consume_ringbuf, manager
         self._waiter = select.poll()
-        self._waiter.register(libbpf.ring_buffer__epoll_fd(manager), select.POLLIN)
+        self._waiter.register(libbpf.lib().ring_buffer__epoll_fd(manager), select.POLLIN)
 
     def poll(self, timeout_ms: int) -> None:
         self._waiter.poll(timeout_ms)
