@@ -15,8 +15,9 @@ A segment file is a run of frames. One frame:
 A record's hash is SHA-256(header || SHA-256(payload)), so the chain covers
 kind, sequence, time and payload; the payload's own digest needs no lock, so
 relay threads compute it in parallel before they take the chain (version 2;
-version 1 frames, hashed as SHA-256 of header || payload, are still read). Seals (checkpoints) are ordinary records
-whose payload signs a chain head; they need nothing more from the frame.
+version 1 frames, hashed as SHA-256 of header || payload, are still read).
+Seals (checkpoints) are ordinary records whose payload signs a chain head;
+they need nothing more from the frame.
 """
 
 from __future__ import annotations
