@@ -101,4 +101,19 @@ struct tg_fork_event {    /* 64 bytes */
     __u32 _pad;
 };
 
+/* Not an event: the map `proxied` (tcp_connect.c), read by the cross-check
+ * only for a subject socket the proxy's own table does not know. */
+struct tg_peer {          /* key, 24 bytes: the subject's socket as the proxy's peer */
+    __u8 addr[16];        /* IPv4 as ::ffff:a.b.c.d, as the tracepoint stores it */
+    __u16 port;
+    __u8 _pad[6];
+};
+
+struct tg_proxy_side {    /* value, 32 bytes: the proxy's accepted socket */
+    __u64 ts_ns;          /* when it reached ESTABLISHED (CLOCK_MONOTONIC) */
+    __u8 local[16];       /* its local address (a listener's), IPv4 mapped */
+    __u16 family;
+    __u8 _pad[6];
+};
+
 #endif

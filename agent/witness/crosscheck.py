@@ -14,13 +14,14 @@ per socket, in tick(), when the socket's window has passed.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import ipaddress
 import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from agent.alerts import Appender, AlertType, record_alert
 from agent.witness.events import (
@@ -38,6 +39,11 @@ _AF_PACKET, _EPERM = 17, 1
 _CHECKED_MEMORY = 65536
 # The same UDP destination from the same process raises one alert per window.
 _UDP_REPEAT_S = 5.0
+
+
+# (ip, port) of a subject socket -> when the proxy's side of it established, and
+# the local address it was accepted on; None if the kernel saw no such socket.
+KernelProxied = Callable[[str, int], tuple[int, str] | None]
 
 
 class SessionLookup(Protocol):
@@ -65,6 +71,7 @@ def wall_ns(mono_ns: int) -> int:
     return time.time_ns() - time.monotonic_ns() + mono_ns
 
 
+@functools.lru_cache(maxsize=4096)
 def alternatives(ip: str) -> tuple[str, ...]:
     """An address and its v4-mapped twin, as the proxy may have seen either."""
     addr = ipaddress.ip_address(ip)
@@ -90,12 +97,12 @@ def tuple_evidence(family: int, t: Tuple4) -> dict:
 class CrossCheck:
     def __init__(self, store: Appender, sessions: SessionLookup, procs: ProcessTable, *,
                  window_ms: float, udp_allowed_ports: frozenset[int] = frozenset(),
-                 proxy: tuple[int, frozenset[str]] | None = None):
+                 proxy_listen: frozenset[str] = frozenset(),
+                 kernel_proxied: KernelProxied | None = None):
         self.store, self.sessions, self.procs = store, sessions, procs
-        # The proxy's port and listen addresses: its accepted sockets' peers
-        # are subject sockets the kernel itself saw go into the proxy.
-        self.proxy = proxy
-        self._proxied: OrderedDict[tuple[str, int], bool] = OrderedDict()
+        # What the kernel saw the proxy accept (loader.Probes.proxied), on the
+        # proxy's listen addresses: asked when the session table does not match.
+        self.proxy_listen, self.kernel_proxied = proxy_listen, kernel_proxied
         self.window_ns = int(window_ms * 1e6)
         self.udp_allowed_ports = udp_allowed_ports
         self._live: dict[int, _Conn] = {}               # socket address -> open socket
@@ -115,12 +122,6 @@ class CrossCheck:
             handler(self, ev)
 
     def _on_tcp(self, ev: TcpEvent) -> None:
-        if self._is_proxy_side(ev):
-            with self._lock:
-                self._proxied[(ev.daddr, ev.dport)] = True
-                while len(self._proxied) > _CHECKED_MEMORY:
-                    self._proxied.popitem(last=False)
-            return
         with self._lock:
             conn = self._live.get(ev.sk)
             if conn is not None and ev.newstate == "SYN_SENT":
@@ -141,13 +142,12 @@ class CrossCheck:
                 conn.closed = True
                 del self._live[ev.sk]
 
-    def _is_proxy_side(self, ev: TcpEvent) -> bool:
-        return (self.proxy is not None and ev.sport == self.proxy[0]
-                and ev.oldstate in ("SYN_RECV", "NEW_SYN_RECV") and ev.saddr in self.proxy[1])
-
-    def _kernel_proxied(self, t: Tuple4) -> bool:
-        with self._lock:
-            return self._proxied.pop((t[0], t[1]), False)
+    def _kernel_proxied(self, conn: _Conn, t: Tuple4) -> bool:
+        seen = self.kernel_proxied(t[0], t[1]) if self.kernel_proxied is not None else None
+        # An entry from before this socket's connect is an earlier socket's
+        # that had the same address and port: no proof for this one.
+        return (seen is not None and seen[0] >= conn.opened.ts_ns
+                and seen[1] in self.proxy_listen)
 
     def _schedule(self, conn: _Conn, ts_ns: int) -> None:
         conn.deadline_ns = ts_ns + self.window_ns
@@ -186,8 +186,9 @@ class CrossCheck:
         if not ev.sport:              # closed before a port was bound: nothing sent
             self.counts["tcp_unbound"] += 1
             return
-        kernel = self._kernel_proxied(t)
-        matched = kernel or matches(self.sessions, t)
+        in_table = matches(self.sessions, t)
+        kernel = not in_table and self._kernel_proxied(conn, t)
+        matched = in_table or kernel
         self._remember(t, matched)
         if matched:
             self.counts["tcp_matched_in_kernel" if kernel else "tcp_matched"] += 1

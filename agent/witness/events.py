@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 __all__ = ["EventType", "Header", "TcpEvent", "UdpEvent", "SocketEvent", "NetnsEvent",
            "ExecEvent", "UidEvent", "ForkEvent", "ExitEvent", "Event", "decode",
-           "TCP_STATES", "AF_INET", "AF_INET6"]
+           "TCP_STATES", "AF_INET", "AF_INET6", "Peer", "ProxySide", "peer_key", "mapped_text"]
 
 AF_INET, AF_INET6 = 2, 10
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
@@ -83,9 +83,20 @@ class _Fork(ct.Structure):
     _fields_ = [("h", _Header), ("child_pid", ct.c_uint32), ("_pad", ct.c_uint32)]
 
 
+class Peer(ct.Structure):
+    """Key of the map `proxied`: a subject socket as the proxy's peer."""
+    _fields_ = [("addr", ct.c_uint8 * 16), ("port", ct.c_uint16), ("_pad", ct.c_uint8 * 6)]
+
+
+class ProxySide(ct.Structure):
+    """Value of the map `proxied`: the proxy's accepted socket."""
+    _fields_ = [("ts_ns", ct.c_uint64), ("local", ct.c_uint8 * 16), ("family", ct.c_uint16),
+                ("_pad", ct.c_uint8 * 6)]
+
+
 # Sizes as written in bpf/events.h.
 for _cls, _size in ((_Header, 56), (_Tcp, 104), (_Udp, 88), (_Socket, 72), (_Netns, 88),
-                    (_Exec, 456), (_Uid, 80), (_Fork, 64)):
+                    (_Exec, 456), (_Uid, 80), (_Fork, 64), (Peer, 24), (ProxySide, 32)):
     assert ct.sizeof(_cls) == _size, f"{_cls.__name__} is {ct.sizeof(_cls)} bytes, not {_size}"
 
 
@@ -185,6 +196,18 @@ def _addr(family: int, raw) -> str:
     if family == AF_INET6:
         return socket.inet_ntop(socket.AF_INET6, bytes(raw))
     return ""
+
+
+def peer_key(ip: str, port: int) -> Peer:
+    """The map key for a socket address: IPv4 as ::ffff:a.b.c.d, as the kernel stores it."""
+    packed = (b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, ip)
+              if ":" not in ip else socket.inet_pton(socket.AF_INET6, ip))
+    return Peer((ct.c_uint8 * 16).from_buffer_copy(packed), port)
+
+
+def mapped_text(family: int, raw) -> str:
+    """A 16-byte address as the kernel stored it (IPv4 mapped) -> text, as _addr gives it."""
+    return _addr(family, bytes(raw)[12:] if family == AF_INET else raw)
 
 
 def _head(h: _Header) -> dict:

@@ -1,7 +1,8 @@
 """The few libbpf calls the witness makes beside BCC, bound once through ctypes.
 
 libbpf is the library BCC itself is built on (libbpf1); BCC exposes neither
-BPF links nor the ring buffer's epoll fd.
+BPF links nor the ring buffer's epoll fd, and its map lookups parse the key
+types from C text (the mirrors in events.py are what the witness checks).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def lib() -> ct.CDLL:
     bpf.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
     bpf.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
     bpf.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
+    bpf.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
     return bpf
 
 

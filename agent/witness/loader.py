@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from agent.witness import btf, cgroup_link, libbpf
-from agent.witness.events import Event, decode
+from agent.witness.events import Event, ProxySide, decode, mapped_text, peer_key
 
 log = logging.getLogger("tollgate.witness")
 
@@ -184,6 +184,18 @@ class Probes:
         total = sum(self._bpf[b"lost"][ct.c_int(0)])
         delta, self._lost_seen = total - self._lost_seen, total
         return delta
+
+    def proxied(self, ip: str, port: int) -> tuple[int, str] | None:
+        """When the proxy's side of a connection from (ip, port) established,
+        and its local address; None if the kernel saw none (or no proxy port)."""
+        if self.proxy_port is None or self._bpf is None:
+            return None
+        side = ProxySide()
+        key = peer_key(ip, port)
+        if libbpf.lib().bpf_map_lookup_elem(self._bpf[b"proxied"].map_fd, ct.byref(key),
+                                            ct.byref(side)) != 0:
+            return None
+        return side.ts_ns, mapped_text(side.family, side.local)
 
     def subject_pids(self) -> set[int]:
         return {k.value for k in self._bpf[b"subject_tgids"].keys()}

@@ -39,11 +39,12 @@ class Witness:
         self.check = CrossCheck(store, sessions, self.procs, window_ms=wc.match_window_ms,
                                 udp_allowed_ports=frozenset({DNS_PORT}) if config.dns.enabled
                                 else frozenset(),
-                                proxy=(config.proxy.port, frozenset(config.proxy.listen)))
+                                proxy_listen=frozenset(config.proxy.listen))
         self._listeners: list[Callable[[Event], None]] = []
         self.probes = Probes(uids, pages=wc.perf_pages, guard=wc.guard,
                              on_event=self._dispatch, all_tcp_states=wc.all_tcp_states,
                              proxy_port=config.proxy.port)
+        self.check.kernel_proxied = self.probes.proxied
         self.sweep = Sweep(self.check, uids, self.probes.subject_pids)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

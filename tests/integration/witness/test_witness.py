@@ -17,6 +17,7 @@ from .conftest import running_witness, witness_config
 PORT = 18431
 BURST_PORT = 18432
 MATCH_PORT = 18433
+PROXY_PORT = witness_config().proxy.port    # no proxy runs: a plain server takes its port
 SUBJ_CONNECT = r"""
 import json, os, socket, sys
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
@@ -27,7 +28,7 @@ print(json.dumps({"pid": os.getpid(), "sport": s.getsockname()[1]}))
 
 @pytest.fixture(scope="module")
 def server(netns_inode):
-    procs = [helpers.start_server(p) for p in (PORT, BURST_PORT, MATCH_PORT)]
+    procs = [helpers.start_server(p) for p in (PORT, BURST_PORT, MATCH_PORT, PROXY_PORT)]
     yield
     for p in procs:
         p.kill()
@@ -199,6 +200,21 @@ def test_burst_of_known_connections_has_no_false_bypass(witness, store_dir, sess
     assert witness.check.counts["tcp_matched"] - before == 2000
     assert helpers.none_match(store_dir, type="bypass", dport=BURST_PORT)
     assert witness.statistics()["lost"] == 0
+
+
+def test_socket_the_proxy_port_accepted_is_proven_by_the_kernel(witness, store_dir, sessions):
+    """The session table does not know these; the kernel saw the proxy's port
+    accept them on its listen addresses (the map `proxied`): no bypass."""
+    assert PROXY_PORT not in sessions.dst_ports
+    before = witness.check.counts["tcp_matched_in_kernel"]
+    sports = [helpers.run_subject(SUBJ_CONNECT, addr, str(PROXY_PORT))["sport"]
+              for addr in ("127.0.0.1", "::1")]
+    deadline = time.monotonic() + 3
+    while witness.check.counts["tcp_matched_in_kernel"] - before < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert witness.check.counts["tcp_matched_in_kernel"] - before == 2
+    for sport in sports:
+        assert helpers.none_match(store_dir, type="bypass", sport=sport)
 
 
 def test_statistics_shape(witness):

@@ -1,0 +1,80 @@
+"""The cross-check's verdict on one subject socket: the proxy's session table
+first, then the kernel's record of the proxy accepting it (the map `proxied`).
+A kernel record counts only if it is newer than the socket's connect and was
+accepted on one of the proxy's listen addresses; anything else is a bypass."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.store.format import Kind
+from agent.witness.crosscheck import CrossCheck
+from agent.witness.events import TcpEvent
+from agent.witness.procs import ProcessTable
+
+SRC, DST = ("10.0.0.5", 40000), ("10.77.0.2", 5432)
+CONNECT_NS, WINDOW_MS = 1_000_000, 50
+
+
+class Alerts:
+    def __init__(self):
+        self.alerts: list[dict] = []
+
+    def append_json(self, kind, obj, ts_ns=None):
+        assert kind == Kind.ALERT
+        self.alerts.append(obj)
+        return len(self.alerts)
+
+
+class Table:
+    def __init__(self, known: bool):
+        self.known = known
+
+    def match(self, client_ip, client_port, dst_ip, dst_port):
+        return self.known and (client_ip, client_port, dst_ip, dst_port) == (*SRC, *DST)
+
+
+def event(state: str, ts_ns: int, sport: int) -> TcpEvent:
+    return TcpEvent(ts_ns=ts_ns, pid=7, tgid=7, uid=1000, cgroup_id=1, netns=2, comm="curl",
+                    sk=0xABC, family=2, saddr=SRC[0], sport=sport, daddr=DST[0], dport=DST[1],
+                    oldstate="CLOSE" if state == "SYN_SENT" else "SYN_SENT", newstate=state)
+
+
+def judge(known: bool, kernel: tuple[int, str] | None) -> tuple[CrossCheck, Alerts, list]:
+    asked: list = []
+
+    def proxied(ip: str, port: int):
+        asked.append((ip, port))
+        return kernel
+
+    alerts = Alerts()
+    check = CrossCheck(alerts, Table(known), ProcessTable(lambda uid: uid == 1000),
+                       window_ms=WINDOW_MS, proxy_listen=frozenset({"127.0.0.1", "::1"}),
+                       kernel_proxied=proxied)
+    check.on_event(event("SYN_SENT", CONNECT_NS, 0))
+    check.on_event(event("ESTABLISHED", CONNECT_NS + 30_000, SRC[1]))
+    check.tick(CONNECT_NS + 10**9)
+    return check, alerts, asked
+
+
+def test_the_session_table_answers_first_and_the_kernel_is_not_asked():
+    check, alerts, asked = judge(True, None)
+    assert check.counts["tcp_matched"] == 1 and not alerts.alerts and asked == []
+
+
+def test_a_fresh_kernel_record_on_a_listen_address_proves_the_proxy_took_it():
+    check, alerts, asked = judge(False, (CONNECT_NS + 40_000, "127.0.0.1"))
+    assert check.counts["tcp_matched_in_kernel"] == 1 and not alerts.alerts
+    assert asked == [SRC]
+
+
+@pytest.mark.parametrize("kernel", [
+    None,                                         # the kernel saw no proxy side
+    (CONNECT_NS - 1, "127.0.0.1"),                # an earlier socket's, same address and port
+    (CONNECT_NS + 40_000, "10.0.0.9"),            # accepted elsewhere on the proxy's port
+], ids=["none", "stale", "not-a-listen-address"])
+def test_anything_else_is_a_bypass(kernel):
+    check, alerts, _ = judge(False, kernel)
+    assert check.counts["tcp_bypass"] == 1 and check.counts["tcp_matched_in_kernel"] == 0
+    [alert] = alerts.alerts
+    assert alert["type"] == "bypass" and alert["evidence"]["sport"] == SRC[1]
