@@ -95,7 +95,8 @@ struct Worker {
     struct Pump *pump;
     pthread_t thread;
     int ep, wake;
-    pthread_mutex_t mu;        /* inbox and messages */
+    pthread_mutex_t mu;        /* inbox, messages, dial inbox, wake_pending */
+    int wake_pending;          /* woken since the inbox was last taken: no second write */
     Dir *inbox, *live;
     Msg *msgs;
     Dir *buried;               /* retired this batch, released after it */
@@ -138,6 +139,7 @@ static void unref(Sess *s) {
 static void push_done(Pump *p, uint64_t sid, const char *reason, uint64_t client_bytes,
                       uint64_t server_bytes, int store_errno) {
     pthread_mutex_lock(&p->done_mu);
+    int first = p->ndone == 0;  /* later ones are taken by the same finished() */
     if (p->ndone == p->cap) {
         size_t cap = p->cap ? p->cap * 2 : 64;
         Done *d = realloc(p->done, cap * sizeof *d);
@@ -154,7 +156,7 @@ static void push_done(Pump *p, uint64_t sid, const char *reason, uint64_t client
     p->live_count--;
     pthread_mutex_unlock(&p->done_mu);
     uint64_t one = 1;
-    (void)!write(p->done_fd, &one, sizeof one);
+    if (first) (void)!write(p->done_fd, &one, sizeof one);
 }
 
 static void close_side(Sess *s, int side) {
@@ -202,6 +204,15 @@ static void wake(Worker *w) {
     (void)!write(w->wake, &one, sizeof one);
 }
 
+/* With w->mu held, after queueing for w: whether to wake it. Once per
+ * taking of the inbox is enough, since the worker takes everything queued
+ * by then; under load most hand-overs then cost no write and no wake-up. */
+static int wake_due_locked(Worker *w) {
+    int due = !w->wake_pending;
+    w->wake_pending = 1;
+    return due;
+}
+
 static void post(Worker *w, Dir *d) {
     Msg *m = malloc(sizeof *m);
     if (m == NULL) abort();
@@ -209,8 +220,9 @@ static void post(Worker *w, Dir *d) {
     pthread_mutex_lock(&w->mu);
     m->next = w->msgs;
     w->msgs = m;
+    int due = wake_due_locked(w);
     pthread_mutex_unlock(&w->mu);
-    wake(w);
+    if (due) wake(w);
 }
 
 /* Cut the session: the first reason wins; the other direction is told. */
@@ -377,6 +389,7 @@ static void take_inbox(Worker *w) {
     Msg *m = w->msgs;
     w->inbox = NULL;
     w->msgs = NULL;
+    w->wake_pending = 0;       /* take_dials follows: what comes after that wakes us */
     pthread_mutex_unlock(&w->mu);
     while (d) {            /* new directions first: a message may be about one of them */
         Dir *next = d->next;
@@ -693,8 +706,9 @@ static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd) {
         pthread_mutex_lock(&w->mu);
         s->d[i].next = w->inbox;
         w->inbox = &s->d[i];
+        int due = wake_due_locked(w);
         pthread_mutex_unlock(&w->mu);
-        wake(w);
+        if (due) wake(w);
     }
     return 0;
 }
@@ -755,8 +769,9 @@ static PyObject *Pump_connect(Pump *p, PyObject *args) {
     pthread_mutex_lock(&w->mu);
     d->next = w->dial_inbox;
     w->dial_inbox = d;
+    int due = wake_due_locked(w);
     pthread_mutex_unlock(&w->mu);
-    wake(w);
+    if (due) wake(w);
     Py_RETURN_NONE;
 }
 
