@@ -4,7 +4,8 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "agent.native._native",
-    sources=["agent/native/module.c", "agent/native/chain.c", "agent/native/pump.c"],
+    sources=["agent/native/module.c", "agent/native/chain.c", "agent/native/pump.c",
+             "agent/native/accept.c"],
     depends=["agent/native/native.h"],
     libraries=["crypto", "isal"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",

@@ -3,8 +3,10 @@
 Chain: the store's append point (frame, SHA-256 chain, crc, writev) and the
 store writer's lock. Pump: relay threads that read a session's sockets,
 append each chunk to the chain and send it on, without the GIL.
+accept_redirected, original_dst: accepting redirected connections with
+their destination before the redirect (accept.c).
 """
 
-from agent.native._native import Chain, Pump
+from agent.native._native import Chain, Pump, accept_redirected, original_dst
 
-__all__ = ["Chain", "Pump"]
+__all__ = ["Chain", "Pump", "accept_redirected", "original_dst"]

@@ -1,9 +1,10 @@
-/* agent.native._native: the Chain and Pump types (see native.h). */
+/* agent.native._native: the Chain and Pump types and accept.c's functions (see native.h). */
 #include "native.h"
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "agent.native._native",
-    "The native data plane: the store's append point and the relay threads.", -1, NULL,
+    "The native data plane: the store's append point, the relay threads, and "
+    "accepting redirected connections.", -1, accept_methods,
 };
 
 PyMODINIT_FUNC PyInit__native(void) {

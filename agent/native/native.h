@@ -39,6 +39,7 @@ typedef struct {
 
 extern PyTypeObject ChainType;
 extern PyTypeObject PumpType;
+extern PyMethodDef accept_methods[];  /* accept.c */
 
 /* SHA-256 of prefix || payload into out[32]: the part of a record's hash that
  * needs no lock, so relay threads compute it in parallel.  0, or EIO. */

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 
-from agent.native import Pump
-from agent.proxy.origdst import NotRedirected, original_dst, plain_ip
+from agent.native import Pump, accept_redirected
 from agent.proxy.server import Proxy, _listening_socket, _why, reset_socket
 from agent.proxy.sessions import Session
 
@@ -65,41 +65,32 @@ class Handoff:
     # -- accepting -------------------------------------------------------------
 
     def _accept(self, lsock: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, peer = lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # EMFILE and the like: the backlog keeps them
-                log.warning("accept failed: %s", e.strerror)
-                return
-            self._accepted(sock, peer)
+        # One native call per wake-up: accept4 and the original destination of
+        # each, without a Python socket object per connection.
+        accepted, not_redirected, err = accept_redirected(lsock.fileno(), ACCEPT_BATCH)
+        self.proxy.stats["not_redirected"] += not_redirected
+        if err:  # EMFILE and the like: the backlog keeps them
+            log.warning("accept failed: %s", os.strerror(err))
+        for fd, client, dst in accepted:
+            self._accepted(fd, client, dst)
 
-    def _accepted(self, sock: socket.socket, peer: tuple) -> None:
-        proxy = self.proxy
-        try:
-            dst = original_dst(sock)
-        except NotRedirected:
-            proxy.stats["not_redirected"] += 1
-            sock.close()
-            return
-        sock.setblocking(False)
-        session = proxy.open_session((plain_ip(peer[0]), peer[1]), (plain_ip(dst[0]), dst[1]))
+    def _accepted(self, fd: int, client: tuple[str, int], dst: tuple[str, int]) -> None:
+        session = self.proxy.open_session(client, dst)
         if session is None:
-            reset_socket(sock)
+            reset_fd(fd)
             return
-        task = asyncio.get_running_loop().create_task(self._open(sock, session))
+        task = asyncio.get_running_loop().create_task(self._open(fd, session))
         self.opening.add(task)
         task.add_done_callback(self.opening.discard)
 
-    async def _open(self, client: socket.socket, session: Session) -> None:
+    async def _open(self, client: int, session: Session) -> None:
         """Name the process, apply policy, then hand the socket to the pump,
         which connects upstream itself (off this thread) and relays."""
         proxy = self.proxy
         try:
             await proxy.attribute(session)
         except asyncio.CancelledError as e:
-            reset_socket(client)
+            reset_fd(client)
             proxy.close_record(session, str(e.args[0]) if e.args else "cancelled", 0, 0)
             return
         why = proxy.refusal(session.original_dst)
@@ -109,16 +100,15 @@ class Handoff:
             self._fail(client, session, f"refused: {why}")
             return
         try:
-            self.pump.connect(session.id, client.fileno(), *session.original_dst)
+            self.pump.connect(session.id, client, *session.original_dst)  # the pump owns it now
         except (OSError, RuntimeError, ValueError) as e:
-            reset_socket(client)
+            reset_fd(client)
             proxy.close_record(session, f"relay failed: {_why(e)}", 0, 0)
             return
         self.relayed[session.id] = session
-        client.detach()  # the pump owns it now
 
-    def _fail(self, client: socket.socket, session: Session, error: str) -> None:
-        reset_socket(client)
+    def _fail(self, client: int, session: Session, error: str) -> None:
+        reset_fd(client)
         self.proxy.close_record(session, f"upstream failed: {error}", 0, 0)
 
     # -- ended sessions ----------------------------------------------------------
@@ -134,3 +124,8 @@ class Handoff:
                 proxy.hooks.store_failed(proxy.store.failed_in_relay(store_errno))
             proxy.close_record(session, reason, client_bytes, server_bytes)
 
+
+
+def reset_fd(fd: int) -> None:
+    """Reset an accepted connection the pump never took."""
+    reset_socket(socket.socket(fileno=fd))

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import struct
 
-SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
-IP6T_SO_ORIGINAL_DST = 80     # linux/netfilter_ipv6/ip6_tables.h
-_SOCKADDR_IN = struct.Struct("!2xH4s8x")
-_SOCKADDR_IN6 = struct.Struct("!2xH4x16s4x")
+from agent import native
 
 
 class NotRedirected(Exception):
@@ -17,29 +13,13 @@ class NotRedirected(Exception):
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int]:
-    """(ip, port) the client connected to before nftables redirected it.
-
-    An IPv4 client on a dual-stack listener shows up as ::ffff:a.b.c.d; its
-    NAT record is an IPv4 one, so it is asked for with the IPv4 option.
-    """
-    if sock.family == socket.AF_INET6 and not _is_v4_mapped(sock.getpeername()[0]):
-        return _ask(sock, socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6,
-                    socket.AF_INET6)
-    return _ask(sock, socket.IPPROTO_IP, SO_ORIGINAL_DST, _SOCKADDR_IN, socket.AF_INET)
-
-
-def _ask(sock: socket.socket, level: int, opt: int, layout: struct.Struct,
-         family: int) -> tuple[str, int]:
+    """(ip, port) the client connected to before nftables redirected it, from
+    conntrack's NAT record (agent/native/accept.c, which the native plane's
+    accept uses too); IPv4 clients of a dual-stack listener come out plain."""
     try:
-        raw = sock.getsockopt(level, opt, layout.size)
+        return native.original_dst(sock.fileno())
     except OSError as e:
         raise NotRedirected(str(e)) from e
-    port, addr = layout.unpack_from(raw)
-    return socket.inet_ntop(family, addr), port
-
-
-def _is_v4_mapped(ip: str) -> bool:
-    return ipaddress.ip_address(ip.split("%")[0]).ipv4_mapped is not None
 
 
 def plain_ip(ip: str) -> str:

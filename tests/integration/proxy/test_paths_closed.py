@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from agent.demo.sandbox import CORP_V4, wait_for
 from agent.review.sessions import list_alerts, list_sessions, session_records
 from agent.review.replay import raw_bytes
@@ -157,3 +159,24 @@ def test_connection_while_rule_deleted_is_bypass_then_rule_is_back(agent, sandbo
     assert ev["uid"] == uid and 8080 in (ev.get("dport"), ev.get("original_destination", [0, 0])[1]) \
         or "8080" in json.dumps(ev), ev
     assert alerts_of(agent, "rules_tampered")
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1", "::1"])
+def test_dialling_the_proxy_port_directly_is_refused_as_a_loop(agent, sandbox, listen):
+    """conntrack tracks it unNATed, so its original destination is the proxy
+    itself (accept path of both data planes, IPv4 and IPv6): refused, and the
+    refusal is a recorded session like any other."""
+    before = len(sessions_to_port(agent, listen, 15001))
+    probe = ("import socket, sys\ns = socket.create_connection((sys.argv[1], 15001), 5)\n"
+             "s.settimeout(5)\ntry:\n    print(repr(s.recv(1)))\n"
+             "except ConnectionResetError:\n    print('reset')")
+    r = sandbox.run(sandbox.bastion, [sys.executable, "-c", probe, listen], text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "reset", r
+    found = wait_for(lambda: [s for s in sessions_to_port(agent, listen, 15001)[before:]
+                              if s.close], 5, what="the refused session")
+    assert found[0].close["reason"] == "upstream failed: refused: destination is the proxy itself"
+    assert found[0].client[0] == listen
+
+
+def sessions_to_port(agent, ip: str, port: int) -> list:
+    return [s for s in list_sessions(agent.store) if s.original_dst == (ip, port)]
