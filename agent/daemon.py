@@ -248,6 +248,12 @@ class Agent:
 
     # -- hooks the proxy calls -------------------------------------------------------
 
+    def attribute_now(self, session: Session) -> dict | None:
+        """attribute() without waiting, when the witness already has the event."""
+        if self.connects is None:
+            return None
+        return self.connects.attribution_now(session.client, session.original_dst)
+
     async def attribute(self, session: Session) -> dict:
         """From the witness's connect event when it has one (cheap, and names
         even a process that has exited); else from sock_diag and /proc."""

@@ -79,20 +79,27 @@ class Handoff:
         if session is None:
             reset_fd(fd)
             return
+        if self.proxy.attribute_now(session):   # the witness was first: no task
+            self._relay(fd, session)
+            return
         task = asyncio.get_running_loop().create_task(self._open(fd, session))
         self.opening.add(task)
         task.add_done_callback(self.opening.discard)
 
     async def _open(self, client: int, session: Session) -> None:
-        """Name the process, apply policy, then hand the socket to the pump,
-        which connects upstream itself (off this thread) and relays."""
-        proxy = self.proxy
+        """Name the process (waiting for the witness's event or /proc)."""
         try:
-            await proxy.attribute(session)
+            await self.proxy.attribute(session)
         except asyncio.CancelledError as e:
             reset_fd(client)
-            proxy.close_record(session, str(e.args[0]) if e.args else "cancelled", 0, 0)
+            self.proxy.close_record(session, str(e.args[0]) if e.args else "cancelled", 0, 0)
             return
+        self._relay(client, session)
+
+    def _relay(self, client: int, session: Session) -> None:
+        """Apply policy, then hand the socket to the pump, which connects
+        upstream itself (off this thread) and relays."""
+        proxy = self.proxy
         why = proxy.refusal(session.original_dst)
         if why:
             proxy.stats["refused"] += 1

@@ -51,6 +51,9 @@ class Hooks(Protocol):
     """What the daemon supplies: who made a connection, and what to do when
     the store fails or policy refuses."""
     def attribute(self, session: Session) -> Awaitable[dict]: ...
+    def attribute_now(self, session: Session) -> dict | None:
+        """What attribute() would give, if known without waiting; else None."""
+        ...
     def store_failed(self, error: Exception) -> None: ...
     def refused(self, session: Session, why: str) -> None: ...
 
@@ -117,8 +120,20 @@ class Proxy:
         why = None if self.accepting else "agent cannot record (store failing)"
         return why or self.policy.refuse(*dst)
 
+    def attribute_now(self, session: Session) -> bool:
+        """Name the session's process if that needs no waiting (no task per
+        connection then); False if attribute() must be awaited."""
+        info = self.hooks.attribute_now(session)
+        if info is None:
+            return False
+        self._record_info(session, info)
+        return True
+
     async def attribute(self, session: Session) -> None:
-        session.info = await self.hooks.attribute(session)
+        self._record_info(session, await self.hooks.attribute(session))
+
+    def _record_info(self, session: Session, info: dict) -> None:
+        session.info = info
         try:
             self.store.append_json(Kind.SESSION_INFO, {"session": session.id, **session.info})
         except Exception as e:

@@ -44,6 +44,16 @@ class ConnectTable:
             loop, fut = waiter
             loop.call_soon_threadsafe(_resolve, fut, ev)
 
+    def attribution_now(self, client: tuple[str, int], dst: tuple[str, int]) -> dict | None:
+        """The session's evidence if its event has already arrived, else None
+        (the proxy then asks attribution(), which waits)."""
+        with self._lock:
+            ev = self._seen.pop((*client, *dst), None)
+        if ev is None:
+            return None
+        self.hits += 1
+        return self._evidence(ev)
+
     async def attribution(self, client: tuple[str, int], dst: tuple[str, int],
                           wait_s: float) -> dict | None:
         """The session's evidence from the kernel, waiting up to wait_s for

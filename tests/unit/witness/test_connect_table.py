@@ -51,3 +51,12 @@ def test_no_event_is_a_miss_after_the_wait_and_forgets_the_question():
     assert (t.hits, t.misses) == (0, 1)
     t.on_event(established(os.getpid()))  # late: kept for a later question, not a stale waiter
     assert asyncio.run(t.attribution(CLIENT, DST, 0.05))["pid"] == os.getpid()
+
+
+def test_asking_without_waiting_takes_an_arrived_event_once():
+    t = table()
+    assert t.attribution_now(CLIENT, DST) is None       # nothing yet, and nothing left waiting
+    t.on_event(established(os.getpid()))
+    info = t.attribution_now(CLIENT, DST)
+    assert info["pid"] == os.getpid() and t.hits == 1
+    assert t.attribution_now(CLIENT, DST) is None       # taken: a later socket is asked anew
