@@ -168,11 +168,7 @@ static void Chain_dealloc(Chain *c) {
 }
 
 static PyObject *Chain_acquire(Chain *c, PyObject *unused) {
-    if (pthread_mutex_trylock(&c->mu) != 0) {
-        Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&c->mu);
-        Py_END_ALLOW_THREADS
-    }
+    lock_gil_free(&c->mu);
     Py_INCREF(c);
     return (PyObject *)c;
 }

@@ -37,6 +37,16 @@ typedef struct {
     uint8_t head[32];
 } Chain;
 
+/* Lock mu from a thread that holds the GIL: when it is taken, wait without
+ * the GIL, so no Python thread queues behind a relay thread's lock. */
+static inline void lock_gil_free(pthread_mutex_t *mu) {
+    if (pthread_mutex_trylock(mu) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(mu);
+        Py_END_ALLOW_THREADS
+    }
+}
+
 extern PyTypeObject ChainType;
 extern PyTypeObject PumpType;
 extern PyMethodDef accept_methods[];  /* accept.c */

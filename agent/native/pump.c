@@ -118,7 +118,7 @@ typedef struct Pump {
     size_t ndone, cap;
     volatile int stopping;
     char stop_reason[160];
-    uint64_t live_count;       /* under done_mu */
+    uint64_t live_count;       /* atomic: asked for and changed on every connection */
     uint64_t connect_timeout_ns;
 } Pump;
 
@@ -153,7 +153,7 @@ static void push_done(Pump *p, uint64_t sid, const char *reason, uint64_t client
     d->server_bytes = server_bytes;
     d->store_errno = store_errno;
     snprintf(d->reason, sizeof d->reason, "%s", reason);
-    p->live_count--;
+    __atomic_sub_fetch(&p->live_count, 1, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&p->done_mu);
     uint64_t one = 1;
     if (first) (void)!write(p->done_fd, &one, sizeof one);
@@ -714,9 +714,7 @@ static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd) {
 }
 
 static void count_live(Pump *p, int delta) {
-    pthread_mutex_lock(&p->done_mu);
-    p->live_count += (uint64_t)(int64_t)delta;
-    pthread_mutex_unlock(&p->done_mu);
+    __atomic_add_fetch(&p->live_count, (uint64_t)(int64_t)delta, __ATOMIC_RELAXED);
 }
 
 static int check_open(Pump *p) {
@@ -766,7 +764,7 @@ static PyObject *Pump_connect(Pump *p, PyObject *args) {
     d->port = port;
     count_live(p, 1);
     Worker *w = next_worker(p);
-    pthread_mutex_lock(&w->mu);
+    lock_gil_free(&w->mu);
     d->next = w->dial_inbox;
     w->dial_inbox = d;
     int due = wake_due_locked(w);
@@ -807,10 +805,7 @@ static PyObject *Pump_close(Pump *p, PyObject *args) {
 }
 
 static PyObject *Pump_get_live(Pump *p, void *unused) {
-    pthread_mutex_lock(&p->done_mu);
-    uint64_t n = p->live_count;
-    pthread_mutex_unlock(&p->done_mu);
-    return PyLong_FromUnsignedLongLong(n);
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&p->live_count, __ATOMIC_RELAXED));
 }
 
 static PyObject *Pump_get_done_fd(Pump *p, void *unused) { return PyLong_FromLong(p->done_fd); }
