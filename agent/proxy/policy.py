@@ -10,7 +10,9 @@ import ipaddress
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: hashed by identity, since _refuse_ip's cache hashes the policy on
+# every connection and a hash of every network cost more than the lookup.
+@dataclass(frozen=True, slots=True, eq=False)
 class Policy:
     deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]

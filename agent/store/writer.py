@@ -459,10 +459,11 @@ class StoreWriter:
     def _seal_due(self, now: int) -> bool:
         if self.seal_key is None or self._pending_ratchet is not None:
             return False
-        if self._last_seal and self._last_seal["seq"] == self._next_seq - 1:
-            return False  # nothing new since the last seal
-        return (self._seal_bytes >= self.seal_interval_bytes
-                or now - self._seal_at_ns >= self.seal_interval_ns)
+        # Per append: the interval (nearly always not yet) is asked first.
+        if (now - self._seal_at_ns < self.seal_interval_ns
+                and self._seal_bytes < self.seal_interval_bytes):
+            return False
+        return not (self._last_seal and self._last_seal["seq"] == self._next_seq - 1)
 
     def _seal_locked(self) -> None:
         key = self.seal_key
