@@ -252,7 +252,13 @@ class Agent:
         """attribute() without waiting, when the witness already has the event."""
         if self.connects is None:
             return None
-        return self.connects.attribution_now(session.client, session.original_dst)
+        found = self.connects.attribution_now(session.client, session.original_dst)
+        # The subject's side established before the proxy's could be accepted,
+        # so its event is in the ring buffer: read it here rather than wait
+        # for the witness's thread to be scheduled and hand it over.
+        if found is None and self.witness.probes.drain():
+            found = self.connects.attribution_now(session.client, session.original_dst)
+        return found
 
     async def attribute(self, session: Session) -> dict:
         """From the witness's connect event when it has one (cheap, and names

@@ -8,8 +8,10 @@ does not know within match_window_ms is a bypass. A socket refused before
 it established carried nothing and is only counted.
 
 The other kernel events turn straight into their alerts. on_event() runs on
-the witness's poll thread and only files the event; the proxy is asked once
-per socket, in tick(), when the socket's window has passed.
+the witness's poll thread (or the proxy's, when it drains the ring buffer for
+a connect event it needs at once) and only files the event; the proxy is
+asked once per socket, in tick(), on the poll thread, when the socket's
+window has passed.
 """
 
 from __future__ import annotations
@@ -113,10 +115,10 @@ class CrossCheck:
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
 
-    # -- events (poll thread) ---------------------------------------------------
+    # -- events (the poll thread, or the proxy's when it drains the buffer) ----------
 
     def on_event(self, ev: Event) -> None:
-        self.counts[type(ev).__name__] += 1
+        self._count(type(ev).__name__)
         handler = self._HANDLERS.get(type(ev))
         if handler is not None:
             handler(self, ev)
@@ -184,19 +186,19 @@ class CrossCheck:
         ev = conn.last
         t = (ev.saddr, ev.sport, ev.daddr, ev.dport)
         if not ev.sport:              # closed before a port was bound: nothing sent
-            self.counts["tcp_unbound"] += 1
+            self._count("tcp_unbound")
             return
         in_table = matches(self.sessions, t)
         kernel = not in_table and self._kernel_proxied(conn, t)
         matched = in_table or kernel
         self._remember(t, matched)
         if matched:
-            self.counts["tcp_matched_in_kernel" if kernel else "tcp_matched"] += 1
+            self._count("tcp_matched_in_kernel" if kernel else "tcp_matched")
         elif conn.established or not conn.closed:
-            self.counts["tcp_bypass"] += 1
+            self._count("tcp_bypass")
             self._bypass(conn, t)
         else:
-            self.counts["tcp_refused_unmatched"] += 1
+            self._count("tcp_refused_unmatched")
 
     def _remember(self, t: Tuple4, matched: bool) -> None:
         with self._lock:
@@ -228,10 +230,13 @@ class CrossCheck:
             return
         key = (ev.tgid, ev.daddr, ev.dport)
         now = time.monotonic()
-        if now - self._udp_last.get(key, -_UDP_REPEAT_S) < _UDP_REPEAT_S:
-            self.counts["udp_repeat"] += 1
+        with self._lock:
+            repeat = now - self._udp_last.get(key, -_UDP_REPEAT_S) < _UDP_REPEAT_S
+            if not repeat:
+                self._udp_last[key] = now
+        if repeat:
+            self._count("udp_repeat")
             return
-        self._udp_last[key] = now
         dest = f"{ev.daddr}:{ev.dport}" if ev.family else "connected peer (unknown)"
         self.alert(AlertType.UDP_BLOCKED, f"{ev.comm} (pid {ev.tgid}) sent UDP to {dest}",
                    ev, PROBE_UDP, protocol="udp", dst=ev.daddr, dport=ev.dport,
@@ -262,7 +267,7 @@ class CrossCheck:
                    old_euid=ev.old_euid, new_euid=ev.new_euid, syscall=ev.syscall)
 
     def alert(self, type_: AlertType, summary: str, who: Header, probe: str, **more) -> None:
-        self.counts[f"alert_{type_.value}"] += 1
+        self._count(f"alert_{type_.value}")
         record_alert(self.store, type_, summary, time_ns=wall_ns(who.ts_ns),
                      **who.evidence(), process_chain=self.procs.chain(who.tgid),
                      probe=probe, **more)
@@ -274,7 +279,10 @@ class CrossCheck:
         ForkEvent: lambda self, ev: self.procs.on_fork(ev),
     }
 
+    def _count(self, what: str) -> None:
+        with self._lock:    # events are handled on two threads (Probes.drain)
+            self.counts[what] += 1
+
     def statistics(self) -> dict:
         with self._lock:
-            pending = len(self._due)
-        return {"pending_sockets": pending, **self.counts}
+            return {"pending_sockets": len(self._due), **self.counts}

@@ -14,6 +14,7 @@ import ctypes.util
 import logging
 import os
 import select
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -179,6 +180,12 @@ class Probes:
     def poll(self, timeout_ms: int) -> None:
         self._ring.poll(timeout_ms)
 
+    def drain(self) -> bool:
+        """Hand what the ring buffer holds now to on_event, in the calling
+        thread (the proxy's, when it needs a connect event at once); False
+        if the poll thread is reading it just then."""
+        return self._bpf is not None and self._ring.drain()
+
     def take_lost(self) -> int:
         """Records lost since the last call (ring buffer full)."""
         total = sum(self._bpf[b"lost"][ct.c_int(0)])
@@ -227,12 +234,26 @@ class _RingReader:
         held.bpf_consume_ringbuf.argtypes = [ct.c_void_p]
         held.bpf_consume_ringbuf.restype = ct.c_int
         self._consume, self._manager = held.bpf_consume_ringbuf, manager
+        self._reading = threading.Lock()
         self._waiter = select.poll()
         self._waiter.register(libbpf.lib().ring_buffer__epoll_fd(manager), select.POLLIN)
 
     def poll(self, timeout_ms: int) -> None:
         self._waiter.poll(timeout_ms)
-        self._consume(self._manager)
+        with self._reading:
+            self._consume(self._manager)
+
+    def drain(self) -> bool:
+        """Read what the buffer holds now, from any thread; False (nothing
+        read) if another thread is reading it. libbpf allows one reader at a
+        time, and a callback's Python code can hand the GIL over midway."""
+        if not self._reading.acquire(blocking=False):
+            return False
+        try:
+            self._consume(self._manager)
+        finally:
+            self._reading.release()
+        return True
 
 
 def _text(name: bytes | str) -> str:
