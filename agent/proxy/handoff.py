@@ -1,12 +1,15 @@
 """The native data plane's Python half: accept, open, name, hand off.
 
-Python keeps what needs judgement per connection (the original destination,
-SESSION_OPEN, naming the process, policy) and then gives the subject's
-socket to the pump (agent/native/pump.c), whose threads connect upstream,
-then relay and record every chunk without the GIL. Until the handoff
-nothing is read from the subject's socket, so its first bytes wait for
-attribution in the kernel's buffer. The pump reports each ended session; SESSION_CLOSE is
-written here, after every DATA record of it.
+Each wake-up of a listening socket is one native call (agent/native/accept.c:
+accept4 and the original destination of each connection). Python keeps what
+needs judgement per connection (SESSION_OPEN, naming the process, policy) and
+then gives the subject's socket to the pump (agent/native/pump.c), whose
+threads connect upstream, then relay and record every chunk without the GIL.
+Until the handoff nothing is read from the subject's socket, so its first
+bytes wait for attribution in the kernel's buffer; when the witness has
+already named the process (nearly always) that all happens in the accept
+callback, without a task. The pump reports each ended session;
+SESSION_CLOSE is written here, after every DATA record of it.
 
 Used with durability "write"; "fsync" needs group commit before each
 forward, which the asyncio relay (server.py) does.
