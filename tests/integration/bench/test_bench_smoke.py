@@ -3,6 +3,7 @@ every row of its table (no timing is asserted: that is the bench's job)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,3 +28,17 @@ def test_quick_bench_prints_every_row():
     for row in ROWS:
         assert any(line.startswith(f"| {row}") for line in table), (row, r.stdout)
     assert "direct" in table[0] and "haproxy" in table[0]
+
+
+@pytest.mark.timeout(180)
+def test_paired_runs_measure_both_checkouts():
+    """bench.pair against this checkout twice: one run each, with figures."""
+    r = subprocess.run([sys.executable, "-m", "bench.pair", str(ROOT), str(ROOT),
+                        "--rounds", "1", "--seconds", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    runs = [x for x in lines if "round" in x]
+    assert [x["build"] for x in runs] == ["old", "new"]
+    assert all(x["per_s"] > 0 and x["cpu_us_per_conn"] > 0 for x in runs)
+    assert [x["build"] for x in lines if "mean" in x] == ["old", "new"]

@@ -1,0 +1,87 @@
+"""Paired connection-rate runs of two checkouts, alternating, for a change
+smaller than the host's swing between full runs.
+
+    python -m bench.pair OLD_CHECKOUT NEW_CHECKOUT [--rounds 4] [--seconds 8]
+
+Each run is one agent (native plane, witness on, as the deb leaves it) from
+one checkout, in a fresh sandbox with the bench's server, measured with the
+bench's own connection-rate load; the checkouts take turns. Each checkout
+must be built (`setup.py build_ext --inplace`). Prints one JSON line per
+run and the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_ONE = """
+import json, resource, sys
+from pathlib import Path
+from bench.run import (CORP_V4, SERVER_PORT, Agent, Bench, Sandbox, Scale, _port_open,
+                       compile_loadgen, cpu_seconds, tune_namespaces, wait_for)
+work = Path(sys.argv[1]); seconds = float(sys.argv[2])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+lg = compile_loadgen(work)
+with Sandbox(prefix="tgpair", subject="tgbench") as sb:
+    tune_namespaces(sb)
+    sb.spawn(sb.corp, [lg, "serve", str(SERVER_PORT)])
+    wait_for(lambda: _port_open(sb, sb.corp, CORP_V4, SERVER_PORT), 15, what="the server")
+    agent = Agent(sb, work / "agent", variant="native", witness=True).start()
+    try:
+        idle0 = int(open("/proc/stat").readline().split()[4])
+        cpu0 = cpu_seconds(agent.proc.pid)
+        r = Bench(sb, lg, Scale(0, 0, seconds, 0, 0, 0, ("native",))).connrate(CORP_V4,
+                                                                              SERVER_PORT)
+        cpu = cpu_seconds(agent.proc.pid) - cpu0
+        idle = int(open("/proc/stat").readline().split()[4]) - idle0
+    finally:
+        agent.stop()
+print(json.dumps({"per_s": r["per_s"], "cpu_us_per_conn": round(cpu * 1e6 / max(r["done"], 1)),
+                  "idle_ticks": idle}))
+"""
+
+
+def one_run(checkout: Path, seconds: float) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="tgpair-"))
+    os.chmod(work, 0o755)
+    try:
+        r = subprocess.run([sys.executable, "-c", _ONE, str(work), str(seconds)],
+                           cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)},
+                           capture_output=True, text=True, timeout=seconds + 300)
+        if r.returncode != 0:
+            raise RuntimeError(f"run of {checkout} failed: {r.stderr[-2000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(work)], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.pair", description=__doc__.split("\n")[0])
+    p.add_argument("old", type=Path)
+    p.add_argument("new", type=Path)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=8.0)
+    args = p.parse_args(argv)
+    runs: dict[str, list[dict]] = {"old": [], "new": []}
+    for i in range(args.rounds):
+        for name in ("old", "new"):
+            r = one_run(getattr(args, name).resolve(), args.seconds)
+            runs[name].append(r)
+            print(json.dumps({"round": i + 1, "build": name, **r}), flush=True)
+    for name, rs in runs.items():
+        mean = {k: round(sum(r[k] for r in rs) / len(rs), 1) for k in rs[0]}
+        print(json.dumps({"build": name, "mean": mean}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
