@@ -160,12 +160,18 @@ class Probes:
             self._guard_link = cgroup_link.link(fn.fd, fd, hook)
             swept = cgroup_link.sweep_legacy(fd, hook, "tg_guard_sock_create")
         except OSError as e:
+            self._unlink_guard()   # attached but the start fails: detach it now
             raise WitnessUnavailable(f"guard did not attach to the cgroup2 root: {e}") from e
         finally:
             os.close(fd)
         if swept:
             log.warning("detached %d guard(s) an earlier agent left on %s", swept, root)
         self.attached.append(f"cgroup_inet_sock_create:{root}")
+
+    def _unlink_guard(self) -> None:
+        if self._guard_link >= 0:
+            os.close(self._guard_link)   # closing the link detaches the guard
+            self._guard_link = -1
 
     def _on_ring(self, _ctx, data, size) -> None:
         # An exception here would be swallowed by ctypes: count and log it instead.
@@ -210,9 +216,7 @@ class Probes:
     def close(self) -> None:
         if self._bpf is None:
             return
-        if self._guard_link >= 0:
-            os.close(self._guard_link)   # closing the link detaches the guard
-            self._guard_link = -1
+        self._unlink_guard()
         self._bpf.cleanup()
         self._bpf = None
         self.attached = []

@@ -118,3 +118,24 @@ def test_sweep_spares_the_guard_of_another_running_agent(subject_uid):
     finally:
         other.send_signal(signal.SIGKILL)
         other.wait()
+
+
+def test_a_start_that_fails_after_the_guard_attached_detaches_it(monkeypatch, subject_uid):
+    """The sweep of legacy guards fails (injected: the kernel gives no way to
+    make it fail on demand) after the link was made: the start reports the
+    witness unavailable and leaves no guard of its own behind."""
+    from agent.witness import cgroup_link
+    from agent.witness.loader import WitnessUnavailable
+
+    def failing_sweep(*args):
+        raise OSError(5, "injected sweep failure")
+
+    monkeypatch.setattr(cgroup_link, "sweep_legacy", failing_sweep)
+    before = guards()
+    p = Probes([subject_uid], pages=8, guard=True, on_event=lambda e: None)
+    with pytest.raises(WitnessUnavailable, match="injected sweep failure"):
+        p.start()
+    try:
+        assert wait_guards(before) == before
+    finally:
+        p.close()
