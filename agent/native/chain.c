@@ -63,8 +63,8 @@ int payload_digest(EVP_MD_CTX *md, const void *prefix, size_t plen, const void *
     unsigned int n = 0;
     const EVP_MD *sha = sha256();
     if (sha == NULL || !EVP_DigestInit_ex(md, sha, NULL)) return EIO;
-    if (plen) EVP_DigestUpdate(md, prefix, plen);
-    if (len) EVP_DigestUpdate(md, payload, len);
+    if ((plen && !EVP_DigestUpdate(md, prefix, plen)) || (len && !EVP_DigestUpdate(md, payload, len)))
+        return EIO;
     return EVP_DigestFinal_ex(md, out, &n) ? 0 : EIO;
 }
 
