@@ -135,7 +135,6 @@ class Handoff:
             proxy.close_record(session, reason, client_bytes, server_bytes)
 
 
-
 def reset_fd(fd: int) -> None:
     """Reset an accepted connection the pump never took."""
     reset_socket(socket.socket(fileno=fd))
