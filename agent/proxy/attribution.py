@@ -21,10 +21,13 @@ from pyroute2 import DiagSocket
 from pyroute2.netlink import NLM_F_REQUEST
 from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, inet_diag_req
 
+from agent.readcache import ReadCache
+
 ALL_STATES = 0xFFF
 NO_COOKIE = 0xFFFFFFFFFFFFFFFF  # INET_DIAG_NOCOOKIE: look the socket up by its tuple
 _local = threading.local()
 MAX_CHAIN = 16
+READ_TTL_S = 2.0  # as agent/witness/procs.py: a reused pid is not taken for its predecessor
 
 
 def find_socket(client: tuple[str, int], dst: tuple[str, int],
@@ -72,22 +75,54 @@ def _exact_tcp(client: tuple[str, int], dst: tuple[str, int]) -> tuple[int, int]
 
 def pids_holding(inode: int, uid: int) -> list[int]:
     """Processes owned by uid with the socket inode among their open files.
-    /proc/<pid> is owned by the process's effective uid: one stat per process
-    instead of reading each one's status."""
+    The processes that held this uid's latest sockets are looked at first (a
+    client making many connections is found without walking /proc: one is
+    enough then); else every process of the uid. /proc/<pid> is owned by the
+    process's effective uid: one stat per process instead of its status."""
     target = f"socket:[{inode}]"
+    for pid in _recent.pids(uid):
+        if _holds(pid, target):
+            _recent.add(uid, pid)
+            return [pid]
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            if entry.stat().st_uid != uid:
-                continue
-            fd_dir = f"/proc/{entry.name}/fd"
-            if any(_readlink(fd_dir, fd) == target for fd in os.listdir(fd_dir)):
+            if entry.stat().st_uid == uid and _holds(int(entry.name), target):
                 found.append(int(entry.name))
         except OSError:
             continue
+    if found:
+        _recent.add(uid, found[0])
     return found
+
+
+def _holds(pid: int, target: str) -> bool:
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        return any(_readlink(fd_dir, fd) == target for fd in os.listdir(fd_dir))
+    except OSError:
+        return False
+
+
+class _Recent:
+    """uid -> the pids that held its latest sockets, newest first (a few)."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep, self._by_uid, self._lock = keep, {}, threading.Lock()
+
+    def pids(self, uid: int) -> list[int]:
+        with self._lock:
+            return list(self._by_uid.get(uid, ()))
+
+    def add(self, uid: int, pid: int) -> None:
+        with self._lock:
+            pids = [pid, *(p for p in self._by_uid.get(uid, ()) if p != pid)]
+            self._by_uid[uid] = pids[:self.keep]
+
+
+_recent = _Recent()
 
 
 def _readlink(d: str, name: str) -> str:
@@ -114,11 +149,13 @@ def describe(pid: int) -> dict:
 
 def chain(pid: int, subject_uids: Iterable[int]) -> list[dict]:
     """The process and its ancestors, up to and including the first one that
-    is not the subject's (the login: sshd, sudo, a container runtime...)."""
+    is not the subject's (the login: sshd, sudo, a container runtime...).
+    The process itself is read now; its ancestors may come from a read at
+    most READ_TTL_S old (as the witness's process table keeps them)."""
     subjects, out = set(subject_uids), []
     while pid > 0 and len(out) < MAX_CHAIN:
         try:
-            info = describe(pid)
+            info = describe(pid) if not out else _ancestors.get(pid, describe)
         except psutil.Error:
             break
         out.append(info)
@@ -126,6 +163,10 @@ def chain(pid: int, subject_uids: Iterable[int]) -> list[dict]:
             break
         pid = info["ppid"]
     return out
+
+
+# describe() of ancestors: a busy client's parents were read again for each connection.
+_ancestors: ReadCache[int, dict] = ReadCache(READ_TTL_S, 4096)
 
 
 def attribute(client: tuple[str, int], dst: tuple[str, int],

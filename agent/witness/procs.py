@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
 
+from agent.readcache import ReadCache
 from agent.witness.events import ExecEvent, ForkEvent
 
 MAX_PROCESSES = 16384
@@ -43,7 +43,7 @@ class ProcessTable:
         self._subjects: set[int] = set()   # pids the kernel reported as subjects
         # Processes read from /proc (the login above a subject, or one older
         # than the witness): asked for on every connection, so kept briefly.
-        self._read: OrderedDict[int, tuple[float, Proc | None]] = OrderedDict()
+        self._read: ReadCache[int, Proc | None] = ReadCache(READ_TTL_S, MAX_PROCESSES)
         self._lock = threading.Lock()
 
     def _put(self, proc: Proc) -> None:
@@ -66,19 +66,9 @@ class ProcessTable:
     def get(self, pid: int) -> Proc | None:
         with self._lock:
             proc = self._procs.get(pid)
-            cached = self._read.get(pid)
         if proc is not None:
             return proc if proc.argv else self._complete(proc)
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < READ_TTL_S:
-            return cached[1]
-        proc = _from_psutil(pid)
-        with self._lock:
-            self._read[pid] = (now, proc)
-            self._read.move_to_end(pid)
-            while len(self._read) > MAX_PROCESSES:
-                self._read.popitem(last=False)
-        return proc
+        return self._read.get(pid, _from_psutil)
 
     def _complete(self, proc: Proc) -> Proc:
         """The exec event could not read argv (the kernel refused the user

@@ -17,13 +17,14 @@ ALLOWED = {
     "native": set(),
     "store": {"native"},
     "enforce": set(),
-    "proxy": {"store", "alerts", "native"},
-    "witness": {"store", "alerts", "config"},
+    "proxy": {"store", "alerts", "native", "readcache"},
+    "witness": {"store", "alerts", "config", "readcache"},
     "ship": {"store", "alerts", "config"},
     "review": {"store"},
     "alerts": {"store"},
     "config": set(),
     "logs": set(),
+    "readcache": set(),
 }
 
 

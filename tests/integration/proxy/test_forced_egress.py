@@ -168,6 +168,11 @@ def test_dual_stack_listener_reads_v4_mapped_original_destination(agent, sandbox
         found = list_sessions(other.store)
         assert {s.original_dst for s in found} == {(CORP_V4, 8080), (CORP_V6, 8080)}
         assert "10.77.0.1" in {s.client[0] for s in found}  # plain IPv4, not ::ffff:10.77.0.1
+        # No witness here: each is named from sock_diag and /proc.
+        for s in found:
+            assert s.info["probe"] == "sock_diag" and s.info["uid"] == sandbox_uid(sandbox), s.info
+            assert s.info["chain"][0]["pid"] == s.info["pid"]
+            assert s.info["chain"][0]["exe"].endswith("curl"), s.info["chain"]
     finally:
         other.stop()
         subprocess.run(["chattr", "-R", "-i", str(other.store)], capture_output=True)
