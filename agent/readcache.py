@@ -14,6 +14,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+# How long a read of a process stands: short enough that a reused pid is not
+# taken for its predecessor.
+READ_TTL_S = 2.0
+
 K = TypeVar("K")
 V = TypeVar("V")
 

@@ -21,13 +21,12 @@ from pyroute2 import DiagSocket
 from pyroute2.netlink import NLM_F_REQUEST
 from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, inet_diag_req
 
-from agent.readcache import ReadCache
+from agent.readcache import READ_TTL_S, ReadCache
 
 ALL_STATES = 0xFFF
 NO_COOKIE = 0xFFFFFFFFFFFFFFFF  # INET_DIAG_NOCOOKIE: look the socket up by its tuple
 _local = threading.local()
 MAX_CHAIN = 16
-READ_TTL_S = 2.0  # as agent/witness/procs.py: a reused pid is not taken for its predecessor
 
 
 def find_socket(client: tuple[str, int], dst: tuple[str, int],

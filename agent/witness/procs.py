@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 import psutil
 
-from agent.readcache import ReadCache
+from agent.readcache import READ_TTL_S, ReadCache
 from agent.witness.events import ExecEvent, ForkEvent
 
 MAX_PROCESSES = 16384
 MAX_DEPTH = 32
-READ_TTL_S = 2.0  # short enough that a reused pid is not mistaken for its predecessor
 
 
 @dataclass(frozen=True, slots=True)
