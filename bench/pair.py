@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from bench.run import workdir
+
+# Runs with the measured checkout's own bench.run, so it uses only what older
+# checkouts have too (hence the file limit raised here, not by raise_fd_limit).
 _ONE = """
 import json, resource, sys
 from pathlib import Path
@@ -50,18 +52,13 @@ print(json.dumps({"per_s": r["per_s"], "cpu_us_per_conn": round(cpu * 1e6 / max(
 
 
 def one_run(checkout: Path, seconds: float) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="tgpair-"))
-    os.chmod(work, 0o755)
-    try:
+    with workdir("tgpair-") as work:
         r = subprocess.run([sys.executable, "-c", _ONE, str(work), str(seconds)],
                            cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)},
                            capture_output=True, text=True, timeout=seconds + 300)
-        if r.returncode != 0:
-            raise RuntimeError(f"run of {checkout} failed: {r.stderr[-2000:]}")
-        return json.loads(r.stdout.strip().splitlines()[-1])
-    finally:
-        subprocess.run(["chattr", "-R", "-i", str(work)], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"run of {checkout} failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ then the store/verify/shipper figures. Nothing is retried or repeated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -433,29 +435,41 @@ def tune_namespaces(sb: Sandbox) -> None:
                     "net.ipv4.tcp_tw_reuse=1", "net.core.somaxconn=4096"], check=True)
 
 
+def raise_fd_limit() -> None:
+    """The agent holds two sockets per session; it inherits this limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+
+@contextlib.contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    """A scratch directory the subject can run the load generator from,
+    removed after (with its immutable store segments)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(work, 0o755)
+    try:
+        yield work
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(work)], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, scale = parse(argv)
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces, nftables)", file=sys.stderr)
         return 2
     install()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # The agent holds two sockets per session; it inherits this limit.
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-    work = Path(tempfile.mkdtemp(prefix="tgb-"))
-    os.chmod(work, 0o755)  # the subject runs the load generator from here
+    raise_fd_limit()
     res = Results(machine=machine(), command="python -m bench " + " ".join(
         sys.argv[1:] if argv is None else argv), scale=scale.__dict__)
     t0 = time.monotonic()
-    try:
+    with workdir("tgb-") as work:
         lg = compile_loadgen(work)
         with Sandbox(prefix="tgb", subject="tgbench") as sb:
             tune_namespaces(sb)
             relays = start_relays(sb, work, lg)
             run_all(sb, work, lg, scale, res, relays)
-    finally:
-        subprocess.run(["chattr", "-R", "-i", str(work)], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
     res.seconds = time.monotonic() - t0
     print(render(res))
     if args.json:
