@@ -8,7 +8,7 @@ BASELINES = ("direct", "socat", "haproxy")
 # Every row label the table prints, in order (the smoke test checks them all).
 ROWS = ("bulk 1 conn", "bulk 8 conns", "latency p50", "latency p99", "connection rate",
         "witness cost", "bypass detection", "agent RSS", "store append", "tollgate verify",
-        "shipper", "machine: SHA-256", "machine: page-cache writes", "machine: disk writes",
+        "shipper", "machine: BLAKE3", "machine: page-cache writes", "machine: disk writes",
         "relay CPU per MB", "relay CPU per round trip", "relay CPU per connection")
 
 
@@ -123,7 +123,7 @@ def rows(res: Results) -> list[list[str]]:
     for key, label in (("append_MBps", "store append, MB/s"),
                        ("verify_MBps", "tollgate verify, MB/s"),
                        ("ship_MBps", "shipper to fake Cloud Logging, MB/s"),
-                       ("sha256_MBps", "machine: SHA-256, MB/s (one core)"),
+                       ("blake3_MBps", "machine: BLAKE3, MB/s (one core)"),
                        ("pagecache_MBps", "machine: page-cache writes, MB/s"),
                        ("disk_MBps", "machine: disk writes + fsync, MB/s")):
         out.append([label, "-", "-", "-", _num(f.get(key, {}).get("tollgate")), "-", "-", "-"])

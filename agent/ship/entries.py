@@ -2,10 +2,11 @@
 
 An entry carries the whole raw payload (base64) with the frame fields, so the
 cloud copy alone proves a record: frame_hash(encode_header(kind, len, seq,
-ts, prev, format_version), payload) == hash, which for format_version 2 is
-sha256(header + sha256(payload)) and for 1 (stores written before) is
-sha256(header + payload). insertId and timestamp depend only on the record,
-so a retried or re-read batch folds into the entries already written.
+ts, prev, format_version), payload) == hash, which for format_version 3 is
+sha256(header + blake3(payload)); stores written before hold 2,
+sha256(header + sha256(payload)), and 1, sha256(header + payload). insertId
+and timestamp depend only on the record, so a retried or re-read batch folds
+into the entries already written.
 """
 
 from __future__ import annotations

@@ -12,10 +12,12 @@ A segment file is a run of frames. One frame:
     payload   length bytes
     crc32          4 bytes  over everything above; detects a torn tail cheaply
 
-A record's hash is SHA-256(header || SHA-256(payload)), so the chain covers
+A record's hash is SHA-256(header || BLAKE3(payload)), so the chain covers
 kind, sequence, time and payload; the payload's own digest needs no lock, so
-relay threads compute it in parallel before they take the chain (version 2;
-version 1 frames, hashed as SHA-256 of header || payload, are still read).
+relay threads compute it in parallel before they take the chain (version 3).
+BLAKE3 because every relayed byte goes through it: here it runs ~5x faster
+than SHA-256. Frames of earlier versions are still read: version 2 hashed
+SHA-256(header || SHA-256(payload)), version 1 SHA-256(header || payload).
 Seals (checkpoints) are ordinary records whose payload signs a chain head;
 they need nothing more from the frame.
 """
@@ -28,9 +30,11 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import blake3
+
 MAGIC = b"TG"
-FORMAT_VERSION = 2                      # what this build writes
-READABLE_VERSIONS = frozenset({1, 2})
+FORMAT_VERSION = 3                      # what this build writes
+READABLE_VERSIONS = frozenset({1, 2, 3})
 HEADER = struct.Struct(">2sBBIQQ32s")
 CRC = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
@@ -95,7 +99,7 @@ def frame_hash(header: bytes | memoryview, *payload_parts: bytes | memoryview) -
         for part in payload_parts:
             h.update(part)
         return h.digest()
-    inner = hashlib.sha256()
+    inner = blake3.blake3() if header[2] == 3 else hashlib.sha256()
     for part in payload_parts:
         inner.update(part)
     return hashlib.sha256(bytes(header) + inner.digest()).digest()

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 from google.logging.type import log_severity_pb2
 from google.protobuf import json_format
@@ -21,7 +22,7 @@ from google.protobuf import json_format
 from agent.alerts import AlertType, record_alert
 from agent.ship import Shipper
 from agent.ship.entries import insert_id
-from agent.store.format import Direction, Kind, encode_header
+from agent.store.format import FORMAT_VERSION, Direction, Kind, encode_header
 from agent.store.reader import iter_records
 from ship_helpers import ship_config, write_session
 from tests.fakes.clock import WarpClock
@@ -53,30 +54,33 @@ def assert_whole_and_folded(server, store) -> None:
 
 def cloud_hash(body: dict, kind: Kind, seq: int) -> str:
     """The record's hash from its cloud copy alone, as a reviewer would
-    recompute it (format 1: over header + payload; 2: header + its digest)."""
+    recompute it (format 1: over header + payload; 2: header + its SHA-256;
+    3: header + its BLAKE3)."""
     raw = base64.b64decode(body["payload_b64"])
     version = int(body["format_version"])
     header = encode_header(kind, len(raw), seq, int(body["ts_ns"]), bytes.fromhex(body["prev"]),
                            version)
-    return hashlib.sha256(header + (raw if version == 1 else hashlib.sha256(raw).digest())
-                          ).hexdigest()
+    inner = {1: raw, 2: hashlib.sha256(raw).digest(), 3: blake3.blake3(raw).digest()}[version]
+    return hashlib.sha256(header + inner).hexdigest()
 
 
-def test_a_store_spanning_the_format_upgrade_is_proven_from_the_cloud(server, tmp_path):
+@pytest.mark.parametrize("old", [1, 2])
+def test_a_store_spanning_the_format_upgrade_is_proven_from_the_cloud(server, tmp_path, old):
     import shutil
     from agent.store import SealKey, StoreWriter
-    fixture = HERE.parents[1] / "unit" / "store" / "fixtures" / "format-v1"
-    shutil.copytree(fixture, tmp_path / "v1")
-    (tmp_path / "v1" / "seal.key").chmod(0o600)
-    w = StoreWriter(tmp_path / "v1" / "store", seal_key=SealKey(tmp_path / "v1" / "seal.key"))
+    fixture = HERE.parents[1] / "unit" / "store" / "fixtures" / f"format-v{old}"
+    root = tmp_path / "old"
+    shutil.copytree(fixture, root)
+    (root / "seal.key").chmod(0o600)
+    w = StoreWriter(root / "store", seal_key=SealKey(root / "seal.key"))
     for i in range(5):
         w.append_data(9, Direction(i % 2), b"after the upgrade %d" % i)
     w.close()
-    Shipper(ship_config(server, tmp_path / "state"), tmp_path / "v1" / "store").run_once()
-    recs = {r.seq: r for r in iter_records(tmp_path / "v1" / "store")}
+    Shipper(ship_config(server, tmp_path / "state"), root / "store").run_once()
+    recs = {r.seq: r for r in iter_records(root / "store")}
     bodies = {int(e.labels["seq"]): payload(e) for e in server.entries}
     assert set(bodies) == set(recs)
-    assert {b["format_version"] for b in bodies.values()} == {1, 2}
+    assert {b["format_version"] for b in bodies.values()} == {old, FORMAT_VERSION}
     for seq, rec in recs.items():
         assert cloud_hash(bodies[seq], rec.kind, seq) == bodies[seq]["hash"] == rec.hash.hex()
 
@@ -103,7 +107,7 @@ def test_recorded_session_arrives_in_order_with_labels(server, store, tmp_path):
         assert e.labels["host"] and e.labels["seq"] == str(seq)
         body = payload(e)
         raw = base64.b64decode(body["payload_b64"])
-        assert body["format_version"] == 2
+        assert body["format_version"] == FORMAT_VERSION
         assert cloud_hash(body, rec.kind, seq) == body["hash"] == rec.hash.hex()
     for seqs, subject in ((s1, "devin"), (s2, "1001")):
         arrived = [int(e.labels["seq"]) for e in server.entries
