@@ -4,6 +4,7 @@ race in the C that the plain build happens to survive fails here."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-NATIVE = Path(__file__).resolve().parents[3] / "agent" / "native"
+ROOT = Path(__file__).resolve().parents[3]
+NATIVE = ROOT / "agent" / "native"
 HERE = Path(__file__).resolve().parent
 
 # Load the sanitized build as agent.native._native before anything imports it,
@@ -28,11 +30,21 @@ sys.exit(pytest.main(["-q", "-s", "-p", "no:cacheprovider", "-p", "no:worm_clean
 """
 
 
+def blake3_sources() -> tuple[str, list[str], list[tuple[str, str]]]:
+    """The BLAKE3 C the extension compiles in, as setup.py finds it."""
+    spec = importlib.util.spec_from_file_location("tollgate_setup", ROOT / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    return setup.blake3_sources()
+
+
 def build(kind: str, out: Path) -> Path:
     so = out / f"_native{sysconfig.get_config_var('EXT_SUFFIX')}"
+    b3_include, b3_sources, b3_macros = blake3_sources()
     subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", f"-fsanitize={kind}",
                     "-fno-omit-frame-pointer", f"-I{sysconfig.get_paths()['include']}",
-                    *map(str, sorted(NATIVE.glob("*.c"))), "-lcrypto", "-lisal",
+                    f"-I{b3_include}", *(f"-D{k}={v}" for k, v in b3_macros),
+                    *map(str, sorted(NATIVE.glob("*.c"))), *b3_sources, "-lcrypto", "-lisal",
                     "-o", str(so)], check=True)
     return so
 
