@@ -3,9 +3,12 @@ byte for byte; root's are not; the agent's death refuses, never leaks."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -177,6 +180,54 @@ def test_dual_stack_listener_reads_v4_mapped_original_destination(agent, sandbox
         other.stop()
         subprocess.run(["chattr", "-R", "-i", str(other.store)], capture_output=True)
         agent.start()  # re-applies its own table over the other's
+
+
+def _their_socket(pid: int, fd: int) -> socket.socket:
+    """A copy of another process's socket (pidfd_getfd, root)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        mine = libc.syscall(438, pidfd, fd, 0)  # SYS_pidfd_getfd
+        if mine < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        return socket.socket(fileno=mine)
+    finally:
+        os.close(pidfd)
+
+
+def test_both_sides_of_a_relayed_connection_are_tcp_nodelay(agent, sandbox, servers):
+    """A transparent relay adds no Nagle delay the subject did not ask for:
+    the agent's socket to the subject and the one to the destination both
+    send small writes at once (the subject's side is an accepted socket)."""
+    holder = sandbox.spawn(sandbox.bastion, [sys.executable, "-c",
+        "import socket, sys, time\n"
+        f"s = socket.create_connection(('{CORP_V4}', 8080))\n"
+        "print(s.getsockname()[1], flush=True)\n"
+        "time.sleep(30)"], user=sandbox.subject, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(holder.stdout.readline())
+        pid = agent_pid(agent)
+
+        def relayed():
+            peers = {}
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                        continue
+                    with _their_socket(pid, int(fd)) as s:   # the agent's netns, not ours
+                        if s.type == socket.SOCK_STREAM:
+                            peers[s.getpeername()[:2]] = s.getsockopt(
+                                socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                except OSError:
+                    continue   # closed meanwhile, or not connected (a listener)
+            client = [v for (ip, p), v in peers.items() if p == port]
+            upstream = [v for peer, v in peers.items() if peer == (CORP_V4, 8080)]
+            return (client, upstream) if client and upstream else None
+        client, upstream = wait_for(relayed, 10, what="the relayed connection's two sockets")
+        assert client == [1] and upstream == [1], (client, upstream)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_slow_reader_slows_the_writer_and_memory_stays_bounded(agent, sandbox):
