@@ -208,11 +208,16 @@ def witness_wired() -> bool:
 
 
 class Bench:
-    def __init__(self, sb: Sandbox, loadgen: str, scale: Scale) -> None:
+    def __init__(self, sb: Sandbox, loadgen: str, scale: Scale, user: str | None = "subject"
+                 ) -> None:
+        """user: who runs the load, the subject (redirected once an agent
+        runs) or None, root (never redirected)."""
         self.sb, self.lg, self.scale = sb, loadgen, scale
+        self.user = sb.subject if user == "subject" else user
 
     def _client(self, *args: str, timeout: float = 600) -> dict:
-        r = self.sb.subject_run([self.lg, *args], timeout=timeout, text=True)
+        r = self.sb.run(self.sb.bastion, [self.lg, *args], user=self.user, timeout=timeout,
+                        text=True)
         if r.returncode != 0 or not r.stdout.strip():
             raise RuntimeError(f"loadgen {' '.join(args)} failed ({r.returncode}): "
                                f"{r.stdout[-500:]}{r.stderr[-500:]}")

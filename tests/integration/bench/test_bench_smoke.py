@@ -42,3 +42,20 @@ def test_paired_runs_measure_both_checkouts():
     assert [x["build"] for x in runs] == ["old", "new"]
     assert all(x["per_s"] > 0 and x["cpu_us_per_conn"] > 0 for x in runs)
     assert [x["build"] for x in lines if "mean" in x] == ["old", "new"]
+
+
+@pytest.mark.timeout(180)
+def test_hops_times_both_relays_syscalls():
+    """bench.hops: each relay's syscalls during ping-pong, per round trip;
+    only tollgate writes a record per hop."""
+    r = subprocess.run([sys.executable, "-m", "bench.hops", "--trips", "30000", "--seconds", "0.5"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {x["relay"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert set(got) == {"haproxy", "tollgate", "haproxy, agent running"}
+    for relay in got.values():
+        assert relay["trips_timed"] > 100 and relay["p50_us"] > 0
+        assert relay["syscalls"]["recvfrom"]["us_each"] > 0
+    assert "writev" not in got["haproxy"]["syscalls"]
+    assert "writev" not in got["haproxy, agent running"]["syscalls"]  # root's: not redirected
+    assert 1.5 <= got["tollgate"]["syscalls"]["writev"]["calls_per_trip"] <= 2.5
