@@ -45,6 +45,9 @@ DOCS = {
                   "ReadWritePaths= with `systemctl edit tollgate`.",
     "store.durability": "\"write\": a byte is forwarded once it is in the page cache;\n"
                         "\"fsync\": only once its batch is on disk (group commit).",
+    "store.payload_hash": "How each record's payload is hashed into the chain: \"blake3\"\n"
+                          "(default) or \"sha256\", for sites that may use only FIPS-approved\n"
+                          "hashes (about five times the CPU per recorded byte).",
     "store.fsync_interval_ms": "Group-commit window when durability = \"fsync\".",
     "store.segment_max_bytes": "A segment is finished (and made immutable) at this size...",
     "store.segment_max_age_s": "...or at this age, whichever comes first.",

@@ -59,13 +59,35 @@ static const EVP_MD *sha256(void) {
     return sha256_md;
 }
 
-void payload_digest(const void *prefix, size_t plen, const void *payload, size_t len,
-                    uint8_t *out) {
+/* Each thread that hashes with SHA-256 keeps its own context. */
+static __thread EVP_MD_CTX *thread_md;
+
+void chain_thread_exit(void) {
+    EVP_MD_CTX_free(thread_md);
+    thread_md = NULL;
+}
+
+static int sha256_digest(const void *prefix, size_t plen, const void *payload, size_t len,
+                         uint8_t *out) {
+    unsigned int n = 0;
+    const EVP_MD *sha = sha256();
+    if (thread_md == NULL && (thread_md = EVP_MD_CTX_new()) == NULL) return EIO;
+    if (sha == NULL || !EVP_DigestInit_ex(thread_md, sha, NULL)) return EIO;
+    if ((plen && !EVP_DigestUpdate(thread_md, prefix, plen))
+        || (len && !EVP_DigestUpdate(thread_md, payload, len)))
+        return EIO;
+    return EVP_DigestFinal_ex(thread_md, out, &n) ? 0 : EIO;
+}
+
+int payload_digest(int version, const void *prefix, size_t plen, const void *payload,
+                   size_t len, uint8_t *out) {
+    if (version == TG_FORMAT_SHA256) return sha256_digest(prefix, plen, payload, len, out);
     blake3_hasher h;
     blake3_hasher_init(&h);
     blake3_hasher_update(&h, prefix, plen);
     blake3_hasher_update(&h, payload, len);
     blake3_hasher_finalize(&h, out, 32);
+    return 0;
 }
 
 int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, size_t plen,
@@ -78,7 +100,7 @@ int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, 
         c->dirty = 0;
     }
     uint8_t header[TG_HEADER_SIZE], digest[32], crc_be[TG_CRC_SIZE];
-    header[0] = 'T'; header[1] = 'G'; header[2] = TG_FORMAT_VERSION; header[3] = (uint8_t)kind;
+    header[0] = 'T'; header[1] = 'G'; header[2] = (uint8_t)c->version; header[3] = (uint8_t)kind;
     put_be32(header + 4, (uint32_t)length);
     put_be64(header + 8, c->next_seq);
     put_be64(header + 16, ts_ns);
@@ -117,7 +139,8 @@ int chain_append_data(Chain *c, uint64_t session, int direction, const void *dat
     uint8_t head[TG_DATA_HEAD_SIZE], pdigest[32];
     put_be64(head, session);
     head[8] = (uint8_t)direction;
-    payload_digest(head, sizeof head, data, len, pdigest);  /* outside the lock */
+    if (payload_digest(c->version, head, sizeof head, data, len, pdigest))  /* outside the lock */
+        return EIO;
     uint64_t seq, ts = now_ns();
     pthread_mutex_lock(&c->mu);
     int err = c->healthy ? chain_append_locked(c, TG_KIND_DATA, ts, head, sizeof head,
@@ -142,6 +165,7 @@ static PyObject *Chain_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     pthread_mutex_init(&c->mu, NULL);
     c->fd = c->wake_fd = -1;
     c->healthy = 1;
+    c->version = TG_FORMAT_VERSION;
     c->seg_max = c->seal_every = UINT64_MAX;
     c->md = EVP_MD_CTX_new();
     const EVP_MD *sha = sha256();
@@ -181,9 +205,11 @@ static PyObject *Chain_append(Chain *c, PyObject *args, PyObject *kw) {
     uint8_t pdigest[32];
     int err;
     Py_BEGIN_ALLOW_THREADS
-    payload_digest(prefix.buf, (size_t)prefix.len, payload.buf, (size_t)payload.len, pdigest);
-    err = chain_append_locked(c, kind, ts, prefix.buf, (size_t)prefix.len,
-                              payload.buf, (size_t)payload.len, pdigest, &seq);
+    err = payload_digest(c->version, prefix.buf, (size_t)prefix.len, payload.buf,
+                         (size_t)payload.len, pdigest);
+    if (!err)
+        err = chain_append_locked(c, kind, ts, prefix.buf, (size_t)prefix.len,
+                                  payload.buf, (size_t)payload.len, pdigest, &seq);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&payload);
     if (prefix.obj) PyBuffer_Release(&prefix);
@@ -241,7 +267,25 @@ static PyMemberDef Chain_members[] = {
     {NULL},
 };
 
+static PyObject *Chain_get_version(Chain *c, void *unused) {
+    return PyLong_FromLong(c->version);
+}
+
+static int Chain_set_version(Chain *c, PyObject *v, void *unused) {
+    long version = v ? PyLong_AsLong(v) : -1;
+    if (version != TG_FORMAT_VERSION && version != TG_FORMAT_SHA256) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "frames are written as version %d or %d",
+                         TG_FORMAT_VERSION, TG_FORMAT_SHA256);
+        return -1;
+    }
+    c->version = (int)version;
+    return 0;
+}
+
 static PyGetSetDef Chain_getset[] = {
+    {"version", (getter)Chain_get_version, (setter)Chain_set_version,
+     "format version of the frames written: 3 (BLAKE3 payload digest) or 2 (SHA-256)", NULL},
     {"head", (getter)Chain_get_head, (setter)Chain_set_head, "SHA-256 of the last frame", NULL},
     {NULL},
 };

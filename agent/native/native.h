@@ -20,6 +20,7 @@
 #define TG_CRC_SIZE 4
 #define TG_MAX_PAYLOAD (16u << 20)
 #define TG_FORMAT_VERSION 3   /* hash = SHA-256(header || BLAKE3(payload)) */
+#define TG_FORMAT_SHA256 2    /* hash = SHA-256(header || SHA-256(payload)): FIPS-approved only */
 #define TG_KIND_DATA 3
 #define TG_DATA_HEAD_SIZE 9   /* DATA_HEAD = ">QB": session id, direction */
 
@@ -27,6 +28,7 @@ typedef struct {
     PyObject_HEAD
     pthread_mutex_t mu;
     EVP_MD_CTX *md;
+    int version;               /* of the frames written: TG_FORMAT_VERSION or TG_FORMAT_SHA256 */
     int fd;                    /* the active segment, O_APPEND */
     int dirty;                 /* a failed write may have left bytes past seg_bytes */
     int healthy;               /* 0: relay appends fail until Python recovers the store */
@@ -51,16 +53,21 @@ extern PyTypeObject ChainType;
 extern PyTypeObject PumpType;
 extern PyMethodDef accept_methods[];  /* accept.c */
 
-/* BLAKE3 of prefix || payload into out[32]: the part of a record's hash that
- * needs no lock, so relay threads compute it in parallel.  BLAKE3 because it
- * is every byte relayed: ~5x SHA-256's speed here (SHA-NI), as strong. */
-void payload_digest(const void *prefix, size_t plen, const void *payload, size_t len,
-                    uint8_t *out);
+/* The digest of prefix || payload into out[32] that frames of this version
+ * chain: the part of a record's hash that needs no lock, so relay threads
+ * compute it in parallel.  BLAKE3 by default because it is every byte
+ * relayed: ~5x SHA-256's speed here (SHA-NI), as strong; SHA-256 (through
+ * EVP, so a FIPS provider applies) where only FIPS-approved hashes may be
+ * used.  0, or EIO. */
+int payload_digest(int version, const void *prefix, size_t plen, const void *payload,
+                   size_t len, uint8_t *out);
 /* Appends one record whose payload digest is known; the caller holds c->mu.
  * 0, or an errno (chain unchanged). */
 int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, size_t plen,
                         const void *payload, size_t len, const uint8_t *pdigest, uint64_t *seq);
 /* The relay threads' append: lock, append, signal upkeep when due, unlock. */
 int chain_append_data(Chain *c, uint64_t session, int direction, const void *data, size_t len);
+/* A relay thread frees its SHA-256 context (if it made one) before it ends. */
+void chain_thread_exit(void);
 
 #endif

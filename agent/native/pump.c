@@ -574,6 +574,7 @@ static void *worker_main(void *arg) {
         bury(w);
         timeout_ms = expire_dials(w);
     }
+    chain_thread_exit();
     return NULL;
 }
 

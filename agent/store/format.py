@@ -18,6 +18,8 @@ relay threads compute it in parallel before they take the chain (version 3).
 BLAKE3 because every relayed byte goes through it: here it runs ~5x faster
 than SHA-256. Frames of earlier versions are still read: version 2 hashed
 SHA-256(header || SHA-256(payload)), version 1 SHA-256(header || payload).
+Version 2 is also still written where the store's payload_hash is "sha256"
+(sites that may use only FIPS-approved hashes).
 Seals (checkpoints) are ordinary records whose payload signs a chain head;
 they need nothing more from the frame.
 """
@@ -33,8 +35,10 @@ from dataclasses import dataclass
 import blake3
 
 MAGIC = b"TG"
-FORMAT_VERSION = 3                      # what this build writes
+FORMAT_VERSION = 3                      # what this build writes by default
 READABLE_VERSIONS = frozenset({1, 2, 3})
+# The store's payload_hash setting -> the version its frames are written as.
+PAYLOAD_HASH_VERSION = {"blake3": 3, "sha256": 2}
 HEADER = struct.Struct(">2sBBIQQ32s")
 CRC = struct.Struct(">I")
 HEADER_SIZE = HEADER.size

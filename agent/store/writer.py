@@ -32,7 +32,8 @@ import orjson
 from agent.native import Chain
 from agent.store import seal as sealing
 from agent.store.format import (
-    MAX_PAYLOAD, ZERO_HASH, Direction, Kind, Record, data_payload_head, segment_name,
+    MAX_PAYLOAD, PAYLOAD_HASH_VERSION, ZERO_HASH, Direction, Kind, Record, data_payload_head,
+    segment_name,
 )
 from agent.store.immutable import probe as probe_immutable, set_immutable
 from agent.store.keys import SealKey
@@ -47,6 +48,7 @@ class StoreSettings(Protocol):
     """The StoreConfig fields the writer reads (the store imports no config)."""
     path: str
     durability: str
+    payload_hash: str
     segment_max_bytes: int
     segment_max_age_s: float
     seal_interval_s: float
@@ -92,7 +94,7 @@ class StoreWriter:
                  segment_max_age_s: float | None = None, seal_key: SealKey | None = None,
                  seal_interval_s: float = 1.0, seal_interval_bytes: int = 1 << 20,
                  immutable: bool = True, max_deferred: int = 10_000,
-                 maintain_interval_s: float | None = None):
+                 maintain_interval_s: float | None = None, payload_hash: str = "blake3"):
         self.dir = Path(store_dir)
         self.segment_max_bytes = segment_max_bytes
         self.segment_max_age_ns = int(segment_max_age_s * 1e9) if segment_max_age_s else None
@@ -103,6 +105,7 @@ class StoreWriter:
         self.immutable = immutable
         # The chain is also the writer's lock: holding it excludes relay threads too.
         self._chain = self._lock = Chain()
+        self._chain.version = PAYLOAD_HASH_VERSION[payload_hash]
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._chain.wake_fd = self._wake
         self._chain.seg_max = segment_max_bytes
@@ -138,7 +141,8 @@ class StoreWriter:
         """The writer as the daemon runs it: sealing when the key exists, upkeep thread on."""
         key = SealKey(cfg.key_path) if Path(cfg.key_path).exists() else None
         return cls(cfg.path, segment_max_bytes=cfg.segment_max_bytes,
-                   durability=cfg.durability, segment_max_age_s=cfg.segment_max_age_s,
+                   durability=cfg.durability, payload_hash=cfg.payload_hash,
+                   segment_max_age_s=cfg.segment_max_age_s,
                    seal_key=key, seal_interval_s=cfg.seal_interval_s,
                    seal_interval_bytes=cfg.seal_interval_bytes,
                    maintain_interval_s=maintain_interval_s)

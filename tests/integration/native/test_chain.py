@@ -1,5 +1,6 @@
 """The C append point writes byte for byte the frame format.py describes
-(SHA-256 chain, crc32 as zlib computes it), for every payload size class."""
+(SHA-256 chain over BLAKE3 or SHA-256 payload digests, crc32 as zlib
+computes it), for every payload size class and both versions it writes."""
 
 from __future__ import annotations
 
@@ -14,30 +15,38 @@ SIZES = [0, 1, 7, 8, 9, 55, 56, 63, 64, 65, 127, 128, 255, 1000, 4095, 4096, 65_
 
 
 def python_frame(kind: int, seq: int, ts: int, prev: bytes, prefix: bytes,
-                 payload: bytes) -> tuple[bytes, bytes]:
-    header = encode_header(kind, len(prefix) + len(payload), seq, ts, prev)
+                 payload: bytes, version: int) -> tuple[bytes, bytes]:
+    header = encode_header(kind, len(prefix) + len(payload), seq, ts, prev, version)
     digest, crc = frame_digest(header, prefix, payload)
     return header + prefix + payload + crc, digest
 
 
-def test_frames_match_the_python_format(tmp_path):
+@pytest.mark.parametrize("version", [3, 2], ids=["blake3", "sha256"])
+def test_frames_match_the_python_format(tmp_path, version):
     path = tmp_path / "seg"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     chain, expected, head = Chain(), b"", ZERO_HASH
-    chain.fd = fd
+    chain.fd, chain.version = fd, version
     try:
         for seq, size in enumerate(SIZES):
             payload, prefix = os.urandom(size), os.urandom(seq % 10)
             with chain:
                 assert chain.append(3, payload, 1_700_000_000_000_000_000 + seq, prefix) == seq
             frame, head = python_frame(3, seq, 1_700_000_000_000_000_000 + seq, head,
-                                       prefix, payload)
+                                       prefix, payload, version)
             expected += frame
             assert chain.head == head and chain.next_seq == seq + 1
     finally:
         os.close(fd)
     assert path.read_bytes() == expected
     assert chain.seg_bytes == len(expected) == chain.bytes
+
+
+def test_a_chain_writes_only_versions_it_can_hash():
+    chain = Chain()
+    assert chain.version == 3
+    with pytest.raises(ValueError):
+        chain.version = 1
 
 
 def test_failed_write_leaves_the_chain_as_it_was(tmp_path):

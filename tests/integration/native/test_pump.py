@@ -93,6 +93,28 @@ def test_both_ways_recorded_then_forwarded_and_closed(rig):
     assert verify(rig.writer.dir).ok
 
 
+def test_a_sha256_store_gets_version_2_frames_from_the_relay_threads(tmp_path):
+    """store.payload_hash = "sha256" (FIPS-approved hashes only) reaches the
+    relay threads' appends, not only Python's."""
+    rig = Rig(tmp_path / "store", 2, payload_hash="sha256")
+    try:
+        subject, dest = rig.session(9)
+        subject.sendall(b"ping")
+        assert recv_exactly(dest, 4) == b"ping"
+        dest.sendall(b"pong")
+        assert recv_exactly(subject, 4) == b"pong"
+        subject.close()
+        dest.close()
+        rig.wait_ended()
+    finally:
+        rig.close()
+    records = list(iter_records(rig.writer.dir))
+    assert {r.version for r in records} == {2}
+    assert [r.data() for r in records if r.kind == Kind.DATA] == [
+        (9, Direction.CLIENT, b"ping"), (9, Direction.SERVER, b"pong")]
+    assert verify(rig.writer.dir).ok
+
+
 def test_half_close_then_reply_arrives_whole(rig):
     subject, dest = rig.session(1)
     subject.sendall(b"question")

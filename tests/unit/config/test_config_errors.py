@@ -21,6 +21,7 @@ def tollgate(*args: str) -> subprocess.CompletedProcess:
     ('subjects = ["root"]\n[proxy]\nport = "x"\n', "proxy.port: must be an integer"),
     ('subjects = ["no-such-user-tg"]\n', "subjects: user 'no-such-user-tg' does not exist"),
     ('subjects = ["root"]\n[store]\ndurability = "sometimes"\n', "store.durability: must be one of"),
+    ('subjects = ["root"]\n[store]\npayload_hash = "md5"\n', "store.payload_hash: must be one of"),
     ('subjects = ["root"]\n[proxy]\nevent_loop = "trio"\n', "proxy.event_loop: must be one of"),
     ('subjects = ["root"]\n[proxy]\ndeny = ["not-an-ip"]\n', "proxy.deny: 'not-an-ip'"),
     ('subjects = ["root"\n', "not valid TOML"),

@@ -73,3 +73,17 @@ def test_an_upgraded_writer_chains_the_current_version_onto_an_older_one(old):
     flip(store / name, start + HEADER_SIZE + 12, 3)   # and a new frame's payload is covered
     r = verify(store, load_verification_key(root / "verification.key"))
     assert not r.ok and (r.failures[0].segment, r.failures[0].offset) == (name, start)
+
+
+def test_a_store_set_to_sha256_writes_version_2(tmp_path):
+    """store.payload_hash = "sha256", through the daemon's constructor: every
+    frame version 2 (FIPS-approved hashes only), and it verifies."""
+    from agent.config import StoreConfig
+    cfg = StoreConfig(path=str(tmp_path / "store"), payload_hash="sha256",
+                      key_path=str(tmp_path / "no-key"))
+    w = StoreWriter.from_config(cfg, maintain_interval_s=0)
+    for i in range(5):
+        w.append_data(3, Direction(i % 2), b"fips %d" % i)
+    w.close()
+    assert set(versions(tmp_path / "store")) == {2}
+    assert verify(tmp_path / "store").ok
