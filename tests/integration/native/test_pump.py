@@ -76,6 +76,16 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
     return out
 
 
+def exchange(subject: socket.socket, dest: socket.socket, up: bytes, down: bytes) -> None:
+    """One request and its reply through the pump; then both ends close."""
+    subject.sendall(up)
+    assert recv_exactly(dest, len(up)) == up
+    dest.sendall(down)
+    assert recv_exactly(subject, len(down)) == down
+    subject.close()
+    dest.close()
+
+
 def test_both_ways_recorded_then_forwarded_and_closed(rig):
     subject, dest = rig.session(7)
     subject.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -98,13 +108,7 @@ def test_a_sha256_store_gets_version_2_frames_from_the_relay_threads(tmp_path):
     relay threads' appends, not only Python's."""
     rig = Rig(tmp_path / "store", 2, payload_hash="sha256")
     try:
-        subject, dest = rig.session(9)
-        subject.sendall(b"ping")
-        assert recv_exactly(dest, 4) == b"ping"
-        dest.sendall(b"pong")
-        assert recv_exactly(subject, 4) == b"pong"
-        subject.close()
-        dest.close()
+        exchange(*rig.session(9), b"ping", b"pong")
         rig.wait_ended()
     finally:
         rig.close()
@@ -242,12 +246,7 @@ def test_pump_connects_upstream_then_relays(rig):
         subject = dial(rig, 20, ls.getsockname()[1])
         dest, _ = ls.accept()
     dest.settimeout(10)
-    subject.sendall(b"SELECT 1;")
-    assert recv_exactly(dest, 9) == b"SELECT 1;"
-    dest.sendall(b"1 row")
-    assert recv_exactly(subject, 5) == b"1 row"
-    subject.close()
-    dest.close()
+    exchange(subject, dest, b"SELECT 1;", b"1 row")
     assert rig.wait_ended() == [(20, "closed", 9, 5, 0)]
 
 
