@@ -59,7 +59,8 @@ static const EVP_MD *sha256(void) {
     return sha256_md;
 }
 
-/* Each thread that hashes with SHA-256 keeps its own context. */
+/* Relay threads hashing with SHA-256 keep a context each; Python's appends
+ * use the chain's, which the lock they hold makes theirs. */
 static __thread EVP_MD_CTX *thread_md;
 
 void chain_thread_exit(void) {
@@ -67,21 +68,22 @@ void chain_thread_exit(void) {
     thread_md = NULL;
 }
 
-static int sha256_digest(const void *prefix, size_t plen, const void *payload, size_t len,
-                         uint8_t *out) {
+static int sha256_digest(EVP_MD_CTX *md, const void *prefix, size_t plen, const void *payload,
+                         size_t len, uint8_t *out) {
     unsigned int n = 0;
     const EVP_MD *sha = sha256();
-    if (thread_md == NULL && (thread_md = EVP_MD_CTX_new()) == NULL) return EIO;
-    if (sha == NULL || !EVP_DigestInit_ex(thread_md, sha, NULL)) return EIO;
-    if ((plen && !EVP_DigestUpdate(thread_md, prefix, plen))
-        || (len && !EVP_DigestUpdate(thread_md, payload, len)))
+    if (md == NULL && (md = thread_md) == NULL && (md = thread_md = EVP_MD_CTX_new()) == NULL)
         return EIO;
-    return EVP_DigestFinal_ex(thread_md, out, &n) ? 0 : EIO;
+    if (sha == NULL || !EVP_DigestInit_ex(md, sha, NULL)) return EIO;
+    if ((plen && !EVP_DigestUpdate(md, prefix, plen))
+        || (len && !EVP_DigestUpdate(md, payload, len)))
+        return EIO;
+    return EVP_DigestFinal_ex(md, out, &n) ? 0 : EIO;
 }
 
-int payload_digest(int version, const void *prefix, size_t plen, const void *payload,
-                   size_t len, uint8_t *out) {
-    if (version == TG_FORMAT_SHA256) return sha256_digest(prefix, plen, payload, len, out);
+int payload_digest(int version, EVP_MD_CTX *md, const void *prefix, size_t plen,
+                   const void *payload, size_t len, uint8_t *out) {
+    if (version == TG_FORMAT_SHA256) return sha256_digest(md, prefix, plen, payload, len, out);
     blake3_hasher h;
     blake3_hasher_init(&h);
     blake3_hasher_update(&h, prefix, plen);
@@ -139,7 +141,7 @@ int chain_append_data(Chain *c, uint64_t session, int direction, const void *dat
     uint8_t head[TG_DATA_HEAD_SIZE], pdigest[32];
     put_be64(head, session);
     head[8] = (uint8_t)direction;
-    if (payload_digest(c->version, head, sizeof head, data, len, pdigest))  /* outside the lock */
+    if (payload_digest(c->version, NULL, head, sizeof head, data, len, pdigest))  /* unlocked */
         return EIO;
     uint64_t seq, ts = now_ns();
     pthread_mutex_lock(&c->mu);
@@ -205,7 +207,7 @@ static PyObject *Chain_append(Chain *c, PyObject *args, PyObject *kw) {
     uint8_t pdigest[32];
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = payload_digest(c->version, prefix.buf, (size_t)prefix.len, payload.buf,
+    err = payload_digest(c->version, c->md, prefix.buf, (size_t)prefix.len, payload.buf,
                          (size_t)payload.len, pdigest);
     if (!err)
         err = chain_append_locked(c, kind, ts, prefix.buf, (size_t)prefix.len,

@@ -58,9 +58,10 @@ extern PyMethodDef accept_methods[];  /* accept.c */
  * compute it in parallel.  BLAKE3 by default because it is every byte
  * relayed: ~5x SHA-256's speed here (SHA-NI), as strong; SHA-256 (through
  * EVP, so a FIPS provider applies) where only FIPS-approved hashes may be
- * used.  0, or EIO. */
-int payload_digest(int version, const void *prefix, size_t plen, const void *payload,
-                   size_t len, uint8_t *out);
+ * used, in md, or with md NULL in the calling relay thread's own context.
+ * 0, or EIO. */
+int payload_digest(int version, EVP_MD_CTX *md, const void *prefix, size_t plen,
+                   const void *payload, size_t len, uint8_t *out);
 /* Appends one record whose payload digest is known; the caller holds c->mu.
  * 0, or an errno (chain unchanged). */
 int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, size_t plen,
