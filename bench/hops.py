@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"relay": "tollgate", **measure(
                     b, CORP_V4, SERVER_PORT, agent.proc.pid, args.seconds)}), flush=True)
                 print(json.dumps({"relay": "haproxy, agent running", **measure(
-                    Bench(sb, lg, scale, user=None), BASTION_V4, HAPROXY_PORT,
+                    Bench(sb, lg, scale, as_root=True), BASTION_V4, HAPROXY_PORT,
                     relays["haproxy"], args.seconds)}), flush=True)
             finally:
                 agent.stop()

@@ -208,12 +208,11 @@ def witness_wired() -> bool:
 
 
 class Bench:
-    def __init__(self, sb: Sandbox, loadgen: str, scale: Scale, user: str | None = "subject"
-                 ) -> None:
-        """user: who runs the load, the subject (redirected once an agent
-        runs) or None, root (never redirected)."""
+    def __init__(self, sb: Sandbox, loadgen: str, scale: Scale, as_root: bool = False) -> None:
+        """The load runs as the subject (redirected once an agent runs), or
+        as root (never redirected)."""
         self.sb, self.lg, self.scale = sb, loadgen, scale
-        self.user = sb.subject if user == "subject" else user
+        self.user = None if as_root else sb.subject
 
     def _client(self, *args: str, timeout: float = 600) -> dict:
         r = self.sb.run(self.sb.bastion, [self.lg, *args], user=self.user, timeout=timeout,
