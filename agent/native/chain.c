@@ -195,6 +195,21 @@ static PyObject *Chain_release(Chain *c, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Below this, an append keeps the GIL: hashing and a small writev take a few
+ * microseconds, less than handing the GIL to another Python thread (the
+ * witness's) and waiting to get it back, which costs each side a futex wait
+ * and a context switch. */
+#define GIL_KEPT_BELOW 4096
+
+static int append_digested(Chain *c, int kind, uint64_t ts, Py_buffer *prefix,
+                           Py_buffer *payload, uint8_t *pdigest, uint64_t *seq) {
+    int err = payload_digest(c->version, c->md, prefix->buf, (size_t)prefix->len, payload->buf,
+                             (size_t)payload->len, pdigest);
+    if (err) return err;
+    return chain_append_locked(c, kind, ts, prefix->buf, (size_t)prefix->len, payload->buf,
+                               (size_t)payload->len, pdigest, seq);
+}
+
 /* append(kind, payload, ts_ns, prefix=b"") -> seq; the caller holds the lock. */
 static PyObject *Chain_append(Chain *c, PyObject *args, PyObject *kw) {
     static char *names[] = {"kind", "payload", "ts_ns", "prefix", NULL};
@@ -206,13 +221,13 @@ static PyObject *Chain_append(Chain *c, PyObject *args, PyObject *kw) {
     uint64_t seq = 0;
     uint8_t pdigest[32];
     int err;
-    Py_BEGIN_ALLOW_THREADS
-    err = payload_digest(c->version, c->md, prefix.buf, (size_t)prefix.len, payload.buf,
-                         (size_t)payload.len, pdigest);
-    if (!err)
-        err = chain_append_locked(c, kind, ts, prefix.buf, (size_t)prefix.len,
-                                  payload.buf, (size_t)payload.len, pdigest, &seq);
-    Py_END_ALLOW_THREADS
+    if ((size_t)payload.len < GIL_KEPT_BELOW) {
+        err = append_digested(c, kind, ts, &prefix, &payload, pdigest, &seq);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        err = append_digested(c, kind, ts, &prefix, &payload, pdigest, &seq);
+        Py_END_ALLOW_THREADS
+    }
     PyBuffer_Release(&payload);
     if (prefix.obj) PyBuffer_Release(&prefix);
     if (err == EFBIG) {
