@@ -127,7 +127,8 @@ class WitnessConfig:
     # Ring buffer size in pages, rounded up to a power of two; a full buffer
     # loses events (counted, recorded as events_lost), so size for bursts.
     perf_pages: int = field(default=64, metadata=check(_positive))
-    # Report every TCP state change, not only SYN_SENT/ESTABLISHED/CLOSE (costly).
+    # Report every TCP state change, not only SYN_SENT/ESTABLISHED/CLOSE (costly:
+    # the kernel then sends proxied connections' events too; bpf/tcp_connect.c).
     all_tcp_states: bool = False
 
 

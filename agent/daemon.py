@@ -137,7 +137,7 @@ class Agent:
                              "to run without it)") from None
         _give_back_compiler_memory()
         from agent.witness.connections import ConnectTable
-        self.connects = ConnectTable(w.procs)
+        self.connects = ConnectTable(w.procs, kernel=w.probes.attributed)
         w.subscribe(self.connects.on_event)
         self._event("witness_attached", **{k: v for k, v in w.statistics().items()
                                            if k in ("attached", "guard")})

@@ -116,4 +116,13 @@ struct tg_proxy_side {    /* value, 32 bytes: the proxy's accepted socket */
     __u8 _pad[6];
 };
 
+/* Not an event either: the map `pending` (tcp_connect.c), a subject socket
+ * the kernel has not yet seen go into the proxy, with the events it would
+ * have sent. The witness takes entries older than its window and judges
+ * them as if they had come through the ring buffer. */
+struct tg_pending {       /* value, 208 bytes */
+    struct tg_tcp_event syn;   /* SYN_SENT */
+    struct tg_tcp_event est;   /* ESTABLISHED; newstate 0 until then */
+};
+
 #endif

@@ -21,6 +21,18 @@
  * the cross-check asks the proxy's session table first, which knows nearly
  * every connection by then, and reads the map only when it does not (an
  * event per connection cost user space a third of the witness's time).
+ *
+ * With a proxy port (and without all_tcp_states) the kernel goes one step
+ * further, so that a proxied connection costs user space nothing: a subject
+ * socket's SYN_SENT and ESTABLISHED events wait in the map `pending` instead
+ * of the ring buffer. When the proxy's side of it establishes on one of the
+ * proxy's own addresses (map `proxy_local`), that is the proof: the entry
+ * goes, its ESTABLISHED event moves to the LRU map `attributed` for the
+ * proxy to name the process from, and the counter `proven` counts it. What
+ * is not proven within the witness's window (a bypass) the witness takes
+ * from `pending` itself (Probes.take_unproven) and judges as before; a
+ * socket that closes still pending sends its events at once, since its
+ * address may be reused; a full map sends them at once as well.
  */
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
@@ -38,11 +50,29 @@ struct tg_conn {
 BPF_HASH(conns, u64, struct tg_conn, MAX_SOCKETS);
 #ifdef PROXY_PORT
 BPF_TABLE("lru_hash", struct tg_peer, struct tg_proxy_side, proxied, MAX_SOCKETS);
+#ifndef TG_ALL_TCP_STATES
+#define TG_QUIET
+BPF_PERCPU_ARRAY(scratch_pending, struct tg_pending, 1);         /* too big for the stack */
+BPF_HASH(pending, u64, struct tg_pending, MAX_PENDING);           /* by socket address */
+BPF_HASH(pending_peer, struct tg_peer, u64, MAX_PENDING);         /* established ones */
+BPF_TABLE("lru_hash", struct tg_peer, struct tg_tcp_event, attributed, MAX_PENDING);
+BPF_HASH(proxy_local, struct tg_peer, u8, 16);   /* the proxy's addresses (port 0); :: = any */
+BPF_PERCPU_ARRAY(proven, u64, 1);
+#endif
 #endif
 
 struct tracepoint__sock__inet_sock_set_state;
 static __always_inline void
 tg_emit_tcp(struct tracepoint__sock__inet_sock_set_state *args, u64 sk, struct tg_header *who);
+static __always_inline void
+tg_fill_tcp(struct tg_tcp_event *e, struct tracepoint__sock__inet_sock_set_state *args, u64 sk,
+            struct tg_header *who);
+#ifdef TG_QUIET
+static __always_inline int
+tg_hold(struct tracepoint__sock__inet_sock_set_state *args, u64 sk, struct tg_header *who);
+static __always_inline void tg_prove(struct tg_peer *peer, struct tg_peer *local);
+static __always_inline void tg_release(u64 sk, struct tg_pending *p);
+#endif
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
@@ -60,6 +90,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         struct tg_conn fresh = {};
         tg_fill_header(&fresh.h, TG_EV_TCP_STATE);
         conns.update(&sk, &fresh);
+#ifdef TG_QUIET
+        if (tg_hold(args, sk, &fresh.h))
+            return 0;
+#endif
     } else if (args->oldstate == TCP_SYN_RECV || args->oldstate == TCP_NEW_SYN_RECV
                || args->newstate == TCP_SYN_RECV || args->oldstate == TCP_LISTEN) {
         conns.delete(&sk);
@@ -70,6 +104,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             __builtin_memcpy(peer.addr, args->daddr_v6, 16);
             __builtin_memcpy(side.local, args->saddr_v6, 16);
             proxied.update(&peer, &side);
+#ifdef TG_QUIET
+            struct tg_peer local = {};
+            __builtin_memcpy(local.addr, args->saddr_v6, 16);
+            tg_prove(&peer, &local);
+#endif
         }
 #endif
         return 0;
@@ -85,6 +124,23 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
      * is reused at once, maybe by a socket that is not a subject's. */
     if (args->newstate == TCP_CLOSE)
         conns.delete(&sk);
+#ifdef TG_QUIET
+    struct tg_pending *p = pending.lookup(&sk);
+    if (p) {
+        if (args->newstate == TCP_ESTABLISHED) {
+            tg_fill_tcp(&p->est, args, sk, &who);
+            struct tg_peer peer = {.port = args->sport};
+            __builtin_memcpy(peer.addr, args->saddr_v6, 16);
+            if (pending_peer.update(&peer, &sk) == 0)
+                return 0;
+            tg_release(sk, p);   /* cannot be proven: judged from the ring buffer */
+            return 0;
+        }
+        if (args->newstate != TCP_CLOSE)
+            return 0;
+        tg_release(sk, p);
+    }
+#endif
 #ifndef TG_ALL_TCP_STATES
     /* The verdict needs only these; the rest would cost user space time. */
     if (args->newstate != TCP_SYN_SENT && args->newstate != TCP_ESTABLISHED
@@ -101,6 +157,14 @@ tg_emit_tcp(struct tracepoint__sock__inet_sock_set_state *args, u64 sk, struct t
     struct tg_tcp_event *e = tg_reserve(sizeof(*e));
     if (!e)
         return;
+    tg_fill_tcp(e, args, sk, who);
+    events.ringbuf_submit(e, 0);
+}
+
+static __always_inline void
+tg_fill_tcp(struct tg_tcp_event *e, struct tracepoint__sock__inet_sock_set_state *args, u64 sk,
+            struct tg_header *who)
+{
     e->h = *who;
     e->h.ts_ns = bpf_ktime_get_ns();
     e->sk = sk;
@@ -116,5 +180,65 @@ tg_emit_tcp(struct tracepoint__sock__inet_sock_set_state *args, u64 sk, struct t
         __builtin_memcpy(e->saddr, args->saddr_v6, 16);
         __builtin_memcpy(e->daddr, args->daddr_v6, 16);
     }
-    events.ringbuf_submit(e, 0);
 }
+
+#ifdef TG_QUIET
+/* SYN_SENT of a subject socket: keep its event in `pending`; 0 if the map
+ * is full (then it goes to the ring buffer as before). */
+static __always_inline int
+tg_hold(struct tracepoint__sock__inet_sock_set_state *args, u64 sk, struct tg_header *who)
+{
+    struct tg_pending *old = pending.lookup(&sk);
+    if (old)     /* this address's last socket closed untraced: its events go now */
+        tg_release(sk, old);
+    int zero = 0;
+    struct tg_pending *p = scratch_pending.lookup(&zero);
+    if (!p)
+        return 0;
+    __builtin_memset(p, 0, sizeof(*p));
+    tg_fill_tcp(&p->syn, args, sk, who);
+    return pending.update(&sk, p) == 0;
+}
+
+/* The proxy's side of a connection from peer established at local. */
+static __always_inline void tg_prove(struct tg_peer *peer, struct tg_peer *local)
+{
+    struct tg_peer any = {};
+    if (!proxy_local.lookup(local) && !proxy_local.lookup(&any))
+        return;
+    u64 *skp = pending_peer.lookup(peer);
+    if (!skp)
+        return;
+    u64 sk = *skp;
+    pending_peer.delete(peer);
+    struct tg_pending *p = pending.lookup(&sk);
+    if (!p || p->est.newstate != TCP_ESTABLISHED || p->est.sport != peer->port)
+        return;   /* the address was reused meanwhile */
+    attributed.update(peer, &p->est);
+    pending.delete(&sk);
+    int zero = 0;
+    u64 *n = proven.lookup(&zero);
+    if (n)
+        *n += 1;
+}
+
+/* Send what waited for this socket to the ring buffer, and forget it. */
+static __always_inline void tg_release(u64 sk, struct tg_pending *p)
+{
+    if (events.ringbuf_output(&p->syn, sizeof(p->syn), 0))
+        tg_count_lost();
+    if (p->est.newstate == TCP_ESTABLISHED) {
+        if (events.ringbuf_output(&p->est, sizeof(p->est), 0))
+            tg_count_lost();
+        struct tg_peer peer = {.port = p->est.sport};
+        if (p->est.family == AF_INET) {  /* as the tracepoint's saddr_v6: ::ffff:a.b.c.d */
+            peer.addr[10] = peer.addr[11] = 0xff;
+            __builtin_memcpy(&peer.addr[12], p->est.saddr, 4);
+        } else {
+            __builtin_memcpy(peer.addr, p->est.saddr, 16);
+        }
+        pending_peer.delete(&peer);
+    }
+    pending.delete(&sk);
+}
+#endif

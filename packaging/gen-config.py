@@ -64,7 +64,8 @@ DOCS = {
     "witness.perf_pages": "Ring buffer size in pages (rounded up to a power of two); a full\n"
                           "buffer loses events (each loss is an events_lost alert).",
     "witness.all_tcp_states": "Report every TCP state change, not only connect/established/close\n"
-                              "(costly; for investigations).",
+                              "(costly: every connection, proxied ones too, then reaches\n"
+                              "user space; for investigations).",
     "enforce.table": "Name of tollgate's nftables table (family inet). Purge deletes\n"
                      "`inet tollgate` only: remove a renamed table with `tollgate rules remove`.",
     "enforce.watch_interval_s": "Seconds between checks that the table is unchanged\n"

@@ -13,15 +13,20 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 from agent.witness.events import Event, TcpEvent
 
 Key = tuple[str, int, str, int]
+KERNEL_RECHECK_S = 0.002
 
 
 class ConnectTable:
-    def __init__(self, procs, capacity: int = 65536) -> None:
-        self._procs = procs
+    def __init__(self, procs, capacity: int = 65536,
+                 kernel: Callable[[str, int], Event | None] | None = None) -> None:
+        # kernel: the event of a socket the kernel proved went into the proxy,
+        # which never reaches the ring buffer (Probes.attributed).
+        self._procs, self._kernel = procs, kernel
         self._seen: OrderedDict[Key, TcpEvent] = OrderedDict()
         self._waiting: dict[Key, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._lock = threading.Lock()
@@ -50,14 +55,26 @@ class ConnectTable:
         with self._lock:
             ev = self._seen.pop((*client, *dst), None)
         if ev is None:
+            ev = self._from_kernel(client, dst)
+        if ev is None:
             return None
         self.hits += 1
         return self._evidence(ev)
+
+    def _from_kernel(self, client: tuple[str, int], dst: tuple[str, int]) -> TcpEvent | None:
+        ev = self._kernel(*client) if self._kernel is not None else None
+        # The map is keyed by the subject's address alone: the destination must agree.
+        if isinstance(ev, TcpEvent) and (ev.daddr, ev.dport) == tuple(dst):
+            return ev
+        return None
 
     async def attribution(self, client: tuple[str, int], dst: tuple[str, int],
                           wait_s: float) -> dict | None:
         """The session's evidence from the kernel, waiting up to wait_s for
         its event; None if the kernel did not report it in time."""
+        found = self.attribution_now(client, dst)
+        if found is not None:
+            return found
         key = (*client, *dst)
         loop = asyncio.get_running_loop()
         with self._lock:
@@ -66,20 +83,26 @@ class ConnectTable:
                 fut = loop.create_future()
                 self._waiting[key] = (loop, fut)
         if ev is None:
-            # A timer resolving the future with None: cheaper than asyncio.timeout,
-            # and this runs for every connection.
-            timer = loop.call_later(wait_s, _resolve, fut, None)
-            try:
-                ev = await fut
-            finally:
-                timer.cancel()
+            ev = await self._wait(fut, loop.time() + wait_s, client, dst)
+            with self._lock:
+                self._waiting.pop(key, None)
             if ev is None:
-                with self._lock:
-                    self._waiting.pop(key, None)
                 self.misses += 1
                 return None
         self.hits += 1
         return self._evidence(ev)
+
+    async def _wait(self, fut: asyncio.Future, deadline: float, client: tuple[str, int],
+                    dst: tuple[str, int]) -> TcpEvent | None:
+        """The event from the poll thread, or from the kernel's map: the proxy
+        may accept a connection a moment before the kernel proves it."""
+        loop = asyncio.get_running_loop()
+        while (left := deadline - loop.time()) > 0:
+            done, _ = await asyncio.wait((fut,), timeout=min(left, KERNEL_RECHECK_S))
+            ev = fut.result() if done else self._from_kernel(client, dst)
+            if ev is not None:
+                return ev
+        return None
 
     def _evidence(self, ev: TcpEvent) -> dict:
         return {"uid": ev.uid, "pid": ev.tgid, "tid": ev.pid, "comm": ev.comm,

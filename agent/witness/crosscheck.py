@@ -105,6 +105,9 @@ class CrossCheck:
         # What the kernel saw the proxy accept (loader.Probes.proxied), on the
         # proxy's listen addresses: asked when the session table does not match.
         self.proxy_listen, self.kernel_proxied = proxy_listen, kernel_proxied
+        # Whether the kernel still holds an established subject socket's events
+        # (loader.Probes.pending): the poll thread will judge it.
+        self.kernel_pending: Callable[[str, int], bool] | None = None
         self.window_ns = int(window_ms * 1e6)
         self.udp_allowed_ports = udp_allowed_ports
         self._live: dict[int, _Conn] = {}               # socket address -> open socket
@@ -207,11 +210,18 @@ class CrossCheck:
                 self._checked.popitem(last=False)
 
     def known(self, t: Tuple4) -> bool:
-        """Whether the event path has this socket (pending or already judged)."""
+        """Whether the event path has this socket: pending or already judged
+        here, or still held by the kernel (proven, or waiting in `pending`
+        for its window; see bpf/tcp_connect.c)."""
         with self._lock:
-            return t in self._checked or any(
-                (c.last.saddr, c.last.sport, c.last.daddr, c.last.dport) == t
-                for _, _, c in self._due)
+            if t in self._checked or any(
+                    (c.last.saddr, c.last.sport, c.last.daddr, c.last.dport) == t
+                    for _, _, c in self._due):
+                return True
+        if self.kernel_pending is not None and self.kernel_pending(t[0], t[1]):
+            return True
+        seen = self.kernel_proxied(t[0], t[1]) if self.kernel_proxied is not None else None
+        return seen is not None and seen[1] in self.proxy_listen
 
     def _bypass(self, conn: _Conn, t: Tuple4) -> None:
         who = conn.opened

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 __all__ = ["EventType", "Header", "TcpEvent", "UdpEvent", "SocketEvent", "NetnsEvent",
            "ExecEvent", "UidEvent", "ForkEvent", "ExitEvent", "Event", "decode",
-           "TCP_STATES", "AF_INET", "AF_INET6", "Peer", "ProxySide", "peer_key", "mapped_text"]
+           "TCP_STATES", "AF_INET", "AF_INET6", "Peer", "ProxySide", "Pending", "peer_key",
+           "mapped_text", "TCP_EVENT_SIZE"]
 
 AF_INET, AF_INET6 = 2, 10
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
@@ -94,9 +95,18 @@ class ProxySide(ct.Structure):
                 ("_pad", ct.c_uint8 * 6)]
 
 
+TCP_EVENT_SIZE = ct.sizeof(_Tcp)
+
+
+class Pending(ct.Structure):
+    """Value of the map `pending`: a subject socket's held SYN_SENT and ESTABLISHED."""
+    _fields_ = [("syn", _Tcp), ("est", _Tcp)]
+
+
 # Sizes as written in bpf/events.h.
 for _cls, _size in ((_Header, 56), (_Tcp, 104), (_Udp, 88), (_Socket, 72), (_Netns, 88),
-                    (_Exec, 456), (_Uid, 80), (_Fork, 64), (Peer, 24), (ProxySide, 32)):
+                    (_Exec, 456), (_Uid, 80), (_Fork, 64), (Peer, 24), (ProxySide, 32),
+                    (Pending, 208)):
     assert ct.sizeof(_cls) == _size, f"{_cls.__name__} is {ct.sizeof(_cls)} bytes, not {_size}"
 
 

@@ -24,6 +24,10 @@ def lib() -> ct.CDLL:
     bpf.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
     bpf.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
     bpf.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    bpf.bpf_map_lookup_and_delete_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    bpf.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+    bpf.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+    bpf.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
     return bpf
 
 

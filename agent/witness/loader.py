@@ -21,7 +21,8 @@ from pathlib import Path
 import psutil
 
 from agent.witness import btf, cgroup_link, libbpf
-from agent.witness.events import Event, ProxySide, decode, mapped_text, peer_key
+from agent.witness.events import (TCP_EVENT_SIZE, Event, Peer, Pending, ProxySide, decode,
+                                  mapped_text, peer_key)
 
 log = logging.getLogger("tollgate.witness")
 
@@ -40,6 +41,11 @@ def cgroup2_root(mounts_file: str = "/proc/mounts") -> str | None:
     return min(found, key=len) if found else None
 MAX_SUBJECT_TASKS = 65536
 MAX_SOCKETS = 65536
+# Subject sockets not yet proven to go into the proxy (bpf/tcp_connect.c):
+# connects of the last few microseconds, and bypasses younger than the
+# window. When full, events take the ring buffer as before.
+MAX_PENDING = 16384
+WILDCARDS = ("0.0.0.0", "::")
 
 
 class WitnessUnavailable(Exception):
@@ -72,6 +78,7 @@ def cflags(pages: int, all_tcp_states: bool = False, proxy_port: int | None = No
         raise WitnessUnavailable(f"kernel BTF unusable: {e}") from e
     return [f"-I{BPF_DIR}", f"-DRINGBUF_PAGES={ring_pages(pages)}",
             f"-DMAX_SUBJECT_TASKS={MAX_SUBJECT_TASKS}", f"-DMAX_SOCKETS={MAX_SOCKETS}",
+            f"-DMAX_PENDING={MAX_PENDING}",
             *(["-DTG_ALL_TCP_STATES"] if all_tcp_states else []),
             *([f"-DPROXY_PORT={proxy_port}"] if proxy_port else []), *offsets]
 
@@ -103,15 +110,17 @@ class Probes:
 
     def __init__(self, subject_uids: Iterable[int], *, pages: int, guard: bool,
                  on_event: Callable[[Event], None], all_tcp_states: bool = False,
-                 proxy_port: int | None = None):
+                 proxy_port: int | None = None, proxy_listen: Iterable[str] = ()):
         self.subject_uids = tuple(subject_uids)
         self.pages = ring_pages(pages)
         self.guard = guard
         self.all_tcp_states = all_tcp_states
         self.proxy_port = proxy_port
+        self.proxy_listen = tuple(proxy_listen)
         self._on_event = on_event
         self._bpf = None
         self._guard_link = -1
+        self._fds: dict[str, int] = {}
         self._lost_seen = 0
         self.attached: list[str] = []
         self.handler_errors = 0
@@ -126,6 +135,7 @@ class Probes:
         except Exception as e:  # BCC raises bare Exception for compile and load errors
             raise WitnessUnavailable(f"BPF program did not compile or load: {e}") from e
         self._fill_subjects()
+        self._fill_proxy_local()
         self._bpf[b"events"].open_ring_buffer(self._on_ring)
         self._ring = _RingReader(self._bpf._ringbuf_manager)
         self.attached = self._autoloaded()
@@ -138,6 +148,24 @@ class Probes:
             uids[ct.c_uint32(uid)] = ct.c_uint8(1)
         for pid, uid in subject_descendants(self.subject_uids).items():
             tgids[ct.c_uint32(pid)] = ct.c_uint32(uid)
+
+    @property
+    def quiet(self) -> bool:
+        """Whether the kernel proves proxied connections itself, sending user
+        space no event for them (bpf/tcp_connect.c, TG_QUIET)."""
+        return self.proxy_port is not None and not self.all_tcp_states
+
+    def _fill_proxy_local(self) -> None:
+        if not self.quiet:
+            return
+        # Asked per connection and every poll: the fds once, not BCC's table lookup each time.
+        self._fds = {name: self._bpf[name.encode()].map_fd
+                     for name in ("pending", "pending_peer", "attributed")}
+        fd, one = self._bpf[b"proxy_local"].map_fd, ct.c_uint8(1)
+        for addr in self.proxy_listen:
+            key = Peer() if addr in WILDCARDS else peer_key(addr, 0)
+            libbpf.check(libbpf.lib().bpf_map_update_elem(fd, ct.byref(key), ct.byref(one), 0),
+                         f"proxy address {addr} into the witness")
 
     def _autoloaded(self) -> list[str]:
         """Names of the tracepoints BCC attached from the TRACEPOINT_PROBE macros."""
@@ -209,6 +237,58 @@ class Probes:
                                             ct.byref(side)) != 0:
             return None
         return side.ts_ns, mapped_text(side.family, side.local)
+
+    def take_unproven(self, older_than_ns: int) -> list[Event]:
+        """Take from `pending` the sockets whose last event is older than
+        older_than_ns (CLOCK_MONOTONIC) and not proven to be the proxy's:
+        their held events, in order, for the cross-check to judge."""
+        if not self.quiet or self._bpf is None:
+            return []
+        bpf, fd = libbpf.lib(), self._fds["pending"]
+        keys, key, nxt = [], None, ct.c_uint64()
+        while bpf.bpf_map_get_next_key(fd, key, ct.byref(nxt)) == 0:
+            keys.append(nxt.value)
+            key = ct.byref(ct.c_uint64(nxt.value))
+        found, held = [], Pending()
+        for sk in keys:
+            k = ct.c_uint64(sk)
+            if bpf.bpf_map_lookup_elem(fd, ct.byref(k), ct.byref(held)) != 0:
+                continue    # proven (or released) meanwhile
+            last = held.est.h.ts_ns if held.est.newstate else held.syn.h.ts_ns
+            if last > older_than_ns:
+                continue
+            if bpf.bpf_map_lookup_and_delete_elem(fd, ct.byref(k), ct.byref(held)) != 0:
+                continue
+            found.append(decode(bytes(held.syn), TCP_EVENT_SIZE))
+            if held.est.newstate:
+                found.append(ev := decode(bytes(held.est), TCP_EVENT_SIZE))
+                bpf.bpf_map_delete_elem(self._fds["pending_peer"],
+                                        ct.byref(peer_key(ev.saddr, ev.sport)))
+        return [ev for ev in found if ev is not None]
+
+    def pending(self, ip: str, port: int) -> bool:
+        """Whether the established subject socket (ip, port) waits in the
+        kernel, neither proven nor yet taken by take_unproven."""
+        if not self.quiet or self._bpf is None:
+            return False
+        sk = ct.c_uint64()
+        return libbpf.lib().bpf_map_lookup_elem(self._fds["pending_peer"],
+                                                ct.byref(peer_key(ip, port)), ct.byref(sk)) == 0
+
+    def attributed(self, ip: str, port: int) -> Event | None:
+        """The ESTABLISHED event of the subject socket (ip, port) the kernel
+        proved went into the proxy, taken from the map; None if it has none."""
+        if not self.quiet or self._bpf is None:
+            return None
+        raw = (ct.c_uint8 * TCP_EVENT_SIZE)()
+        if libbpf.lib().bpf_map_lookup_and_delete_elem(
+                self._fds["attributed"], ct.byref(peer_key(ip, port)), raw) != 0:
+            return None
+        return decode(bytes(raw), TCP_EVENT_SIZE)
+
+    def proven(self) -> int:
+        """Subject connections the kernel saw go into the proxy (no event sent)."""
+        return sum(self._bpf[b"proven"][ct.c_int(0)]) if self.quiet and self._bpf else 0
 
     def subject_pids(self) -> set[int]:
         return {k.value for k in self._bpf[b"subject_tgids"].keys()}

@@ -1,8 +1,10 @@
 """The witness: kernel probes, the cross-check and the sweep, on two threads.
 
-The poll thread drains the ring buffer into the cross-check, judges sockets
-whose window has passed and turns lost-event counts into `events_lost`
-records. The sweep thread runs sock_diag every sweep_interval_s. Both only
+The poll thread drains the ring buffer into the cross-check, takes the
+subject sockets the kernel could not prove went into the proxy once their
+window has passed (a proxied connection sends no event at all; see
+bpf/tcp_connect.c), judges sockets whose window has passed and turns
+lost-event counts into `events_lost` records. The sweep thread runs sock_diag every sweep_interval_s. Both only
 append to the store (thread-safe) and read the proxy's session table
 through SessionLookup; neither touches the daemon's event loop.
 """
@@ -25,6 +27,9 @@ from agent.witness.sweep import Sweep
 log = logging.getLogger("tollgate.witness")
 
 IDLE_POLL_MS = 250  # nothing pending: the ring buffer wakes the poll when events come
+# How often the kernel's unproven sockets are looked at (Probes.take_unproven):
+# a bypass is judged at most this long after its window closes.
+UNPROVEN_POLL_MS = 10
 LOST_CHECK_S = 0.25
 DNS_PORT = 53
 
@@ -43,8 +48,9 @@ class Witness:
         self._listeners: list[Callable[[Event], None]] = []
         self.probes = Probes(uids, pages=wc.perf_pages, guard=wc.guard,
                              on_event=self._dispatch, all_tcp_states=wc.all_tcp_states,
-                             proxy_port=config.proxy.port)
+                             proxy_port=config.proxy.port, proxy_listen=config.proxy.listen)
         self.check.kernel_proxied = self.probes.proxied
+        self.check.kernel_pending = self.probes.pending
         self.sweep = Sweep(self.check, uids, self.probes.subject_pids)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -82,14 +88,21 @@ class Witness:
         while not self._stop.is_set():
             # Wake for the next verdict that falls due, not on a fixed beat:
             # an idle witness must not keep taking the relay's GIL.
-            self.probes.poll(self.check.ms_until_due(IDLE_POLL_MS))
+            idle_ms = UNPROVEN_POLL_MS if self.probes.quiet else IDLE_POLL_MS
+            self.probes.poll(self.check.ms_until_due(idle_ms))
+            self._take_unproven()
             self.check.tick()
             if time.monotonic() >= next_lost:
                 self._report_lost()
                 next_lost = time.monotonic() + LOST_CHECK_S
         self.probes.poll(0)      # what is already in the buffer still counts
+        self._take_unproven()
         self.check.tick()
         self._report_lost()
+
+    def _take_unproven(self) -> None:
+        for event in self.probes.take_unproven(time.monotonic_ns() - self.check.window_ns):
+            self._dispatch(event)
 
     def _report_lost(self) -> None:
         n = self.probes.take_lost()
@@ -117,8 +130,9 @@ class Witness:
                 "lost": self.lost,
                 "alerts": {k[len("alert_"):]: v for k, v in self.check.counts.items()
                            if k.startswith("alert_")},
-                "sockets": {k: v for k, v in self.check.statistics().items()
-                            if k.startswith("tcp_") or k == "pending_sockets"},
+                "sockets": {**{k: v for k, v in self.check.statistics().items()
+                               if k.startswith("tcp_") or k == "pending_sockets"},
+                            "tcp_proven_in_kernel": self.probes.proven()},
                 "attached": list(self.probes.attached),
                 "guard": self.probes.guard,
                 "ring_buffer_pages": self.probes.pages,

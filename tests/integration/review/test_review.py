@@ -55,6 +55,8 @@ def test_psql_replay_shows_query_rows_and_process_chain(agent, subject):
     # attribution in the header: the psql process with its argv, pid and uid
     chain_line = next(line for line in out.splitlines() if "/usr/bin/psql" in line or "psql:" in line)
     assert f"uid {s.info['uid']}" in chain_line and "select id, name from customers" in chain_line
+    # named from the kernel: proven proxied there, its event taken from the map `attributed`
+    assert (s.info["probe"], s.info["comm"]) == ("ebpf:sock/inet_sock_set_state", "psql"), s.info
     assert len(accesses(agent, "replay")) == before + 1
     assert accesses(agent, "replay")[-1]["session"] == s.id
 

@@ -22,8 +22,8 @@ SUBJECT_PYTHON = "/usr/bin/python3"     # stdlib only, readable by the subject
 SERVER = r"""
 import selectors, socket, sys
 sel = selectors.DefaultSelector()
-for fam, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-    s = socket.socket(fam)
+for addr in sys.argv[2:] or ("127.0.0.1", "::1"):
+    s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((addr, int(sys.argv[1]))); s.listen(4096); s.setblocking(False)
     sel.register(s, selectors.EVENT_READ, "listen")
@@ -77,9 +77,10 @@ def delete_netns(name: str = NETNS) -> None:
     subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def start_server(port: int, netns: str = NETNS) -> subprocess.Popen:
+def start_server(port: int, netns: str = NETNS, addrs: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A root TCP server on port in netns, on addrs (default 127.0.0.1 and ::1)."""
     p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", SERVER,
-                          str(port)], stdout=subprocess.PIPE, text=True)
+                          str(port), *addrs], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     return p
 

@@ -3,6 +3,7 @@ only what each test tells it (no proxy runs here)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
@@ -18,6 +19,7 @@ PORT = 18431
 BURST_PORT = 18432
 MATCH_PORT = 18433
 PROXY_PORT = witness_config().proxy.port    # no proxy runs: a plain server takes its port
+WINDOW_S = witness_config().witness.match_window_ms / 1000
 SUBJ_CONNECT = r"""
 import json, os, socket, sys
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
@@ -202,19 +204,59 @@ def test_burst_of_known_connections_has_no_false_bypass(witness, store_dir, sess
     assert witness.statistics()["lost"] == 0
 
 
-def test_socket_the_proxy_port_accepted_is_proven_by_the_kernel(witness, store_dir, sessions):
+def test_socket_the_proxy_port_accepted_is_proven_in_the_kernel(witness, store_dir, sessions):
     """The session table does not know these; the kernel saw the proxy's port
-    accept them on its listen addresses (the map `proxied`): no bypass."""
+    accept them on its listen addresses: proven there, so none of their
+    events reaches user space (bpf/tcp_connect.c), no bypass, and the proxy
+    names the process from the map `attributed`, once."""
     assert PROXY_PORT not in sessions.dst_ports
-    before = witness.check.counts["tcp_matched_in_kernel"]
-    sports = [helpers.run_subject(SUBJ_CONNECT, addr, str(PROXY_PORT))["sport"]
-              for addr in ("127.0.0.1", "::1")]
-    deadline = time.monotonic() + 3
-    while witness.check.counts["tcp_matched_in_kernel"] - before < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert witness.check.counts["tcp_matched_in_kernel"] - before == 2
-    for sport in sports:
-        assert helpers.none_match(store_dir, type="bypass", sport=sport)
+    before = witness.probes.proven()
+    outs = {addr: helpers.run_subject(SUBJ_CONNECT, addr, str(PROXY_PORT))
+            for addr in ("127.0.0.1", "::1")}
+    time.sleep(WINDOW_S + 0.2)   # an unproven socket would have been taken and judged
+    assert witness.probes.proven() - before == 2
+    for addr, out in outs.items():
+        assert not [e for e in witness.seen if isinstance(e, TcpEvent) and e.sport == out["sport"]]
+        assert helpers.none_match(store_dir, type="bypass", sport=out["sport"])
+        ev = witness.probes.attributed(addr, out["sport"])
+        assert (ev.tgid, ev.newstate, ev.daddr, ev.dport) == (out["pid"], "ESTABLISHED", addr,
+                                                              PROXY_PORT)
+        assert witness.probes.attributed(addr, out["sport"]) is None
+
+
+def test_bypass_still_open_is_taken_from_the_kernel_in_its_window(witness, store_dir):
+    """A bypassing socket that stays open never sends its events on its own
+    (they wait in the map `pending`): the poll thread takes it once the
+    window has passed, and the alert comes while it is still connected."""
+    code = SUBJ_CONNECT.replace("sys.argv[2])))", "sys.argv[2]))); sys.stdout.reconfigure("
+                                "line_buffering=True)") + "import time; time.sleep(30)\n"
+    p = subprocess.Popen(helpers.subject_cmd([helpers.SUBJECT_PYTHON, "-c", code, "127.0.0.1",
+                                              str(PORT)]), stdout=subprocess.PIPE, text=True)
+    try:
+        out = json.loads(p.stdout.readline())
+        started = time.monotonic()
+        a = helpers.wait_alert(store_dir, timeout=2, type="bypass", sport=out["sport"])
+        assert time.monotonic() - started < WINDOW_S + 1
+        assert p.poll() is None            # still connected when judged
+        assert a["evidence"]["tcp_states"] == ["SYN_SENT", "ESTABLISHED"]
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_proxy_port_on_an_address_not_the_proxys_proves_nothing(witness, store_dir):
+    """A listener on the proxy's port at an address the proxy does not listen
+    on is not the proxy: the socket stays unproven and is a bypass."""
+    server = helpers.start_server(PROXY_PORT, addrs=("127.0.0.2",))
+    try:
+        before = witness.probes.proven()
+        out = helpers.run_subject(SUBJ_CONNECT, "127.0.0.2", str(PROXY_PORT))
+        a = helpers.wait_alert(store_dir, type="bypass", sport=out["sport"])
+        assert a["evidence"]["tgid"] == out["pid"] and a["evidence"]["dst"] == "127.0.0.2"
+        assert witness.probes.proven() == before
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_statistics_shape(witness):

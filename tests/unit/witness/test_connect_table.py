@@ -60,3 +60,43 @@ def test_asking_without_waiting_takes_an_arrived_event_once():
     info = t.attribution_now(CLIENT, DST)
     assert info["pid"] == os.getpid() and t.hits == 1
     assert t.attribution_now(CLIENT, DST) is None       # taken: a later socket is asked anew
+
+
+class KernelMap:
+    """Probes.attributed's contract: the event of a proven socket, taken once."""
+
+    def __init__(self):
+        self.held: dict[tuple[str, int], TcpEvent] = {}
+
+    def __call__(self, ip: str, port: int) -> TcpEvent | None:
+        return self.held.pop((ip, port), None)
+
+
+def test_a_socket_the_kernel_proved_is_named_from_its_map_without_an_event():
+    kernel = KernelMap()
+    t = ConnectTable(ProcessTable(lambda uid: uid == 1000), kernel=kernel)
+    kernel.held[CLIENT] = established(os.getpid())
+    assert t.attribution_now(CLIENT, DST)["pid"] == os.getpid()
+    assert t.attribution_now(CLIENT, DST) is None and t.hits == 1
+
+
+def test_the_kernel_maps_entry_must_name_the_same_destination():
+    kernel = KernelMap()
+    t = ConnectTable(ProcessTable(lambda uid: uid == 1000), kernel=kernel)
+    kernel.held[CLIENT] = established(os.getpid())
+    assert t.attribution_now(CLIENT, ("10.77.0.3", 5432)) is None
+
+
+def test_a_waiting_question_finds_the_proof_that_lands_in_the_map_later():
+    """The proxy can accept a moment before the kernel's proof: no event will
+    come for a proven socket, so the wait looks at the map too."""
+    kernel = KernelMap()
+    t = ConnectTable(ProcessTable(lambda uid: uid == 1000), kernel=kernel)
+
+    async def ask():
+        asked = asyncio.create_task(t.attribution(CLIENT, DST, 5))
+        await asyncio.sleep(0.01)
+        kernel.held[CLIENT] = established(os.getpid())
+        return await asyncio.wait_for(asked, 1)
+
+    assert asyncio.run(ask())["pid"] == os.getpid() and (t.hits, t.misses) == (1, 0)

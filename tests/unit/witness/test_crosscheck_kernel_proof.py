@@ -78,3 +78,19 @@ def test_anything_else_is_a_bypass(kernel):
     assert check.counts["tcp_bypass"] == 1 and check.counts["tcp_matched_in_kernel"] == 0
     [alert] = alerts.alerts
     assert alert["type"] == "bypass" and alert["evidence"]["sport"] == SRC[1]
+
+
+@pytest.mark.parametrize("pending, kernel, known", [
+    (True, None, True),                           # its events wait in the kernel's `pending`
+    (False, (CONNECT_NS, "127.0.0.1"), True),     # proven: the proxy's address accepted it
+    (False, (CONNECT_NS, "10.0.0.9"), False),     # the proxy's port, not its address
+    (False, None, False),                         # nothing anywhere: the sweep's to report
+], ids=["pending", "proven", "not-a-listen-address", "unknown"])
+def test_the_sweep_counts_what_the_kernel_still_holds_as_known(pending, kernel, known):
+    """A socket the kernel holds (bpf/tcp_connect.c sends no event for it
+    until its window passes, or ever once proven) is the event path's."""
+    check = CrossCheck(Alerts(), Table(False), ProcessTable(lambda uid: uid == 1000),
+                       window_ms=WINDOW_MS, proxy_listen=frozenset({"127.0.0.1", "::1"}),
+                       kernel_proxied=lambda ip, port: kernel)
+    check.kernel_pending = lambda ip, port: pending and (ip, port) == SRC
+    assert check.known((*SRC, *DST)) is known
