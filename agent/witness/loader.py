@@ -163,8 +163,8 @@ class Probes:
                      for name in ("pending", "pending_peer", "attributed")}
         fd, one = self._bpf[b"proxy_local"].map_fd, ct.c_uint8(1)
         for addr in self.proxy_listen:
-            key = Peer() if addr in WILDCARDS else peer_key(addr, 0)
-            libbpf.check(libbpf.lib().bpf_map_update_elem(fd, ct.byref(key), ct.byref(one), 0),
+            key = bytes(Peer()) if addr in WILDCARDS else peer_key(addr, 0)
+            libbpf.check(libbpf.lib().bpf_map_update_elem(fd, key, ct.byref(one), 0),
                          f"proxy address {addr} into the witness")
 
     def _autoloaded(self) -> list[str]:
@@ -232,8 +232,7 @@ class Probes:
         if self.proxy_port is None or self._bpf is None:
             return None
         side = ProxySide()
-        key = peer_key(ip, port)
-        if libbpf.lib().bpf_map_lookup_elem(self._bpf[b"proxied"].map_fd, ct.byref(key),
+        if libbpf.lib().bpf_map_lookup_elem(self._bpf[b"proxied"].map_fd, peer_key(ip, port),
                                             ct.byref(side)) != 0:
             return None
         return side.ts_ns, mapped_text(side.family, side.local)
@@ -263,7 +262,7 @@ class Probes:
             if held.est.newstate:
                 found.append(ev := decode(bytes(held.est), TCP_EVENT_SIZE))
                 bpf.bpf_map_delete_elem(self._fds["pending_peer"],
-                                        ct.byref(peer_key(ev.saddr, ev.sport)))
+                                        peer_key(ev.saddr, ev.sport))
         return [ev for ev in found if ev is not None]
 
     def pending(self, ip: str, port: int) -> bool:
@@ -273,18 +272,18 @@ class Probes:
             return False
         sk = ct.c_uint64()
         return libbpf.lib().bpf_map_lookup_elem(self._fds["pending_peer"],
-                                                ct.byref(peer_key(ip, port)), ct.byref(sk)) == 0
+                                                peer_key(ip, port), ct.byref(sk)) == 0
 
     def attributed(self, ip: str, port: int) -> Event | None:
         """The ESTABLISHED event of the subject socket (ip, port) the kernel
         proved went into the proxy, taken from the map; None if it has none."""
         if not self.quiet or self._bpf is None:
             return None
-        raw = (ct.c_uint8 * TCP_EVENT_SIZE)()
+        raw = ct.create_string_buffer(TCP_EVENT_SIZE)
         if libbpf.lib().bpf_map_lookup_and_delete_elem(
-                self._fds["attributed"], ct.byref(peer_key(ip, port)), raw) != 0:
+                self._fds["attributed"], peer_key(ip, port), raw) != 0:
             return None
-        return decode(bytes(raw), TCP_EVENT_SIZE)
+        return decode(raw.raw, TCP_EVENT_SIZE)
 
     def proven(self) -> int:
         """Subject connections the kernel saw go into the proxy (no event sent)."""
