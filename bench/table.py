@@ -40,6 +40,11 @@ def _num(v) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
 
 
+def _signed(v) -> str:
+    """+12.3 or -4.5: an added latency can be negative when a baseline's p99 is noise."""
+    return f"+{_num(v)}" if isinstance(v, (int, float)) and v >= 0 else _num(v)
+
+
 def _ratio(a, b) -> float | None:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
         return a / b
@@ -84,9 +89,10 @@ def rows(res: Results) -> list[list[str]]:
             h_added = h - d if isinstance(h, float) and isinstance(d, float) else None
             # haproxy no slower than direct (noise at p99): no ratio to speak of
             r = _ratio(added, h_added) if h_added is not None and h_added > 0 else None
+            ratio = f"{_num(r)}x" if r is not None else "n/a:"
             out.append([f"{label}, us (1-byte RTT)", *base(key),
-                        f"{col}: {_num(v)} (+{_num(added)})",
-                        f"{_num(r)}x haproxy's added (+{_num(h_added)})",
+                        f"{col}: {_num(v)} ({_signed(added)})",
+                        f"{ratio} haproxy's added ({_signed(h_added)})",
                         "<= 1.0x", _verdict(r, 1.0, False)])
     fig = f.get("rate", {})
     for col in _tollgate_cols(fig) or ["tollgate"]:
