@@ -32,7 +32,10 @@
  * is not proven within the witness's window (a bypass) the witness takes
  * from `pending` itself (Probes.take_unproven) and judges as before; a
  * socket that closes still pending sends its events at once, since its
- * address may be reused; a full map sends them at once as well.
+ * address may be reused; a full map sends them at once as well. The proof
+ * names the subject's socket by address and port only, so two live subject
+ * sockets on one address and port (SO_REUSEADDR) void it for that peer (map
+ * `collided`): both go to user space, and `proxied` is not written for it.
  */
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
@@ -58,6 +61,8 @@ BPF_HASH(pending_peer, struct tg_peer, u64, MAX_PENDING);         /* established
 BPF_TABLE("lru_hash", struct tg_peer, struct tg_tcp_event, attributed, MAX_PENDING);
 BPF_HASH(proxy_local, struct tg_peer, u8, 16);   /* the proxy's addresses (port 0); :: = any */
 BPF_PERCPU_ARRAY(proven, u64, 1);
+/* Peers (address, port) two live subject sockets shared: no proof by peer. */
+BPF_TABLE("lru_hash", struct tg_peer, u8, collided, MAX_PENDING);
 #endif
 #endif
 
@@ -103,10 +108,19 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             struct tg_proxy_side side = {.ts_ns = bpf_ktime_get_ns(), .family = args->family};
             __builtin_memcpy(peer.addr, args->daddr_v6, 16);
             __builtin_memcpy(side.local, args->saddr_v6, 16);
+#ifdef TG_QUIET
+            /* The proxy's side names its peer by address and port alone. Two
+             * subject sockets bound to one (SO_REUSEADDR), one of them dialing
+             * the proxy, must not make the other look proxied. */
+            if (collided.lookup(&peer)) {
+                proxied.delete(&peer);
+                return 0;
+            }
+#endif
             proxied.update(&peer, &side);
 #ifdef TG_QUIET
             struct tg_peer local = {};
-            __builtin_memcpy(local.addr, args->saddr_v6, 16);
+            __builtin_memcpy(local.addr, side.local, 16);   /* ctx is read once, above */
             tg_prove(&peer, &local);
 #endif
         }
@@ -131,8 +145,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             tg_fill_tcp(&p->est, args, sk, &who);
             struct tg_peer peer = {.port = args->sport};
             __builtin_memcpy(peer.addr, args->saddr_v6, 16);
-            if (pending_peer.update(&peer, &sk) == 0)
+            u64 *other = pending_peer.lookup(&peer);
+            if (other && *other != sk) {   /* another live socket has this address and port */
+                u64 first = *other;
+                u8 one = 1;
+                collided.update(&peer, &one);
+                struct tg_pending *q = pending.lookup(&first);
+                if (q)
+                    tg_release(first, q);
+            } else if (pending_peer.update(&peer, &sk) == 0) {
                 return 0;
+            }
             tg_release(sk, p);   /* cannot be proven: judged from the ring buffer */
             return 0;
         }

@@ -259,6 +259,35 @@ def test_proxy_port_on_an_address_not_the_proxys_proves_nothing(witness, store_d
         server.wait()
 
 
+SHARED_PORT = r"""
+import json, os, socket, sys, time
+def bound(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port)); return s
+a = bound(0); port = a.getsockname()[1]
+a.connect(("127.0.0.1", int(sys.argv[1])))      # goes around the proxy
+b = bound(port); b.connect(("127.0.0.1", int(sys.argv[2])))   # the proxy's port
+print(json.dumps({"pid": os.getpid(), "sport": port}), flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_second_socket_on_the_same_port_dialing_the_proxy_hides_no_bypass(witness, store_dir):
+    """The kernel's proof names the subject's socket by address and port: a
+    bypassing socket and a second one bound to the same port (SO_REUSEADDR)
+    that dials the proxy's port must not pass for proxied."""
+    p = subprocess.Popen(helpers.subject_cmd([helpers.SUBJECT_PYTHON, "-c", SHARED_PORT,
+                                              str(PORT), str(PROXY_PORT)]),
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        out = json.loads(p.stdout.readline())
+        a = helpers.wait_alert(store_dir, timeout=2, type="bypass", sport=out["sport"], dport=PORT)
+        assert a["evidence"]["tgid"] == out["pid"]
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_statistics_shape(witness):
     st = witness.statistics()
     assert "tracepoint:sock:inet_sock_set_state" in st["attached"]
