@@ -109,11 +109,12 @@ struct tg_peer {          /* key, 24 bytes: the subject's socket as the proxy's 
     __u8 _pad[6];
 };
 
-struct tg_proxy_side {    /* value, 32 bytes: the proxy's accepted socket */
+struct tg_proxy_side {    /* value, 40 bytes: the proxy's accepted socket */
     __u64 ts_ns;          /* when it reached ESTABLISHED (CLOCK_MONOTONIC) */
     __u8 local[16];       /* its local address (a listener's), IPv4 mapped */
     __u16 family;
     __u8 _pad[6];
+    __u64 sk;             /* the subject socket it proved (tcp_connect.c); 0: not known */
 };
 
 /* Not an event either: the map `pending` (tcp_connect.c), a subject socket

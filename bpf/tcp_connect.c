@@ -75,7 +75,7 @@ tg_fill_tcp(struct tg_tcp_event *e, struct tracepoint__sock__inet_sock_set_state
 #ifdef TG_QUIET
 static __always_inline int
 tg_hold(struct tracepoint__sock__inet_sock_set_state *args, u64 sk, struct tg_header *who);
-static __always_inline void tg_prove(struct tg_peer *peer, struct tg_peer *local);
+static __always_inline u64 tg_prove(struct tg_peer *peer, struct tg_peer *local);
 static __always_inline void tg_release(u64 sk, struct tg_pending *p);
 #endif
 
@@ -117,12 +117,12 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
                 return 0;
             }
 #endif
-            proxied.update(&peer, &side);
 #ifdef TG_QUIET
             struct tg_peer local = {};
             __builtin_memcpy(local.addr, side.local, 16);   /* ctx is read once, above */
-            tg_prove(&peer, &local);
+            side.sk = tg_prove(&peer, &local);
 #endif
+            proxied.update(&peer, &side);
         }
 #endif
         return 0;
@@ -223,26 +223,28 @@ tg_hold(struct tracepoint__sock__inet_sock_set_state *args, u64 sk, struct tg_he
     return pending.update(&sk, p) == 0;
 }
 
-/* The proxy's side of a connection from peer established at local. */
-static __always_inline void tg_prove(struct tg_peer *peer, struct tg_peer *local)
+/* The proxy's side of a connection from peer established at local: the
+ * subject socket that proves, or 0. */
+static __always_inline u64 tg_prove(struct tg_peer *peer, struct tg_peer *local)
 {
     struct tg_peer any = {};
     if (!proxy_local.lookup(local) && !proxy_local.lookup(&any))
-        return;
+        return 0;
     u64 *skp = pending_peer.lookup(peer);
     if (!skp)
-        return;
+        return 0;
     u64 sk = *skp;
     pending_peer.delete(peer);
     struct tg_pending *p = pending.lookup(&sk);
     if (!p || p->est.newstate != TCP_ESTABLISHED || p->est.sport != peer->port)
-        return;   /* the address was reused meanwhile */
+        return 0;   /* the address was reused meanwhile */
     attributed.update(peer, &p->est);
     pending.delete(&sk);
     int zero = 0;
     u64 *n = proven.lookup(&zero);
     if (n)
         *n += 1;
+    return sk;
 }
 
 /* Send what waited for this socket to the ring buffer, and forget it. */

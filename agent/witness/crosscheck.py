@@ -45,7 +45,7 @@ _UDP_REPEAT_S = 5.0
 
 # (ip, port) of a subject socket -> when the proxy's side of it established, and
 # the local address it was accepted on; None if the kernel saw no such socket.
-KernelProxied = Callable[[str, int], tuple[int, str] | None]
+KernelProxied = Callable[[str, int], tuple[int, str, int] | None]
 
 
 class SessionLookup(Protocol):
@@ -150,9 +150,10 @@ class CrossCheck:
     def _kernel_proxied(self, conn: _Conn, t: Tuple4) -> bool:
         seen = self.kernel_proxied(t[0], t[1]) if self.kernel_proxied is not None else None
         # An entry from before this socket's connect is an earlier socket's
-        # that had the same address and port: no proof for this one.
+        # that had the same address and port, and one that proved another
+        # socket (the kernel knew which) is that socket's: no proof for this one.
         return (seen is not None and seen[0] >= conn.opened.ts_ns
-                and seen[1] in self.proxy_listen)
+                and seen[1] in self.proxy_listen and seen[2] in (0, conn.opened.sk))
 
     def _schedule(self, conn: _Conn, ts_ns: int) -> None:
         conn.deadline_ns = ts_ns + self.window_ns

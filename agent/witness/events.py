@@ -90,9 +90,10 @@ class Peer(ct.Structure):
 
 
 class ProxySide(ct.Structure):
-    """Value of the map `proxied`: the proxy's accepted socket."""
+    """Value of the map `proxied`: the proxy's accepted socket, and the
+    subject socket it proved (0: not known)."""
     _fields_ = [("ts_ns", ct.c_uint64), ("local", ct.c_uint8 * 16), ("family", ct.c_uint16),
-                ("_pad", ct.c_uint8 * 6)]
+                ("_pad", ct.c_uint8 * 6), ("sk", ct.c_uint64)]
 
 
 TCP_EVENT_SIZE = ct.sizeof(_Tcp)
@@ -105,7 +106,7 @@ class Pending(ct.Structure):
 
 # Sizes as written in bpf/events.h.
 for _cls, _size in ((_Header, 56), (_Tcp, 104), (_Udp, 88), (_Socket, 72), (_Netns, 88),
-                    (_Exec, 456), (_Uid, 80), (_Fork, 64), (Peer, 24), (ProxySide, 32),
+                    (_Exec, 456), (_Uid, 80), (_Fork, 64), (Peer, 24), (ProxySide, 40),
                     (Pending, 208)):
     assert ct.sizeof(_cls) == _size, f"{_cls.__name__} is {ct.sizeof(_cls)} bytes, not {_size}"
 

@@ -226,16 +226,17 @@ class Probes:
         delta, self._lost_seen = total - self._lost_seen, total
         return delta
 
-    def proxied(self, ip: str, port: int) -> tuple[int, str] | None:
+    def proxied(self, ip: str, port: int) -> tuple[int, str, int] | None:
         """When the proxy's side of a connection from (ip, port) established,
-        and its local address; None if the kernel saw none (or no proxy port)."""
+        its local address, and the subject socket it proved (0: not known);
+        None if the kernel saw none (or no proxy port)."""
         if self.proxy_port is None or self._bpf is None:
             return None
         side = ProxySide()
         if libbpf.lib().bpf_map_lookup_elem(self._bpf[b"proxied"].map_fd, peer_key(ip, port),
                                             ct.byref(side)) != 0:
             return None
-        return side.ts_ns, mapped_text(side.family, side.local)
+        return side.ts_ns, mapped_text(side.family, side.local), side.sk
 
     def take_unproven(self, older_than_ns: int) -> list[Event]:
         """Take from `pending` the sockets whose last event is older than

@@ -288,6 +288,48 @@ def test_a_second_socket_on_the_same_port_dialing_the_proxy_hides_no_bypass(witn
         p.wait()
 
 
+SHARED_PORT_LATE = r"""
+import json, os, socket, sys, time
+def bound(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port)); return s
+a = bound(0); port = a.getsockname()[1]
+print(json.dumps({"pid": os.getpid(), "sport": port}), flush=True)
+sys.stdin.readline()                                  # its SYN is dropped now
+a.setblocking(False); a.connect_ex(("127.0.0.1", int(sys.argv[1])))
+b = bound(port); b.connect(("127.0.0.1", int(sys.argv[2])))   # proven while a waits
+print("b", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_proof_made_while_the_bypass_still_connects_is_not_its_proof(witness, store_dir):
+    """The same pair, but the proxy's side proves the second socket while the
+    first is still in SYN_SENT: the kernel records which socket it proved,
+    so the first is still a bypass."""
+    p = subprocess.Popen(helpers.subject_cmd([helpers.SUBJECT_PYTHON, "-c", SHARED_PORT_LATE,
+                                              str(PORT), str(PROXY_PORT)]),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    nft = ["ip", "netns", "exec", helpers.NETNS, "nft"]
+    try:
+        out = json.loads(p.stdout.readline())
+        subprocess.run(nft + ["-f", "-"], check=True, text=True, input=(
+            "table inet tgwtest {\n chain out {\n type filter hook output priority 0;\n"
+            f"  tcp sport {out['sport']} tcp dport {PORT} tcp flags syn drop\n }}\n}}\n"))
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "b"
+        time.sleep(0.2)
+        subprocess.run(nft + ["delete", "table", "inet", "tgwtest"], check=True)
+        # judged at its window, still connecting (the SYN goes again after a second)
+        a = helpers.wait_alert(store_dir, timeout=4, type="bypass", sport=out["sport"], dport=PORT)
+        assert a["evidence"]["tgid"] == out["pid"] and a["evidence"]["tcp_states"] == ["SYN_SENT"]
+    finally:
+        subprocess.run(nft + ["delete", "table", "inet", "tgwtest"], capture_output=True)
+        p.kill()
+        p.wait()
+
+
 def test_statistics_shape(witness):
     st = witness.statistics()
     assert "tracepoint:sock:inet_sock_set_state" in st["attached"]

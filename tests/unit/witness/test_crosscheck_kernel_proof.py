@@ -1,7 +1,8 @@
 """The cross-check's verdict on one subject socket: the proxy's session table
 first, then the kernel's record of the proxy accepting it (the map `proxied`).
-A kernel record counts only if it is newer than the socket's connect and was
-accepted on one of the proxy's listen addresses; anything else is a bypass."""
+A kernel record counts only if it is newer than the socket's connect, was
+accepted on one of the proxy's listen addresses and proved this socket (or
+the kernel could not tell which); anything else is a bypass."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def event(state: str, ts_ns: int, sport: int) -> TcpEvent:
                     oldstate="CLOSE" if state == "SYN_SENT" else "SYN_SENT", newstate=state)
 
 
-def judge(known: bool, kernel: tuple[int, str] | None) -> tuple[CrossCheck, Alerts, list]:
+def judge(known: bool, kernel: tuple[int, str, int] | None) -> tuple[CrossCheck, Alerts, list]:
     asked: list = []
 
     def proxied(ip: str, port: int):
@@ -62,17 +63,19 @@ def test_the_session_table_answers_first_and_the_kernel_is_not_asked():
     assert check.counts["tcp_matched"] == 1 and not alerts.alerts and asked == []
 
 
-def test_a_fresh_kernel_record_on_a_listen_address_proves_the_proxy_took_it():
-    check, alerts, asked = judge(False, (CONNECT_NS + 40_000, "127.0.0.1"))
+@pytest.mark.parametrize("proved", [0xABC, 0], ids=["this-socket", "socket-not-known"])
+def test_a_fresh_kernel_record_on_a_listen_address_proves_the_proxy_took_it(proved):
+    check, alerts, asked = judge(False, (CONNECT_NS + 40_000, "127.0.0.1", proved))
     assert check.counts["tcp_matched_in_kernel"] == 1 and not alerts.alerts
     assert asked == [SRC]
 
 
 @pytest.mark.parametrize("kernel", [
     None,                                         # the kernel saw no proxy side
-    (CONNECT_NS - 1, "127.0.0.1"),                # an earlier socket's, same address and port
-    (CONNECT_NS + 40_000, "10.0.0.9"),            # accepted elsewhere on the proxy's port
-], ids=["none", "stale", "not-a-listen-address"])
+    (CONNECT_NS - 1, "127.0.0.1", 0),             # an earlier socket's, same address and port
+    (CONNECT_NS + 40_000, "10.0.0.9", 0),         # accepted elsewhere on the proxy's port
+    (CONNECT_NS + 40_000, "127.0.0.1", 0xDEF),    # it proved another socket on this port
+], ids=["none", "stale", "not-a-listen-address", "another-socket"])
 def test_anything_else_is_a_bypass(kernel):
     check, alerts, _ = judge(False, kernel)
     assert check.counts["tcp_bypass"] == 1 and check.counts["tcp_matched_in_kernel"] == 0
@@ -82,8 +85,8 @@ def test_anything_else_is_a_bypass(kernel):
 
 @pytest.mark.parametrize("pending, kernel, known", [
     (True, None, True),                           # its events wait in the kernel's `pending`
-    (False, (CONNECT_NS, "127.0.0.1"), True),     # proven: the proxy's address accepted it
-    (False, (CONNECT_NS, "10.0.0.9"), False),     # the proxy's port, not its address
+    (False, (CONNECT_NS, "127.0.0.1", 0), True),  # proven: the proxy's address accepted it
+    (False, (CONNECT_NS, "10.0.0.9", 0), False),  # the proxy's port, not its address
     (False, None, False),                         # nothing anywhere: the sweep's to report
 ], ids=["pending", "proven", "not-a-listen-address", "unknown"])
 def test_the_sweep_counts_what_the_kernel_still_holds_as_known(pending, kernel, known):
