@@ -116,8 +116,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
                 proxied.delete(&peer);
                 return 0;
             }
-#endif
-#ifdef TG_QUIET
             struct tg_peer local = {};
             __builtin_memcpy(local.addr, side.local, 16);   /* ctx is read once, above */
             side.sk = tg_prove(&peer, &local);
