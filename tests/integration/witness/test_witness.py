@@ -237,7 +237,8 @@ def test_bypass_still_open_is_taken_from_the_kernel_in_its_window(witness, store
     try:
         out = json.loads(p.stdout.readline())
         started = time.monotonic()
-        a = helpers.wait_alert(store_dir, timeout=2, type="bypass", sport=out["sport"])
+        a = helpers.wait_alert(store_dir, timeout=2, type="bypass", sport=out["sport"],
+                               tgid=out["pid"])
         assert time.monotonic() - started < WINDOW_S + 1
         assert p.poll() is None            # still connected when judged
         assert a["evidence"]["tcp_states"] == ["SYN_SENT", "ESTABLISHED"]
@@ -253,7 +254,7 @@ def test_proxy_port_on_an_address_not_the_proxys_proves_nothing(witness, store_d
     try:
         before = witness.probes.proven()
         out = helpers.run_subject(SUBJ_CONNECT, "127.0.0.2", str(PROXY_PORT))
-        a = helpers.wait_alert(store_dir, type="bypass", sport=out["sport"])
+        a = helpers.wait_alert(store_dir, type="bypass", sport=out["sport"], tgid=out["pid"])
         assert a["evidence"]["tgid"] == out["pid"] and a["evidence"]["dst"] == "127.0.0.2"
         assert witness.probes.proven() == before
     finally:
@@ -283,7 +284,8 @@ def test_a_second_socket_on_the_same_port_dialing_the_proxy_hides_no_bypass(witn
                          stdout=subprocess.PIPE, text=True)
     try:
         out = json.loads(p.stdout.readline())
-        a = helpers.wait_alert(store_dir, timeout=2, type="bypass", sport=out["sport"], dport=PORT)
+        a = helpers.wait_alert(store_dir, timeout=2, type="bypass", sport=out["sport"],
+                               tgid=out["pid"], dport=PORT)
         assert a["evidence"]["tgid"] == out["pid"]
     finally:
         p.kill()
@@ -324,7 +326,8 @@ def test_a_proof_made_while_the_bypass_still_connects_is_not_its_proof(witness, 
         time.sleep(0.2)
         subprocess.run(nft + ["delete", "table", "inet", "tgwtest"], check=True)
         # judged at its window, still connecting (the SYN goes again after a second)
-        a = helpers.wait_alert(store_dir, timeout=4, type="bypass", sport=out["sport"], dport=PORT)
+        a = helpers.wait_alert(store_dir, timeout=4, type="bypass", sport=out["sport"],
+                               tgid=out["pid"], dport=PORT)
         assert a["evidence"]["tgid"] == out["pid"] and a["evidence"]["tcp_states"] == ["SYN_SENT"]
     finally:
         subprocess.run(nft + ["delete", "table", "inet", "tgwtest"], capture_output=True)
