@@ -323,7 +323,8 @@ class _RingReader:
         self._waiter.register(libbpf.lib().ring_buffer__epoll_fd(manager), select.POLLIN)
 
     def poll(self, timeout_ms: int) -> None:
-        self._waiter.poll(timeout_ms)
+        if not self._waiter.poll(timeout_ms):
+            return   # timed out: nothing to read
         with self._reading:
             self._consume(self._manager)
 
