@@ -3,9 +3,12 @@ subject sockets, kept by 4-tuple so the proxy can name the process behind a
 session without walking /proc (the pid was captured in process context at
 connect time, so even a client that has already exited is named).
 
-The proxy usually asks a few microseconds before the event reaches user
-space, so a question can wait: the poll thread resolves the asker's future
-as soon as the event arrives, instead of the asker polling.
+A connection the kernel proved went into the proxy sends no event at all:
+its ESTABLISHED event waits in the BPF map `attributed` (bpf/tcp_connect.c),
+asked first. Otherwise the proxy usually asks a few microseconds before the
+event reaches user space, so a question can wait: the poll thread resolves
+the asker's future as soon as the event arrives, and the map is looked at
+again every few milliseconds meanwhile.
 """
 
 from __future__ import annotations
