@@ -147,13 +147,19 @@ class CrossCheck:
                 conn.closed = True
                 del self._live[ev.sk]
 
-    def _kernel_proxied(self, conn: _Conn, t: Tuple4) -> bool:
+    def _proxy_record(self, t: Tuple4) -> tuple[int, str, int] | None:
+        """The kernel's record of the proxy accepting (t's address, port) on
+        one of its listen addresses, or None."""
         seen = self.kernel_proxied(t[0], t[1]) if self.kernel_proxied is not None else None
+        return seen if seen is not None and seen[1] in self.proxy_listen else None
+
+    def _kernel_proxied(self, conn: _Conn, t: Tuple4) -> bool:
+        seen = self._proxy_record(t)
         # An entry from before this socket's connect is an earlier socket's
         # that had the same address and port, and one that proved another
         # socket (the kernel knew which) is that socket's: no proof for this one.
         return (seen is not None and seen[0] >= conn.opened.ts_ns
-                and seen[1] in self.proxy_listen and seen[2] in (0, conn.opened.sk))
+                and seen[2] in (0, conn.opened.sk))
 
     def _schedule(self, conn: _Conn, ts_ns: int) -> None:
         conn.deadline_ns = ts_ns + self.window_ns
@@ -221,8 +227,7 @@ class CrossCheck:
                 return True
         if self.kernel_pending is not None and self.kernel_pending(t[0], t[1]):
             return True
-        seen = self.kernel_proxied(t[0], t[1]) if self.kernel_proxied is not None else None
-        return seen is not None and seen[1] in self.proxy_listen
+        return self._proxy_record(t) is not None
 
     def _bypass(self, conn: _Conn, t: Tuple4) -> None:
         who = conn.opened

@@ -4,9 +4,10 @@ The poll thread drains the ring buffer into the cross-check, takes the
 subject sockets the kernel could not prove went into the proxy once their
 window has passed (a proxied connection sends no event at all; see
 bpf/tcp_connect.c), judges sockets whose window has passed and turns
-lost-event counts into `events_lost` records. The sweep thread runs sock_diag every sweep_interval_s. Both only
-append to the store (thread-safe) and read the proxy's session table
-through SessionLookup; neither touches the daemon's event loop.
+lost-event counts into `events_lost` records. The sweep thread runs
+sock_diag every sweep_interval_s. Both only append to the store
+(thread-safe) and read the proxy's session table through SessionLookup;
+neither touches the daemon's event loop.
 """
 
 from __future__ import annotations
