@@ -4,6 +4,7 @@ code as the subject there."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from agent.store import Kind, iter_records
@@ -88,6 +90,19 @@ def start_server(port: int, netns: str = NETNS, addrs: tuple[str, ...] = ()) -> 
 def subject_cmd(argv: list[str], netns: str = NETNS) -> list[str]:
     return ["ip", "netns", "exec", netns, "setpriv", f"--reuid={SUBJECT}",
             f"--regid={SUBJECT}", "--init-groups", *argv]
+
+
+@contextlib.contextmanager
+def held_subject(code: str, *args: str, stdin: bool = False) -> Iterator[subprocess.Popen]:
+    """Run code as the subject in the background (stdout a pipe, stdin too
+    if asked); killed on leaving."""
+    p = subprocess.Popen(subject_cmd([SUBJECT_PYTHON, "-c", code, *args]), text=True,
+                         stdin=subprocess.PIPE if stdin else None, stdout=subprocess.PIPE)
+    try:
+        yield p
+    finally:
+        p.kill()
+        p.wait()
 
 
 def run_subject(code: str, *args: str, python: str = SUBJECT_PYTHON, netns: str = NETNS,

@@ -42,12 +42,8 @@ def preexisting(server):
     """A subject connection made before the witness starts: only the sweep sees it."""
     code = ("import socket, sys, time; s = socket.create_connection(('127.0.0.1', %d)); "
             "print(s.getsockname()[1], flush=True); time.sleep(120)" % PORT)
-    p = subprocess.Popen(helpers.subject_cmd([helpers.SUBJECT_PYTHON, "-c", code]),
-                         stdout=subprocess.PIPE, text=True)
-    sport = int(p.stdout.readline())
-    yield p.pid, sport
-    p.kill()
-    p.wait()
+    with helpers.held_subject(code) as p:
+        yield p.pid, int(p.stdout.readline())
 
 
 @pytest.fixture(scope="module")
@@ -232,9 +228,7 @@ def test_bypass_still_open_is_taken_from_the_kernel_in_its_window(witness, store
     window has passed, and the alert comes while it is still connected."""
     code = SUBJ_CONNECT.replace("sys.argv[2])))", "sys.argv[2]))); sys.stdout.reconfigure("
                                 "line_buffering=True)") + "import time; time.sleep(30)\n"
-    p = subprocess.Popen(helpers.subject_cmd([helpers.SUBJECT_PYTHON, "-c", code, "127.0.0.1",
-                                              str(PORT)]), stdout=subprocess.PIPE, text=True)
-    try:
+    with helpers.held_subject(code, "127.0.0.1", str(PORT)) as p:
         out = json.loads(p.stdout.readline())
         started = time.monotonic()
         a = helpers.wait_alert(store_dir, timeout=2, type="bypass", sport=out["sport"],
@@ -242,9 +236,6 @@ def test_bypass_still_open_is_taken_from_the_kernel_in_its_window(witness, store
         assert time.monotonic() - started < WINDOW_S + 1
         assert p.poll() is None            # still connected when judged
         assert a["evidence"]["tcp_states"] == ["SYN_SENT", "ESTABLISHED"]
-    finally:
-        p.kill()
-        p.wait()
 
 
 def test_proxy_port_on_an_address_not_the_proxys_proves_nothing(witness, store_dir):
@@ -262,12 +253,15 @@ def test_proxy_port_on_an_address_not_the_proxys_proves_nothing(witness, store_d
         server.wait()
 
 
-SHARED_PORT = r"""
+# Two sockets of the subject on one address and port (SO_REUSEADDR).
+BOUND = r"""
 import json, os, socket, sys, time
 def bound(port):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("127.0.0.1", port)); return s
 a = bound(0); port = a.getsockname()[1]
+"""
+SHARED_PORT = BOUND + r"""
 a.connect(("127.0.0.1", int(sys.argv[1])))      # goes around the proxy
 b = bound(port); b.connect(("127.0.0.1", int(sys.argv[2])))   # the proxy's port
 print(json.dumps({"pid": os.getpid(), "sport": port}), flush=True)
@@ -279,25 +273,14 @@ def test_a_second_socket_on_the_same_port_dialing_the_proxy_hides_no_bypass(witn
     """The kernel's proof names the subject's socket by address and port: a
     bypassing socket and a second one bound to the same port (SO_REUSEADDR)
     that dials the proxy's port must not pass for proxied."""
-    p = subprocess.Popen(helpers.subject_cmd([helpers.SUBJECT_PYTHON, "-c", SHARED_PORT,
-                                              str(PORT), str(PROXY_PORT)]),
-                         stdout=subprocess.PIPE, text=True)
-    try:
+    with helpers.held_subject(SHARED_PORT, str(PORT), str(PROXY_PORT)) as p:
         out = json.loads(p.stdout.readline())
         a = helpers.wait_alert(store_dir, timeout=2, type="bypass", sport=out["sport"],
                                tgid=out["pid"], dport=PORT)
         assert a["evidence"]["tgid"] == out["pid"]
-    finally:
-        p.kill()
-        p.wait()
 
 
-SHARED_PORT_LATE = r"""
-import json, os, socket, sys, time
-def bound(port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", port)); return s
-a = bound(0); port = a.getsockname()[1]
+SHARED_PORT_LATE = BOUND + r"""
 print(json.dumps({"pid": os.getpid(), "sport": port}), flush=True)
 sys.stdin.readline()                                  # its SYN is dropped now
 a.setblocking(False); a.connect_ex(("127.0.0.1", int(sys.argv[1])))
@@ -311,28 +294,25 @@ def test_a_proof_made_while_the_bypass_still_connects_is_not_its_proof(witness, 
     """The same pair, but the proxy's side proves the second socket while the
     first is still in SYN_SENT: the kernel records which socket it proved,
     so the first is still a bypass."""
-    p = subprocess.Popen(helpers.subject_cmd([helpers.SUBJECT_PYTHON, "-c", SHARED_PORT_LATE,
-                                              str(PORT), str(PROXY_PORT)]),
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     nft = ["ip", "netns", "exec", helpers.NETNS, "nft"]
-    try:
-        out = json.loads(p.stdout.readline())
-        subprocess.run(nft + ["-f", "-"], check=True, text=True, input=(
-            "table inet tgwtest {\n chain out {\n type filter hook output priority 0;\n"
-            f"  tcp sport {out['sport']} tcp dport {PORT} tcp flags syn drop\n }}\n}}\n"))
-        p.stdin.write("go\n")
-        p.stdin.flush()
-        assert p.stdout.readline().strip() == "b"
-        time.sleep(0.2)
-        subprocess.run(nft + ["delete", "table", "inet", "tgwtest"], check=True)
-        # judged at its window, still connecting (the SYN goes again after a second)
-        a = helpers.wait_alert(store_dir, timeout=4, type="bypass", sport=out["sport"],
-                               tgid=out["pid"], dport=PORT)
-        assert a["evidence"]["tgid"] == out["pid"] and a["evidence"]["tcp_states"] == ["SYN_SENT"]
-    finally:
-        subprocess.run(nft + ["delete", "table", "inet", "tgwtest"], capture_output=True)
-        p.kill()
-        p.wait()
+    with helpers.held_subject(SHARED_PORT_LATE, str(PORT), str(PROXY_PORT), stdin=True) as p:
+        try:
+            out = json.loads(p.stdout.readline())
+            subprocess.run(nft + ["-f", "-"], check=True, text=True, input=(
+                "table inet tgwtest {\n chain out {\n type filter hook output priority 0;\n"
+                f"  tcp sport {out['sport']} tcp dport {PORT} tcp flags syn drop\n }}\n}}\n"))
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            assert p.stdout.readline().strip() == "b"
+            time.sleep(0.2)
+            subprocess.run(nft + ["delete", "table", "inet", "tgwtest"], check=True)
+            # judged at its window, still connecting (the SYN goes again after a second)
+            a = helpers.wait_alert(store_dir, timeout=4, type="bypass", sport=out["sport"],
+                                   tgid=out["pid"], dport=PORT)
+            assert a["evidence"]["tcp_states"] == ["SYN_SENT"]
+            assert a["evidence"]["tgid"] == out["pid"]
+        finally:
+            subprocess.run(nft + ["delete", "table", "inet", "tgwtest"], capture_output=True)
 
 
 def test_statistics_shape(witness):
