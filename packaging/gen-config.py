@@ -52,7 +52,9 @@ DOCS = {
     "store.segment_max_bytes": "A segment is finished (and made immutable) at this size...",
     "store.segment_max_age_s": "...or at this age, whichever comes first.",
     "store.seal_interval_s": "Seconds between sealed checkpoints (forward-secure MACs)...",
-    "store.seal_interval_bytes": "...or bytes between them, whichever comes first.",
+    "store.seal_interval_bytes": "...or bytes between them, whichever comes first. Each seal's\n"
+                                 "key leaves memory at once; the key file (which needs an fsync\n"
+                                 "of the store first) follows at most once per seal_interval_s.",
     "store.key_path": "The sealing key file (created by `tollgate keys init` at install).",
     "store.retention_days": "`tollgate gc` deletes shipped segments older than this; 0 keeps all.",
     "witness.enabled": "Watch the kernel with eBPF and alert on connections that went\n"

@@ -6,11 +6,16 @@
     mac key of epoch n = HMAC-SHA256(k_n, "tollgate seal v1")
     key id            = SHA-256("tollgate key id v1" || k_0)[:8]
 
-The host holds only k_n, the key of the next seal. After seal n is on disk
-the file is overwritten in place with k_{n+1} and k_n is zeroed, so an
-intruder who takes the host at epoch n cannot compute any k_m with m < n and
-so cannot re-seal anything sealed before (HMAC is one-way in its key). The
-verifier, holding k_0, walks the ratchet forward to every epoch it meets.
+The agent holds only k_n, the key of the next seal: it steps to k_{n+1} in
+memory as soon as seal n is written (step). The file follows once the seals
+before its new key are on disk (persist): it is overwritten in place with the
+newest key and the older one is zeroed, so an intruder who takes the host
+cannot compute any key older than the file's and so cannot re-seal what was
+sealed before it (HMAC is one-way in its key). The writer persists at most
+once per seal interval (writer.py), because each persist needs an fsync of
+the store first: sealing every MiB at hundreds of MB/s would otherwise fsync
+hundreds of times a second. The verifier, holding k_0, walks the ratchet
+forward to every epoch it meets.
 
 The key file holds two slots, each in its own 512-byte block so that one
 write never tears both: the new key goes into the other slot and is synced
@@ -140,7 +145,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class SealKey:
-    """The host's side: k_n for the next seal, advanced one way on disk."""
+    """The host's side: k_n for the next seal, advanced one way in memory
+    (step) and on disk (persist, advance)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -155,6 +161,7 @@ class SealKey:
             raise SealKeyError(f"{self.path}: no valid key slot")
         (epoch, k, kid), idx = max(valid, key=lambda v: v[0][0])
         self.epoch, self.key_id, self._k, self._slot = epoch, kid, bytearray(k), idx
+        self.file_epoch = epoch  # the file's key; older ones are erased everywhere
         if len(valid) == 2:
             # A crash between writing the new slot and zeroing the old one.
             self._zero_slot(1 - idx)
@@ -163,20 +170,35 @@ class SealKey:
         return mac_key(bytes(self._k))
 
     def advance(self, to_epoch: int | None = None) -> None:
-        """Move to to_epoch (default: the next one) and erase every key before it."""
+        """Move to to_epoch (default: the next one) and erase every key before
+        it, in memory and on disk."""
         target = self.epoch + 1 if to_epoch is None else to_epoch
-        if target <= self.epoch:
+        while self.epoch < target:
+            self.step()
+        self.persist(self.checkpoint())
+
+    def step(self) -> None:
+        """The next epoch's key, in memory only: the file keeps an older one
+        until persist() (call it once the seals before it are on disk)."""
+        k = next_key(bytes(self._k))
+        for i in range(len(self._k)):  # best effort: drop the old key from memory
+            self._k[i] = 0
+        self.epoch, self._k = self.epoch + 1, bytearray(k)
+
+    def checkpoint(self) -> tuple[int, bytes]:
+        """(epoch, key) now, for a persist() once what was sealed before is durable."""
+        return self.epoch, bytes(self._k)
+
+    def persist(self, state: tuple[int, bytes]) -> None:
+        """Overwrite the file with a checkpoint's key and erase the older one."""
+        epoch, k = state
+        if epoch <= self.file_epoch:
             return
-        k = bytes(self._k)
-        for _ in range(target - self.epoch):
-            k = next_key(k)
         new = 1 - self._slot
-        os.pwrite(self._fd, _pack_slot(target, k, self.key_id), new * SLOT_SPAN)
+        os.pwrite(self._fd, _pack_slot(epoch, k, self.key_id), new * SLOT_SPAN)
         os.fdatasync(self._fd)
         self._zero_slot(self._slot)
-        for i in range(len(self._k)):  # best effort: drop the old key from memory too
-            self._k[i] = 0
-        self.epoch, self._k, self._slot = target, bytearray(k), new
+        self.file_epoch, self._slot = epoch, new
 
     def _zero_slot(self, idx: int) -> None:
         os.pwrite(self._fd, b"\0" * SLOT_SPAN, idx * SLOT_SPAN)

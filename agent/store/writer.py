@@ -125,7 +125,8 @@ class StoreWriter:
         self.immutable_error: str | None = None if immutable else "disabled by the caller"
         self._immutable_set = 0
         self._last_seal: dict | None = None  # {"epoch", "seq", "ts"} of the newest seal
-        self._pending_ratchet: int | None = None  # seq of a seal whose key is not yet erased
+        self._pending_ratchet: int | None = None  # seq of a seal whose key the file still holds
+        self._key_persisted_ns = 0  # monotonic; the file's key moves once per seal interval
         self._seal_at_ns = time.monotonic_ns()
         self.seals = 0
         self.recovered: dict | None = None
@@ -461,7 +462,7 @@ class StoreWriter:
             pass
 
     def _seal_due(self, now: int) -> bool:
-        if self.seal_key is None or self._pending_ratchet is not None:
+        if self.seal_key is None:
             return False
         # Per append: the interval (nearly always not yet) is asked first.
         if (now - self._seal_at_ns < self.seal_interval_ns
@@ -477,39 +478,49 @@ class StoreWriter:
                                        upto, head, ts)
         seq = self._append_locked(Kind.SEAL, payload, ts)
         self._last_seal = {"epoch": key.epoch, "seq": seq, "ts": ts, "key_id": key.key_id.hex()}
+        key.step()  # this seal's key leaves memory now; the file's, in _ratchet
         self._pending_ratchet = seq
         self._seal_bytes, self._seal_at_ns = 0, time.monotonic_ns()
         self.seals += 1
 
-    def _ratchet(self) -> None:
-        """Erase the key of the newest seal, once that seal is on disk.
+    def _ratchet(self, force: bool = False) -> None:
+        """Erase the keys of the seals made so far from the key file, once
+        those seals are on disk; unless forced, at most once per seal interval.
 
         The order matters: if the key went first and the seal were lost in a
-        crash, the next seal would skip an epoch and verify would fail.
+        crash, the next seal would skip an epoch and verify would fail. The
+        interval is the price of that order: each erase needs an fsync of the
+        store, and seals by bytes come hundreds of times a second under bulk
+        traffic (the file then lags memory by at most one interval).
         """
         with self._seal_lock:
-            seq = self._pending_ratchet
-            if seq is None:
+            now = time.monotonic_ns()
+            if self._pending_ratchet is None or (
+                    not force and now - self._key_persisted_ns < self.seal_interval_ns):
                 return
+            with self._lock:
+                seq, state = self._pending_ratchet, self.seal_key.checkpoint()
             if self._synced_seq < seq:
                 self.sync()
             try:
-                self.seal_key.advance(self._last_seal["epoch"] + 1)
+                self.seal_key.persist(state)
             except OSError as e:
                 raise StoreError(f"cannot advance the sealing key: {e.strerror}") from e
-            self._pending_ratchet = None
+            self._key_persisted_ns = now
+            with self._lock:
+                if self._pending_ratchet == seq:
+                    self._pending_ratchet = None  # else a newer seal's key waits
 
     def seal_now(self) -> int | None:
         """Seal the chain head now and erase its key; returns the seal's seq."""
         if self.seal_key is None:
             return None
-        self._ratchet()
         with self._lock:
-            if self._last_seal and self._last_seal["seq"] == self._next_seq - 1:
-                return self._last_seal["seq"]
-            self._guard(self._seal_locked)
-        self._ratchet()
-        return self._last_seal["seq"]
+            if not (self._last_seal and self._last_seal["seq"] == self._next_seq - 1):
+                self._guard(self._seal_locked)
+            seq = self._last_seal["seq"]
+        self._ratchet(force=True)
+        return seq
 
     # -- upkeep ------------------------------------------------------------------------
 
@@ -585,6 +596,7 @@ class StoreWriter:
                 "immutable_segments": self._immutable_set,
                 "sealing": "on" if key else "off: no key",
                 "seal_epoch": key.epoch if key else None, "seals": self.seals,
+                "key_file_epoch": key.file_epoch if key else None,
                 "sealed_upto": self._last_seal["seq"] - 1 if self._last_seal else -1,
                 "recovered": self.recovered}
 

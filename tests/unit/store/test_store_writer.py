@@ -34,13 +34,19 @@ def test_rotation_by_age(tmp_path):
     assert verify(tmp_path).ok
 
 
-def test_seals_by_bytes_and_time(tmp_path):
+def _sealing_by_bytes(tmp_path, chunks: int, seal_interval_s: float):
+    """(k0, writer) after chunks of 500 bytes, a seal due every 2000."""
     k0 = init_key(tmp_path / "k")
     w = StoreWriter(tmp_path / "s", immutable=False, seal_key=SealKey(tmp_path / "k"),
-                    seal_interval_bytes=2000, seal_interval_s=0.05)
-    for _ in range(10):
+                    seal_interval_bytes=2000, seal_interval_s=seal_interval_s)
+    for _ in range(chunks):
         w.append_data(1, Direction.SERVER, b"y" * 500)
-        w.maintain()  # erases the key of each seal, so the next can be made
+        w.maintain()
+    return k0, w
+
+
+def test_seals_by_bytes_and_time(tmp_path):
+    k0, w = _sealing_by_bytes(tmp_path, 10, seal_interval_s=0.05)
     by_bytes = w.seals
     assert by_bytes >= 2
     w.append_json(Kind.EVENT, {"quiet": True})
@@ -52,6 +58,23 @@ def test_seals_by_bytes_and_time(tmp_path):
     assert stats["sealed_upto"] == w.head[0] - 1
     w.close()
     assert verify(tmp_path / "s", k0).ok
+
+
+def test_byte_seals_erase_their_keys_once_per_interval(tmp_path):
+    """Every seal has its own epoch, but the key file (and the fsync it
+    waits for) moves at most once per seal interval: under bulk traffic
+    seals by bytes come hundreds of times a second."""
+    k0, w = _sealing_by_bytes(tmp_path, 20, seal_interval_s=0.5)
+    stats = w.statistics()
+    assert w.seals >= 4 and stats["seal_epoch"] == w.seals
+    assert w.fsyncs == 1  # the first erase, at once; the rest wait for the interval
+    assert stats["key_file_epoch"] == SealKey(tmp_path / "k").epoch == 1
+    time.sleep(0.5)
+    w.maintain()
+    assert w.fsyncs == 2 and SealKey(tmp_path / "k").epoch == w.seals
+    w.close()
+    r = verify(tmp_path / "s", k0)
+    assert r.ok and r.seals == r.last_epoch + 1
 
 
 def test_maintenance_thread_seals_without_help(tmp_path):
