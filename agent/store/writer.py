@@ -330,6 +330,12 @@ class StoreWriter:
             self._failed(e, "close of a finished segment")
 
     def _close_finished(self, fd: int, path: Path) -> None:
+        # Evidence is written once and read rarely: once a finished segment
+        # is on disk its pages leave the page cache, so the next segments
+        # reuse them. Kept, a busy store grows the cache by every byte it
+        # records, and new page-cache pages cost more than reused ones (on
+        # the bench host writes fell from ~1.8 to ~0.3-0.9 GB/s after 2 GiB).
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
         self._make_immutable(path)
 

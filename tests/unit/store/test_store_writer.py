@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 from agent.store import Direction, Kind, SealKey, StoreWriter, init_key, verify
@@ -19,6 +20,27 @@ def test_rotation_by_size_links_segments(tmp_path):
     for before, seg in zip(segs, segs[1:]):
         prev = seg[0].json()["previous"]
         assert prev["last_seq"] == before[-1].seq and prev["head"] == before[-1].hash.hex()
+    assert verify(tmp_path).ok
+
+
+def _cached_bytes(path) -> int:
+    """How much of a file the page cache holds (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+def test_finished_segments_leave_the_page_cache(tmp_path):
+    """Once a finished segment is on disk its pages go, so a busy store
+    does not grow the page cache by every byte it records."""
+    w = StoreWriter(tmp_path, segment_max_bytes=1 << 20, immutable=False)
+    for _ in range(60):
+        w.append_data(1, Direction.CLIENT, b"z" * (64 << 10))
+    w.close()
+    cached = [_cached_bytes(p) for p in segment_paths(tmp_path)]
+    assert len(cached) >= 3
+    assert cached[:-1] == [0] * (len(cached) - 1)  # finished: on disk, dropped
+    assert cached[-1] > 0  # the active one was not finished, only closed
     assert verify(tmp_path).ok
 
 
