@@ -25,7 +25,8 @@ DOCS = {
     "log_level": "Log level of the lines on stderr (the journal): debug, info, warning, error.",
     "proxy.port": "Local port the nftables rules redirect the subjects' TCP to.",
     "proxy.listen": "Addresses the proxy listens on; the rules redirect to loopback.",
-    "proxy.buffer_bytes": "Per-direction relay buffer per session, in bytes.",
+    "proxy.buffer_bytes": "Per-direction relay chunk and buffer per session, in bytes: the most\n"
+                          "one direction holds while its peer is slow to read.",
     "proxy.connect_timeout_s": "Seconds to wait for the real destination to accept.",
     "proxy.deny": "Destinations the subjects may never reach (refused and alerted).\n"
                   "The default keeps the metadata server and its token away from them.",

@@ -61,7 +61,7 @@ class Hooks(Protocol):
 class Proxy:
     def __init__(self, *, store: Store, sessions: SessionTable, policy: Policy,
                  hooks: Hooks, durable: Durable | None = None,
-                 buffer_bytes: int = 256 << 10, connect_timeout_s: float = 10.0) -> None:
+                 buffer_bytes: int = 1 << 20, connect_timeout_s: float = 10.0) -> None:
         self.store, self.sessions, self.policy, self.hooks = store, sessions, policy, hooks
         self.durable = durable
         self.buffer_bytes = buffer_bytes
