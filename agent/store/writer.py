@@ -18,6 +18,7 @@ Besides appending, the writer keeps the store whole:
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import secrets
@@ -335,7 +336,8 @@ class StoreWriter:
         # reuse them. Kept, a busy store grows the cache by every byte it
         # records, and new page-cache pages cost more than reused ones (on
         # the bench host writes fell from ~1.8 to ~0.3-0.9 GB/s after 2 GiB).
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):  # a cache hint: never an evidence failure
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
         self._make_immutable(path)
 
