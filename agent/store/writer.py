@@ -371,14 +371,22 @@ class StoreWriter:
                prefix: bytes = b"") -> int:
         """Append one record; returns its seq. Raises StoreError on any failure."""
         ts = ts_ns if ts_ns is not None else time.time_ns()
-        with self._lock:
-            # Per relayed chunk: the checks that are nearly always false come first.
+        chain = self._chain
+        with chain:
+            # Three records per connection come through here: the checks that
+            # are nearly always false come first, on the chain's own fields
+            # (a descriptor read each cost more than the C append itself).
             if not self.healthy or self._deferred:
                 self._guard(self._recover_locked)
-            if self._rotation_due(ts):
+            if chain.seg_bytes >= self.segment_max_bytes or (
+                    self.segment_max_age_ns is not None
+                    and ts - self._seg_started_ns >= self.segment_max_age_ns
+                    and self._rotation_due(ts)):
                 self._guard(self._rotate)
             seq = self._guard(self._append_locked, kind, payload, ts, prefix)
-            if self.seal_key is not None:
+            if self.seal_key is not None and (
+                    chain.seal_bytes >= self.seal_interval_bytes
+                    or time.monotonic_ns() - self._seal_at_ns >= self.seal_interval_ns):
                 self._seal_if_due()
             return seq
 
