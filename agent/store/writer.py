@@ -358,8 +358,11 @@ class StoreWriter:
         self.immutable_error = set_immutable(path, True)
         self._immutable_set += self.immutable_error is None
 
+    # _rotation_due and _seal_due run for every record (three a connection):
+    # they read the chain's fields directly, where the _OnChain descriptor
+    # read alone cost about as much as the C append itself.
     def _rotation_due(self, now_ns: int) -> bool:
-        if self._seg_bytes >= self.segment_max_bytes:
+        if self._chain.seg_bytes >= self.segment_max_bytes:
             return True
         return (self.segment_max_age_ns is not None
                 and now_ns - self._seg_started_ns >= self.segment_max_age_ns
@@ -371,22 +374,14 @@ class StoreWriter:
                prefix: bytes = b"") -> int:
         """Append one record; returns its seq. Raises StoreError on any failure."""
         ts = ts_ns if ts_ns is not None else time.time_ns()
-        chain = self._chain
-        with chain:
-            # Three records per connection come through here: the checks that
-            # are nearly always false come first, on the chain's own fields
-            # (a descriptor read each cost more than the C append itself).
+        with self._lock:
+            # Per record: the checks that are nearly always false come first.
             if not self.healthy or self._deferred:
                 self._guard(self._recover_locked)
-            if chain.seg_bytes >= self.segment_max_bytes or (
-                    self.segment_max_age_ns is not None
-                    and ts - self._seg_started_ns >= self.segment_max_age_ns
-                    and self._rotation_due(ts)):
+            if self._rotation_due(ts):
                 self._guard(self._rotate)
             seq = self._guard(self._append_locked, kind, payload, ts, prefix)
-            if self.seal_key is not None and (
-                    chain.seal_bytes >= self.seal_interval_bytes
-                    or time.monotonic_ns() - self._seal_at_ns >= self.seal_interval_ns):
+            if self.seal_key is not None:
                 self._seal_if_due()
             return seq
 
@@ -482,7 +477,7 @@ class StoreWriter:
             return False
         # Per append: the interval (nearly always not yet) is asked first.
         if (now - self._seal_at_ns < self.seal_interval_ns
-                and self._seal_bytes < self.seal_interval_bytes):
+                and self._chain.seal_bytes < self.seal_interval_bytes):
             return False
         return not (self._last_seal and self._last_seal["seq"] == self._next_seq - 1)
 
