@@ -60,8 +60,10 @@ class Hooks(Protocol):
 
 class Proxy:
     def __init__(self, *, store: Store, sessions: SessionTable, policy: Policy,
-                 hooks: Hooks, durable: Durable | None = None,
-                 buffer_bytes: int = 1 << 20, connect_timeout_s: float = 10.0) -> None:
+                 hooks: Hooks, buffer_bytes: int, connect_timeout_s: float,
+                 durable: Durable | None = None) -> None:
+        # buffer_bytes and connect_timeout_s have their defaults in one place:
+        # config.ProxyConfig, whose values the daemon passes.
         self.store, self.sessions, self.policy, self.hooks = store, sessions, policy, hooks
         self.durable = durable
         self.buffer_bytes = buffer_bytes
