@@ -14,8 +14,7 @@ from agent.demo.servers import HttpServer, Postgres
 def run_demo(keep: bool = False, echo: Callable[[str], None] = print) -> None:
     if os.geteuid() != 0:
         raise RuntimeError("the demo builds network namespaces and nftables rules: run it as root")
-    # Ctrl-C and SIGTERM both end in the finally below, so nothing is left behind.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    interrupt_this_process_only()  # Ctrl-C and SIGTERM end in the finally below
     sb = Sandbox()
     pg = http = None
     try:
@@ -46,6 +45,28 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] = print) -> None:
             if server:
                 server.stop()
         echo("== sandbox removed")
+
+
+def interrupt_this_process_only() -> None:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt in this process, and
+    end at once any process forked from it.
+
+    pyroute2 forks a helper for each netlink socket it opens in a namespace
+    and stops it with SIGTERM. A helper that inherited a raising handler went
+    on as a second copy of the demo: it printed "interrupted" and ran the
+    cleanup below, removing the namespaces under the first copy, whose next
+    lookup then found its veth missing (seen under CPU load, where the
+    signal lands before the helper's own exit).
+    """
+    owner = os.getpid()
+
+    def interrupt(signum: int, _frame: object) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)  # as the default action would, without cleanup
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
 
 
 def _subject_traffic(sb: Sandbox, echo: Callable[[str], None]) -> None:
