@@ -117,8 +117,10 @@ def alerts(store_dir: Path) -> list[dict]:
     return [r.json() for r in iter_records(store_dir, strict=False) if r.kind == Kind.ALERT]
 
 
-def wait_alert(store_dir: Path, timeout: float = 1.0, **want) -> dict:
-    """The first alert whose type and evidence hold every want item, within timeout."""
+def wait_alert(store_dir: Path, timeout: float = 10.0, **want) -> dict:
+    """The first alert whose type and evidence hold every want item, within
+    timeout: generous, since it returns as soon as the alert is there and a
+    loaded machine may schedule the witness's thread late."""
     deadline = time.monotonic() + timeout
     while True:
         for a in alerts(store_dir):

@@ -32,7 +32,7 @@ def test_overflow_becomes_an_events_lost_record(witness, store_dir):
              "python3 -c 'import socket\nfor k in range(50): "
              "socket.create_connection((\"127.0.0.1\", %d)).close()') & done; wait" % PORT)
     subprocess.run(helpers.subject_cmd(["sh", "-c", burst]), check=True, timeout=60)
-    a = helpers.wait_alert(store_dir, timeout=2, type="events_lost")
+    a = helpers.wait_alert(store_dir, type="events_lost")
     assert a["evidence"]["count"] > 0 and a["evidence"]["ring_buffer_pages"] == 1
     assert witness.statistics()["lost"] >= a["evidence"]["count"]
     kinds = [r.kind for r in iter_records(store_dir, strict=False)]
