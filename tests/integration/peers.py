@@ -77,7 +77,7 @@ def server(port, out):
         conn.close()
         with open(out, "a") as f:
             f.write(json.dumps({"recv_sha": recvd.hexdigest(), "recv_bytes": n,
-                                "sent_sha": sent.hexdigest()}) + "\n")
+                                "sent_sha": sent.hexdigest(), "size": size}) + "\n")
 
 
 def client(host, port, size):

@@ -50,15 +50,19 @@ def test_kill9_during_traffic_fsync_mode(crash_sandbox, tmp_path):
     try:
         for round_ in range(ROUNDS):
             agent.start()
+            size = (64 << 20) + round_  # names this round's line in the server's output
             client = subprocess.Popen(sb.argv(sb.bastion, [sys.executable, PEERS, "client",
-                                                           CORP_V4, str(EXACT_PORT), str(64 << 20)],
+                                                           CORP_V4, str(EXACT_PORT), str(size)],
                                               user=sb.subject), stdout=subprocess.PIPE, text=True)
-            time.sleep(rng.uniform(0.05, 0.4))
+            # The kill comes during the traffic, however slowly a loaded
+            # machine starts the client.
+            wait_for(lambda: dialled(sb), 10, what="the client's connection")
+            time.sleep(rng.uniform(0.0, 0.35))
             agent.stop(signal.SIGKILL)
             got = json.loads(client.communicate(timeout=60)[0])
             if got.get("connected", True):  # else the kill came before the client dialled
                 connected += 1
-                check_prefix(agent.store, got, server_out, round_)
+                check_prefix(agent.store, got, server_out, round_, size)
         assert connected >= ROUNDS // 2, f"only {connected} of {ROUNDS} rounds reached the agent"
         agent.start()
         report = verify(agent.store, allow_torn_tail=True)
@@ -71,7 +75,28 @@ def test_kill9_during_traffic_fsync_mode(crash_sandbox, tmp_path):
     assert report.records > ROUNDS * 5
 
 
-def check_prefix(store, client: dict, server_out, round_: int) -> None:
+def dialled(sb: Sandbox) -> bool:
+    """The subject's connection to the peer is established (as its socket sees it)."""
+    r = sb.run(sb.bastion, ["ss", "-Htn", "state", "established", "dst",
+                            f"{CORP_V4}:{EXACT_PORT}"], capture_output=True, text=True)
+    return bool(r.stdout.strip())
+
+
+def server_line(server_out, size: int, timeout: float = 5) -> dict | None:
+    """The server's line for this round: written after its connection ends,
+    which may be after the client's; None if the server never got the head."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in reversed(server_out.read_text().splitlines() if server_out.exists() else []):
+            srv = json.loads(line)
+            if srv.get("size") == size:
+                return srv
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def check_prefix(store, client: dict, server_out, round_: int, size: int) -> None:
     """What each peer received is a prefix of what the store holds for it."""
     sessions = list_sessions(store)
     if not sessions or sessions[-1].bytes == [0, 0]:
@@ -81,9 +106,8 @@ def check_prefix(store, client: dict, server_out, round_: int) -> None:
     down = stored(store, sid, Direction.SERVER)
     assert len(down) >= client["recv_bytes"], (round_, len(down), client)
     assert hashlib.sha256(down[:client["recv_bytes"]]).hexdigest() == client["recv_sha"]
-    lines = server_out.read_text().splitlines()
-    if lines:
-        srv = json.loads(lines[-1])
-        up = stored(store, sid, Direction.CLIENT)
-        if srv["recv_bytes"] <= len(up):
-            assert hashlib.sha256(up[:srv["recv_bytes"]]).hexdigest() == srv["recv_sha"]
+    up = stored(store, sid, Direction.CLIENT)
+    srv = server_line(server_out, size) if len(up) >= 8 else None
+    if srv is not None:
+        assert srv["recv_bytes"] <= len(up), (round_, len(up), srv)
+        assert hashlib.sha256(up[:srv["recv_bytes"]]).hexdigest() == srv["recv_sha"]

@@ -76,11 +76,15 @@ def test_curl_request_and_response_are_recorded(agent, sandbox, servers, url_hos
 def test_64mib_each_way_is_stored_exactly(agent, sandbox, servers):
     size = 64 << 20
     before = len(sessions_to(agent, CORP_V4, EXACT_PORT))
+    lines_before = len(_lines(servers["exact_out"]))
     r = sandbox.subject_run([sys.executable, PEERS, "client", CORP_V4, str(EXACT_PORT),
                              str(size)], text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     client = json.loads(r.stdout)
-    server = json.loads(servers["exact_out"].read_text().splitlines()[-1])
+    # The server writes its line after its close, which may come after the client's end.
+    new_lines = wait_for(lambda: _lines(servers["exact_out"])[lines_before:], 10,
+                         what="the server's line")
+    server = json.loads(new_lines[-1])
     s = new_session(agent, CORP_V4, EXACT_PORT, before)
     up = hashlib.sha256(payload(agent, s.id, Direction.CLIENT)).hexdigest()
     down = hashlib.sha256(payload(agent, s.id, Direction.SERVER)).hexdigest()
@@ -257,3 +261,7 @@ def agent_pid(agent) -> int:
         if str(agent.config) in " ".join(p.info["cmdline"] or []) and "run" in p.info["cmdline"]:
             return p.pid
     raise AssertionError("agent process not found")
+
+
+def _lines(path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
