@@ -19,10 +19,10 @@ pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_quick_bench_prints_every_row():
     r = subprocess.run([sys.executable, "-m", "bench", "--quick"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=110)
+                       capture_output=True, text=True, timeout=590)
     assert r.returncode == 0, r.stderr[-3000:]
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     for row in ROWS:
@@ -30,12 +30,12 @@ def test_quick_bench_prints_every_row():
     assert "direct" in table[0] and "haproxy" in table[0]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_paired_runs_measure_both_checkouts():
     """bench.pair against this checkout twice: one run each, with figures."""
     r = subprocess.run([sys.executable, "-m", "bench.pair", str(ROOT), str(ROOT),
                         "--rounds", "1", "--seconds", "1"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=170)
+                       capture_output=True, text=True, timeout=590)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     runs = [x for x in lines if "round" in x]
@@ -44,12 +44,12 @@ def test_paired_runs_measure_both_checkouts():
     assert [x["build"] for x in lines if "mean" in x] == ["old", "new"]
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_hops_times_both_relays_syscalls():
     """bench.hops: each relay's syscalls during ping-pong, per round trip;
     only tollgate writes a record per hop."""
     r = subprocess.run([sys.executable, "-m", "bench.hops", "--trips", "30000", "--seconds", "0.5"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=170)
+                       cwd=ROOT, capture_output=True, text=True, timeout=590)
     assert r.returncode == 0, r.stderr[-3000:]
     got = {x["relay"]: x for x in map(json.loads, r.stdout.splitlines())}
     assert set(got) == {"haproxy", "tollgate", "haproxy, agent running"}

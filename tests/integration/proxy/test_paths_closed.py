@@ -50,7 +50,7 @@ def test_other_udp_is_rejected_and_never_arrives(agent, sandbox, tmp_path_factor
     root = probe.replace("s.recv(10); print('answer')", "print('sent')")
     assert "print('sent')" in root
     assert sandbox.run(sandbox.bastion, [sys.executable, "-c", root], text=True).stdout.strip() == "sent"
-    wait_for(lambda: seen() > before, 5, what="root datagram")
+    wait_for(lambda: seen() > before, 15, what="root datagram")
     assert seen() == before + 1
 
 
@@ -59,7 +59,7 @@ def test_metadata_server_is_refused_and_alerted(agent, sandbox):
              " print('connected')\nexcept (ConnectionResetError, ConnectionRefusedError) as e: print('refused')")
     r = sandbox.subject_run([sys.executable, "-c", probe], text=True)
     assert r.stdout.strip() == "refused", r
-    denied = wait_for(lambda: alerts_of(agent, "policy_denied"), 5, what="policy_denied alert")
+    denied = wait_for(lambda: alerts_of(agent, "policy_denied"), 15, what="policy_denied alert")
     ev = denied[-1]["evidence"]
     assert ev["original_dst"] == ["169.254.169.254", 80] and "deny list" in ev["reason"]
     assert ev["chain"][0]["pid"] == ev["pid"] and "python" in ev["chain"][0]["exe"]
@@ -67,12 +67,14 @@ def test_metadata_server_is_refused_and_alerted(agent, sandbox):
 
 def test_tampered_rules_are_restored_and_alerted(agent, sandbox):
     before = len(alerts_of(agent, "rules_tampered"))
+    t0 = time.time_ns()
     sandbox.run(sandbox.bastion, ["nft", "flush", "chain", "inet", "tollgate", "steer"],
                 check=True)
-    t0 = time.monotonic()
-    wait_for(lambda: len(alerts_of(agent, "rules_tampered")) > before, 5, what="tamper alert")
-    assert time.monotonic() - t0 < 1.5
-    wait_for(lambda: agent.cli("rules", "show").returncode == 0, 5, what="rules restored")
+    new = wait_for(lambda: alerts_of(agent, "rules_tampered")[before:], 10, what="tamper alert")
+    # When the agent noticed, by its own clock: the test's scans of the store
+    # to find the alert take longer than that on a loaded machine.
+    assert new[0]["time_ns"] - t0 < 3e9
+    wait_for(lambda: agent.cli("rules", "show").returncode == 0, 15, what="rules restored")
 
 
 def test_rules_remove_is_recorded_then_apply_restores(agent, sandbox):
@@ -130,7 +132,7 @@ def _connect_while_rule_deleted(agent, sandbox) -> int:
                                   f"{_redirect_handle(sandbox)} && touch {go}"], check=True)
     port = int(subject.stdout.readline())
     subject.wait(10)
-    wait_for(lambda: agent.cli("rules", "show").returncode == 0, 5, what="rules restored")
+    wait_for(lambda: agent.cli("rules", "show").returncode == 0, 15, what="rules restored")
     return port
 
 
@@ -173,7 +175,7 @@ def test_dialling_the_proxy_port_directly_is_refused_as_a_loop(agent, sandbox, l
     r = sandbox.run(sandbox.bastion, [sys.executable, "-c", probe, listen], text=True)
     assert r.returncode == 0 and r.stdout.strip() == "reset", r
     found = wait_for(lambda: [s for s in sessions_to_port(agent, listen, 15001)[before:]
-                              if s.close], 5, what="the refused session")
+                              if s.close], 15, what="the refused session")
     assert found[0].close["reason"] == "upstream failed: refused: destination is the proxy itself"
     assert found[0].client[0] == listen
 

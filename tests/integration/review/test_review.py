@@ -69,7 +69,7 @@ def test_pgbench_prepared_statements_decoded_equal_executed(agent, subject, serv
     subject.run(pgbench + ["-M", "prepared", "-t", str(PGBENCH_TX), "-c", "1", "corp"], timeout=120)
     runs = subject.new_sessions(5432, before, count=2)
     decoded = {s.id: queries(agent, s.id) for s in runs}
-    executed = wait_for(lambda: executed_statements(log, mark), 5, what="the statement log")
+    executed = wait_for(lambda: executed_statements(log, mark), 15, what="the statement log")
     assert sum(len(q) for q in decoded.values()) == executed
     # the benchmark connection: exactly the script's statements, each an Execute of a prepared one
     bench = max(decoded.values(), key=len)

@@ -32,7 +32,7 @@ def test_finished_segments_are_immutable_the_active_one_is_not(open_dir):
     assert len(paths) > 2
     # In "write" mode the newest finished segment is synced and sealed off in
     # a thread: it becomes immutable soon after the rotation, not during it.
-    wait_for(lambda: all(is_immutable(p) for p in paths[:-1]), 5, what="finished segments immutable")
+    wait_for(lambda: all(is_immutable(p) for p in paths[:-1]), 15, what="finished segments immutable")
     assert not is_immutable(paths[-1])
     assert w.statistics()["immutable"] == "supported"
     try:
