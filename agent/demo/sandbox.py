@@ -43,8 +43,9 @@ class Sandbox:
             netns.create(ns)
         a, b = f"{self.prefix[:8]}-b", f"{self.prefix[:8]}-c"
         # The pair is born in bastion with its peer placed in corp: it never
-        # exists in the host's namespace, and nothing has to be moved (a
-        # just-moved veth was intermittently not found in its new namespace).
+        # exists in the host's namespace, and nothing has to be moved. (The
+        # "veth not found in its namespace" once blamed on moving it was the
+        # demo's signal handler in pyroute2's forked helpers: see run.py.)
         with IPRoute(netns=self.bastion) as ip:
             ip.link("add", ifname=a, kind="veth", peer={"ifname": b, "net_ns_fd": self.corp})
         self._address(self.bastion, a, BASTION_V4, BASTION_V6)
