@@ -3,6 +3,7 @@ process for the module; tests run the subject's clients in the bastion."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,12 @@ UDP_SINK = ("import socket,sys\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRA
             "while True:\n d,a=s.recvfrom(65535)\n open(sys.argv[2],'a').write(repr(d)+'\\n')")
 
 pytestmark = pytest.mark.root
+
+
+def server_lines(out: Path) -> list[dict]:
+    """What peers.py's server wrote so far: a line per transfer, once its
+    connection has ended (which may be after the client's end)."""
+    return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
 
 
 def pytest_collection_modifyitems(items):

@@ -22,7 +22,7 @@ from agent.review.sessions import list_sessions, session_records
 from agent.store import Direction
 from agent.store.verify import verify
 
-from conftest import EXACT_PORT, PEERS
+from conftest import EXACT_PORT, PEERS, server_lines
 
 ROUNDS = int(__import__("os").environ.get("TG_CRASH_ROUNDS", "50"))
 
@@ -83,18 +83,14 @@ def dialled(sb: Sandbox) -> bool:
     return bool(r.stdout.strip())
 
 
-def server_line(server_out, size: int, timeout: float = 5) -> dict | None:
-    """The server's line for this round: written after its connection ends,
-    which may be after the client's; None if the server never got the head."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in reversed(server_out.read_text().splitlines() if server_out.exists() else []):
-            srv = json.loads(line)
-            if srv.get("size") == size:
-                return srv
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
+def server_line(server_out, size: int) -> dict | None:
+    """The server's line for this round; None if the server never got the
+    head (recorded, the agent killed before forwarding it)."""
+    try:
+        return wait_for(lambda: next((s for s in server_lines(server_out) if s["size"] == size),
+                                     None), 5, what="the server's line")
+    except TimeoutError:
+        return None
 
 
 def check_prefix(store, client: dict, server_out, round_: int, size: int) -> None:

@@ -19,7 +19,7 @@ from agent.review.sessions import list_sessions, session_records
 from agent.review.replay import raw_bytes
 from agent.store import Direction
 
-from conftest import EXACT_PORT, HALFCLOSE_PORT, PEERS
+from conftest import EXACT_PORT, HALFCLOSE_PORT, PEERS, server_lines
 
 
 def sessions_to(agent, ip: str, port: int) -> list:
@@ -76,15 +76,13 @@ def test_curl_request_and_response_are_recorded(agent, sandbox, servers, url_hos
 def test_64mib_each_way_is_stored_exactly(agent, sandbox, servers):
     size = 64 << 20
     before = len(sessions_to(agent, CORP_V4, EXACT_PORT))
-    lines_before = len(_lines(servers["exact_out"]))
+    lines_before = len(server_lines(servers["exact_out"]))
     r = sandbox.subject_run([sys.executable, PEERS, "client", CORP_V4, str(EXACT_PORT),
                              str(size)], text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     client = json.loads(r.stdout)
-    # The server writes its line after its close, which may come after the client's end.
-    new_lines = wait_for(lambda: _lines(servers["exact_out"])[lines_before:], 10,
-                         what="the server's line")
-    server = json.loads(new_lines[-1])
+    server = wait_for(lambda: server_lines(servers["exact_out"])[lines_before:], 10,
+                      what="the server's line")[-1]
     s = new_session(agent, CORP_V4, EXACT_PORT, before)
     up = hashlib.sha256(payload(agent, s.id, Direction.CLIENT)).hexdigest()
     down = hashlib.sha256(payload(agent, s.id, Direction.SERVER)).hexdigest()
@@ -261,7 +259,3 @@ def agent_pid(agent) -> int:
         if str(agent.config) in " ".join(p.info["cmdline"] or []) and "run" in p.info["cmdline"]:
             return p.pid
     raise AssertionError("agent process not found")
-
-
-def _lines(path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
