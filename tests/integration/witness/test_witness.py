@@ -78,15 +78,22 @@ def test_subject_connect_ipv6(witness, store_dir):
     assert a["evidence"]["original_destination"] == f"[::1]:{PORT}"
 
 
+def matched_since(witness, before: int, at_least: int, timeout: float) -> int:
+    """Connections judged proxied since the count was before, once at least
+    at_least of them were (or timeout passed): verdicts come after a window."""
+    deadline = time.monotonic() + timeout
+    while (n := witness.check.counts["tcp_matched"] - before) < at_least \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return n
+
+
 def test_matched_connection_is_no_alert(witness, store_dir, sessions):
     sessions.dst_ports.add(MATCH_PORT)
     before = witness.check.counts["tcp_matched"]
     out = helpers.run_subject(SUBJ_CONNECT, "127.0.0.1", str(MATCH_PORT))
     # Judged once its window has passed: wait for the verdict, then look.
-    deadline = time.monotonic() + 10
-    while witness.check.counts["tcp_matched"] == before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert witness.check.counts["tcp_matched"] > before
+    assert matched_since(witness, before, 1, timeout=10) >= 1
     assert [e for e in witness.seen if isinstance(e, TcpEvent) and e.sport == out["sport"]]
     assert helpers.none_match(store_dir, type="bypass", sport=out["sport"])
 
@@ -196,10 +203,7 @@ def test_burst_of_known_connections_has_no_false_bypass(witness, store_dir, sess
             "    time.sleep(max(0, t + i * 0.004 - time.monotonic()))\n"
             "print(json.dumps({'s': time.monotonic() - t}))" % BURST_PORT)
     helpers.run_subject(code)
-    deadline = time.monotonic() + 30
-    while witness.check.counts["tcp_matched"] - before < 2000 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert witness.check.counts["tcp_matched"] - before == 2000
+    assert matched_since(witness, before, 2000, timeout=30) == 2000
     assert helpers.none_match(store_dir, type="bypass", dport=BURST_PORT)
     assert witness.statistics()["lost"] == 0
 
