@@ -127,7 +127,9 @@ class StoreWriter:
         self._immutable_set = 0
         self._last_seal: dict | None = None  # {"epoch", "seq", "ts"} of the newest seal
         self._pending_ratchet: int | None = None  # seq of a seal whose key the file still holds
-        self._key_persisted_ns = 0  # monotonic; the file's key moves once per seal interval
+        # monotonic; the file's key moves once per seal interval. None, not 0:
+        # the first erase waits for nothing (monotonic time starts at boot).
+        self._key_persisted_ns: int | None = None
         self._seal_at_ns = time.monotonic_ns()
         self.seals = 0
         self.recovered: dict | None = None
@@ -507,7 +509,8 @@ class StoreWriter:
         with self._seal_lock:
             now = time.monotonic_ns()
             if self._pending_ratchet is None or (
-                    not force and now - self._key_persisted_ns < self.seal_interval_ns):
+                    not force and self._key_persisted_ns is not None
+                    and now - self._key_persisted_ns < self.seal_interval_ns):
                 return
             with self._lock:
                 seq, state = self._pending_ratchet, self.seal_key.checkpoint()
