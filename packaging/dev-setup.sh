@@ -10,7 +10,7 @@ APT_PKGS="python3 python3-venv python3-bpfcc python3-nftables nftables iproute2 
  postgresql postgresql-client openssh-server openssh-client \
  mariadb-server mariadb-client redis-server redis-tools nginx tshark \
  systemd lintian dpkg-dev ruby chromium dnsmasq bind9-dnsutils gcc openssl \
- python3-dev libssl-dev libisal-dev librust-blake3-dev"
+ python3-dev libssl-dev libisal-dev librust-blake3-dev bpftool"
 
 missing=""
 for p in $APT_PKGS; do
