@@ -248,16 +248,16 @@ class Agent:
 
     # -- hooks the proxy calls -------------------------------------------------------
 
-    def attribute_now(self, session: Session) -> dict | None:
+    def attribute_now(self, client: tuple[str, int], dst: tuple[str, int]) -> dict | None:
         """attribute() without waiting, when the witness already has the event."""
         if self.connects is None:
             return None
-        found = self.connects.attribution_now(session.client, session.original_dst)
+        found = self.connects.attribution_now(client, dst)
         # The subject's side established before the proxy's could be accepted,
         # so its event is in the ring buffer: read it here rather than wait
         # for the witness's thread to be scheduled and hand it over.
         if found is None and self.witness.probes.drain():
-            found = self.connects.attribution_now(session.client, session.original_dst)
+            found = self.connects.attribution_now(client, dst)
         return found
 
     async def attribute(self, session: Session) -> dict:

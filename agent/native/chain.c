@@ -92,48 +92,72 @@ int payload_digest(int version, EVP_MD_CTX *md, const void *prefix, size_t plen,
     return 0;
 }
 
-int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, size_t plen,
-                        const void *payload, size_t len, const uint8_t *pdigest, uint64_t *seq) {
+/* One record's frame around its payload, chained to `head` as number seq. */
+typedef struct {
+    uint8_t header[TG_HEADER_SIZE], crc[TG_CRC_SIZE], digest[32];
+    size_t size;
+} Frame;
+
+static int build_frame(Chain *c, Frame *f, uint64_t seq, const uint8_t *head, int kind,
+                       uint64_t ts_ns, const void *prefix, size_t plen, const void *payload,
+                       size_t len, const uint8_t *pdigest) {
     size_t length = plen + len;
     if (length > TG_MAX_PAYLOAD) return EFBIG;
+    uint8_t *h = f->header;
+    h[0] = 'T'; h[1] = 'G'; h[2] = (uint8_t)c->version; h[3] = (uint8_t)kind;
+    put_be32(h + 4, (uint32_t)length);
+    put_be64(h + 8, seq);
+    put_be64(h + 16, ts_ns);
+    memcpy(h + 24, head, 32);
+
+    /* crc32 stays over the bytes on disk (torn-tail check); ISA-L makes it cheap. */
+    uint32_t crc = crc32_gzip_refl(0, h, TG_HEADER_SIZE);
+    if (plen) crc = crc32_gzip_refl(crc, prefix, plen);
+    if (len) crc = crc32_gzip_refl(crc, payload, len);
+    unsigned int dlen = 0;
+    if (!EVP_DigestInit_ex(c->md, NULL, NULL)
+        || !EVP_DigestUpdate(c->md, h, TG_HEADER_SIZE)
+        || !EVP_DigestUpdate(c->md, pdigest, 32)
+        || !EVP_DigestFinal_ex(c->md, f->digest, &dlen)) return EIO;
+    put_be32(f->crc, crc);
+    f->size = length + TG_HEADER_SIZE + TG_CRC_SIZE;
+    return 0;
+}
+
+/* Frames are written only from a clean segment end. */
+static int ready_to_write(Chain *c) {
     if (c->fd < 0) return EBADF;
     if (c->dirty) {
         if (ftruncate(c->fd, (off_t)c->seg_bytes) != 0) return errno;
         c->dirty = 0;
     }
-    uint8_t header[TG_HEADER_SIZE], digest[32], crc_be[TG_CRC_SIZE];
-    header[0] = 'T'; header[1] = 'G'; header[2] = (uint8_t)c->version; header[3] = (uint8_t)kind;
-    put_be32(header + 4, (uint32_t)length);
-    put_be64(header + 8, c->next_seq);
-    put_be64(header + 16, ts_ns);
-    memcpy(header + 24, c->head, 32);
+    return 0;
+}
 
-    /* crc32 stays over the bytes on disk (torn-tail check); ISA-L makes it cheap. */
-    uint32_t crc = crc32_gzip_refl(0, header, TG_HEADER_SIZE);
-    if (plen) crc = crc32_gzip_refl(crc, prefix, plen);
-    if (len) crc = crc32_gzip_refl(crc, payload, len);
-    unsigned int dlen = 0;
-    if (!EVP_DigestInit_ex(c->md, NULL, NULL)
-        || !EVP_DigestUpdate(c->md, header, TG_HEADER_SIZE)
-        || !EVP_DigestUpdate(c->md, pdigest, 32)
-        || !EVP_DigestFinal_ex(c->md, digest, &dlen)) return EIO;
-    put_be32(crc_be, crc);
+/* A written frame becomes the chain's head. */
+static uint64_t commit_frame(Chain *c, const Frame *f) {
+    memcpy(c->head, f->digest, 32);
+    c->seg_bytes += f->size;
+    c->seal_bytes += f->size;
+    c->records++;
+    c->bytes += f->size;
+    return c->next_seq++;
+}
 
+int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, size_t plen,
+                        const void *payload, size_t len, const uint8_t *pdigest, uint64_t *seq) {
+    Frame f;
+    int err = build_frame(c, &f, c->next_seq, c->head, kind, ts_ns, prefix, plen, payload, len,
+                          pdigest);
+    if (err || (err = ready_to_write(c))) return err;
     struct iovec iov[4];
     int n = 0;
-    iov[n++] = (struct iovec){header, TG_HEADER_SIZE};
+    iov[n++] = (struct iovec){f.header, TG_HEADER_SIZE};
     if (plen) iov[n++] = (struct iovec){(void *)prefix, plen};
     if (len) iov[n++] = (struct iovec){(void *)payload, len};
-    iov[n++] = (struct iovec){crc_be, TG_CRC_SIZE};
-    size_t size = length + TG_HEADER_SIZE + TG_CRC_SIZE;
-    int err = write_frame(c, iov, n, size);
-    if (err) return err;
-    memcpy(c->head, digest, 32);
-    *seq = c->next_seq++;
-    c->seg_bytes += size;
-    c->seal_bytes += size;
-    c->records++;
-    c->bytes += size;
+    iov[n++] = (struct iovec){f.crc, TG_CRC_SIZE};
+    if ((err = write_frame(c, iov, n, f.size))) return err;
+    *seq = commit_frame(c, &f);
     return 0;
 }
 
@@ -210,6 +234,15 @@ static int append_digested(Chain *c, int kind, uint64_t ts, Py_buffer *prefix,
                                (size_t)payload->len, pdigest, seq);
 }
 
+static PyObject *raise_append_error(int err) {
+    if (err == EFBIG) {
+        PyErr_Format(PyExc_ValueError, "record exceeds %u bytes", TG_MAX_PAYLOAD);
+        return NULL;
+    }
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
 /* append(kind, payload, ts_ns, prefix=b"") -> seq; the caller holds the lock. */
 static PyObject *Chain_append(Chain *c, PyObject *args, PyObject *kw) {
     static char *names[] = {"kind", "payload", "ts_ns", "prefix", NULL};
@@ -230,15 +263,67 @@ static PyObject *Chain_append(Chain *c, PyObject *args, PyObject *kw) {
     }
     PyBuffer_Release(&payload);
     if (prefix.obj) PyBuffer_Release(&prefix);
-    if (err == EFBIG) {
-        PyErr_Format(PyExc_ValueError, "record exceeds %u bytes", TG_MAX_PAYLOAD);
-        return NULL;
-    }
-    if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
+    if (err) return raise_append_error(err);
     return PyLong_FromUnsignedLongLong(seq);
+}
+
+/* Records a caller has together (a session's opening and its process)
+ * cost one write, not one each. */
+#define MANY_MAX 8
+
+static int append_many_locked(Chain *c, Py_buffer *pay, int *kinds, int n, uint64_t ts,
+                              uint64_t *first) {
+    Frame f[MANY_MAX];
+    struct iovec iov[3 * MANY_MAX];
+    size_t total = 0;
+    int k = 0, err;
+    for (int i = 0; i < n; i++) {
+        uint8_t pdigest[32];
+        if ((err = payload_digest(c->version, c->md, NULL, 0, pay[i].buf, (size_t)pay[i].len,
+                                  pdigest)))
+            return err;
+        if ((err = build_frame(c, &f[i], c->next_seq + (uint64_t)i,
+                               i ? f[i - 1].digest : c->head, kinds[i], ts, NULL, 0,
+                               pay[i].buf, (size_t)pay[i].len, pdigest)))
+            return err;
+        iov[k++] = (struct iovec){f[i].header, TG_HEADER_SIZE};
+        if (pay[i].len) iov[k++] = (struct iovec){pay[i].buf, (size_t)pay[i].len};
+        iov[k++] = (struct iovec){f[i].crc, TG_CRC_SIZE};
+        total += f[i].size;
+    }
+    if ((err = ready_to_write(c)) || (err = write_frame(c, iov, k, total))) return err;
+    *first = c->next_seq;
+    for (int i = 0; i < n; i++) commit_frame(c, &f[i]);
+    return 0;
+}
+
+/* append_many(((kind, payload), ...), ts_ns) -> the first one's seq; all
+ * or none are written; the caller holds the lock. */
+static PyObject *Chain_append_many(Chain *c, PyObject *args) {
+    PyObject *records;
+    unsigned long long ts;
+    if (!PyArg_ParseTuple(args, "OK", &records, &ts)) return NULL;
+    PyObject *seq_of = PySequence_Fast(records, "records must be a sequence");
+    if (seq_of == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq_of);
+    if (n < 1 || n > MANY_MAX) {
+        Py_DECREF(seq_of);
+        return PyErr_Format(PyExc_ValueError, "append_many takes 1 to %d records", MANY_MAX);
+    }
+    Py_buffer pay[MANY_MAX];
+    int kinds[MANY_MAX], got = 0;
+    for (; got < n; got++) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq_of, got), "iy*", &kinds[got],
+                              &pay[got]))
+            break;
+    }
+    uint64_t first = 0;
+    int err = got == n ? append_many_locked(c, pay, kinds, (int)n, ts, &first) : 0;
+    for (int i = 0; i < got; i++) PyBuffer_Release(&pay[i]);
+    Py_DECREF(seq_of);
+    if (got != n) return NULL;
+    if (err) return raise_append_error(err);
+    return PyLong_FromUnsignedLongLong(first);
 }
 
 static PyObject *Chain_get_head(Chain *c, void *unused) {
@@ -264,6 +349,8 @@ static PyMethodDef Chain_methods[] = {
     {"__exit__", (PyCFunction)Chain_release, METH_VARARGS, NULL},
     {"append", (PyCFunction)(void (*)(void))Chain_append, METH_VARARGS | METH_KEYWORDS,
      "append(kind, payload, ts_ns, prefix=b'') -> seq, with the lock held"},
+    {"append_many", (PyCFunction)Chain_append_many, METH_VARARGS,
+     "append_many(((kind, payload), ...), ts_ns) -> first seq, one write, with the lock held"},
     {NULL},
 };
 

@@ -8,8 +8,9 @@ threads connect upstream, then relay and record every chunk without the GIL.
 Until the handoff nothing is read from the subject's socket, so its first
 bytes wait for attribution in the kernel's buffer; when the witness has
 already named the process (nearly always) that all happens in the accept
-callback, without a task. The pump reports each ended session;
-SESSION_CLOSE is written here, after every DATA record of it.
+callback, without a task, and SESSION_OPEN and SESSION_INFO are one write.
+The pump reports each ended session; SESSION_CLOSE is written here, after
+every DATA record of it.
 
 Used with durability "write"; "fsync" needs group commit before each
 forward, which the asyncio relay (server.py) does.
@@ -78,11 +79,15 @@ class Handoff:
             self._accepted(fd, client, dst)
 
     def _accepted(self, fd: int, client: tuple[str, int], dst: tuple[str, int]) -> None:
-        session = self.proxy.open_session(client, dst)
+        proxy = self.proxy
+        # The witness was first (nearly always): SESSION_OPEN and SESSION_INFO
+        # in one write, and no task.
+        info = proxy.hooks.attribute_now(client, dst)
+        session = proxy.open_session(client, dst, info)
         if session is None:
             reset_fd(fd)
             return
-        if self.proxy.attribute_now(session):   # the witness was first: no task
+        if info is not None:
             self._relay(fd, session)
             return
         task = asyncio.get_running_loop().create_task(self._open(fd, session))

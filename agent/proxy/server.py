@@ -39,6 +39,8 @@ OFFLOAD_BYTES = 32 << 10
 
 class Store(Protocol):
     def append_json(self, kind: Kind, obj: dict, ts_ns: int | None = None) -> int: ...
+    def append_json_pair(self, kind: Kind, obj: dict, then: Kind,
+                         make_then: Callable[[int], dict], ts_ns: int) -> int: ...
     def append_data(self, session_id: int, direction, data: bytes) -> int: ...
     def failed_in_relay(self, err: int) -> Exception: ...
 
@@ -51,7 +53,7 @@ class Hooks(Protocol):
     """What the daemon supplies: who made a connection, and what to do when
     the store fails or policy refuses."""
     def attribute(self, session: Session) -> Awaitable[dict]: ...
-    def attribute_now(self, session: Session) -> dict | None:
+    def attribute_now(self, client: tuple[str, int], dst: tuple[str, int]) -> dict | None:
         """What attribute() would give, if known without waiting; else None."""
         ...
     def store_failed(self, error: Exception) -> None: ...
@@ -103,17 +105,27 @@ class Proxy:
 
     # -- what both data planes do per session (handoff.py is the native one's) --
 
-    def open_session(self, client: tuple[str, int], dst: tuple[str, int]) -> Session | None:
-        """SESSION_OPEN first: a session the store cannot hold is not relayed."""
+    def open_session(self, client: tuple[str, int], dst: tuple[str, int],
+                     info: dict | None = None) -> Session | None:
+        """SESSION_OPEN first: a session the store cannot hold is not relayed.
+        With info (its process, already known), SESSION_INFO goes in the same
+        write and becomes session.info."""
         now = time.time_ns()
+        opening = {"client": client, "original_dst": dst, "time_ns": now}
         try:
-            sid = self.store.append_json(Kind.SESSION_OPEN, {
-                "client": client, "original_dst": dst, "time_ns": now}, now)
+            if info is None:
+                sid = self.store.append_json(Kind.SESSION_OPEN, opening, now)
+            else:
+                sid = self.store.append_json_pair(
+                    Kind.SESSION_OPEN, opening, Kind.SESSION_INFO,
+                    lambda sid: {"session": sid, **info}, now)
         except Exception as e:
             self.stats["store_errors"] += 1
             self.hooks.store_failed(e)
             return None
         session = Session(sid, client, dst, now)
+        if info is not None:
+            session.info = info
         self.sessions.add(session)
         self.stats["accepted"] += 1
         return session
@@ -122,20 +134,8 @@ class Proxy:
         why = None if self.accepting else "agent cannot record (store failing)"
         return why or self.policy.refuse(*dst)
 
-    def attribute_now(self, session: Session) -> bool:
-        """Name the session's process if that needs no waiting (no task per
-        connection then); False if attribute() must be awaited."""
-        info = self.hooks.attribute_now(session)
-        if info is None:
-            return False
-        self._record_info(session, info)
-        return True
-
     async def attribute(self, session: Session) -> None:
-        self._record_info(session, await self.hooks.attribute(session))
-
-    def _record_info(self, session: Session, info: dict) -> None:
-        session.info = info
+        session.info = await self.hooks.attribute(session)
         try:
             self.store.append_json(Kind.SESSION_INFO, {"session": session.id, **session.info})
         except Exception as e:

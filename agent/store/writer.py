@@ -377,15 +377,34 @@ class StoreWriter:
         """Append one record; returns its seq. Raises StoreError on any failure."""
         ts = ts_ns if ts_ns is not None else time.time_ns()
         with self._lock:
-            # Per record: the checks that are nearly always false come first.
-            if not self.healthy or self._deferred:
-                self._guard(self._recover_locked)
-            if self._rotation_due(ts):
-                self._guard(self._rotate)
+            self._before_append(ts)
             seq = self._guard(self._append_locked, kind, payload, ts, prefix)
-            if self.seal_key is not None:
-                self._seal_if_due()
+            self._after_append()
             return seq
+
+    def append_json_pair(self, kind: Kind, obj: dict, then: Kind,
+                         make_then: Callable[[int], dict], ts_ns: int) -> int:
+        """obj, then make_then(obj's seq), in one write: both or neither.
+        Returns obj's seq. For a session's opening and its process, known
+        together: one write instead of two on the per-connection path."""
+        with self._lock:
+            self._before_append(ts_ns)
+            seq = self._chain.next_seq
+            records = ((kind, orjson.dumps(obj)), (then, orjson.dumps(make_then(seq))))
+            self._guard(self._chain.append_many, records, ts_ns)
+            self._after_append()
+            return seq
+
+    def _before_append(self, ts: int) -> None:
+        # Per record: the checks that are nearly always false come first.
+        if not self.healthy or self._deferred:
+            self._guard(self._recover_locked)
+        if self._rotation_due(ts):
+            self._guard(self._rotate)
+
+    def _after_append(self) -> None:
+        if self.seal_key is not None:
+            self._seal_if_due()
 
     def _append_locked(self, kind: Kind, payload, ts: int, prefix: bytes = b"") -> int:
         length = len(prefix) + len(payload)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import resource
+import signal
 import subprocess
 import time
 
-from agent.store import Direction, Kind, SealKey, StoreWriter, init_key, verify
-from agent.store.reader import segment_paths
+import pytest
+
+from agent.store import Direction, Kind, SealKey, StoreError, StoreWriter, init_key, verify
+from agent.store.reader import iter_records, segment_paths
 from store_forge import segments
 
 
@@ -120,3 +124,57 @@ def test_json_records_read_back(tmp_path):
     w.close()
     rec = next(r for seg in segments(tmp_path) for r in seg if r.seq == seq)
     assert rec.json() == {"type": "bypass"}
+
+
+def _writes_by_this_thread() -> int:
+    """write-family syscalls of the calling thread (the writer's own thread
+    may write meanwhile, so not /proc/self)."""
+    with open("/proc/thread-self/io") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("syscw:")))
+
+
+def _open_and_info(w: StoreWriter, ts: int = 1_700_000_000_000_000_000) -> int:
+    return w.append_json_pair(Kind.SESSION_OPEN, {"client": ["10.0.0.1", 40000]},
+                              Kind.SESSION_INFO, lambda sid: {"session": sid, "uid": 7}, ts)
+
+
+def test_a_json_pair_is_two_chained_records_in_one_write(tmp_path):
+    w = StoreWriter(tmp_path, immutable=False)
+    before = w.append_json(Kind.EVENT, {"before": 1})
+    writes = _writes_by_this_thread()
+    sid = _open_and_info(w)
+    assert _writes_by_this_thread() - writes == 1
+    after = w.append_json(Kind.EVENT, {"after": 1})
+    w.close()
+    assert (before, sid, after) == (sid - 1, before + 1, sid + 2)
+    recs = {r.seq: r for r in iter_records(tmp_path)}   # checks crc, chain, sequence
+    assert recs[sid].kind == Kind.SESSION_OPEN and recs[sid + 1].kind == Kind.SESSION_INFO
+    assert recs[sid + 1].json() == {"session": sid, "uid": 7}
+    assert recs[sid].ts_ns == recs[sid + 1].ts_ns == 1_700_000_000_000_000_000
+    assert verify(tmp_path).ok
+
+
+def test_a_json_pair_cut_short_writes_neither(tmp_path):
+    """A file size limit that lets the first record in but not the second: a
+    short write, cut back; the chain goes on from where it was."""
+    w = StoreWriter(tmp_path, immutable=False)
+    w.append_json(Kind.EVENT, {"before": 1})
+    seg = segment_paths(tmp_path)[-1]
+    size, next_seq = seg.stat().st_size, w._chain.next_seq
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 120, old_limit[1]))
+    try:
+        with pytest.raises(StoreError):
+            _open_and_info(w)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert seg.stat().st_size == size and w._chain.next_seq == next_seq
+    assert w.probe()   # writes its store_recovered event
+    sid = _open_and_info(w)
+    w.close()
+    assert verify(tmp_path, allow_torn_tail=False).ok
+    kinds = [(r.seq, r.kind) for r in iter_records(tmp_path)]
+    assert kinds[-3:] == [(next_seq, Kind.EVENT), (sid, Kind.SESSION_OPEN),
+                          (sid + 1, Kind.SESSION_INFO)]
