@@ -348,6 +348,19 @@ def _relay_figures(b: Bench, res: Results, col: str, host: str, port: int, pid: 
         res.put("cpu_conn", col, cpu * 1e6 / rate["done"])
 
 
+def _haproxy_under_ruleset(root: Bench, res: Results) -> str:
+    """haproxy's ping-pong again while an agent's ruleset is loaded, dialed
+    by root (not redirected): the redirect's conntrack then tracks haproxy's
+    two legs as it tracks tollgate's, which the baseline columns (no rules
+    yet) do not. Splits tollgate's added latency into what the redirect
+    costs any relay and what tollgate adds."""
+    pp = root.pingpong(BASTION_V4, HAPROXY_PORT)
+    direct = res.figures.get("rtt_p50", {}).get("direct")
+    added = f" (+{pp['p50_us'] - direct:.1f} over direct)" if direct else ""
+    return (f"haproxy with the agent's ruleset loaded (conntrack on, not redirected): "
+            f"p50 {pp['p50_us']:.1f} us{added}, p99 {pp['p99_us']:.1f} us")
+
+
 def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
             relays: dict[str, int]) -> None:
     b = Bench(sb, lg, scale)
@@ -367,6 +380,8 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
         agent = Agent(sb, work / f"agent-{variant}", variant=variant, witness=True).start()
         try:
             _relay_figures(b, res, col, *srv, agent.proc.pid, pingpong_and_rate=write)
+            if variant == "native":
+                res.note(_haproxy_under_ruleset(Bench(sb, lg, scale, as_root=True), res))
             if write:
                 m = b.idle_rss(agent, *srv)
                 res.put("rss", col, m["rss_mib"])

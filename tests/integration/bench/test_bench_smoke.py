@@ -28,6 +28,9 @@ def test_quick_bench_prints_every_row():
     for row in ROWS:
         assert any(line.startswith(f"| {row}") for line in table), (row, r.stdout)
     assert "direct" in table[0] and "haproxy" in table[0]
+    # the latency split: haproxy again under the ruleset the redirect needs
+    assert "note: haproxy with the agent's ruleset loaded (conntrack on, not redirected): p50" \
+        in r.stdout
 
 
 @pytest.mark.timeout(600)
