@@ -63,3 +63,20 @@ def test_defaults_are_checked_and_named_as_defaults(monkeypatch):
             config.load()
     else:
         assert config.load().subjects == ("devin",)
+
+
+def test_payload_hash_choices_are_the_store_formats(tmp_path):
+    """config may not import the store (layering), so it names the hashes
+    itself: they must stay the ones the store can write, no more, no fewer."""
+    import re
+
+    from agent.store.format import PAYLOAD_HASH_VERSION
+    f = tmp_path / "t.toml"
+    f.write_text('subjects = ["root"]\n[store]\npayload_hash = "none-such"\n')
+    with pytest.raises(config.ConfigError) as e:
+        config.load(f)
+    assert set(re.findall(r"'([^']+)'", str(e.value).split("must be one of")[1])) \
+        == set(PAYLOAD_HASH_VERSION)
+    for name in PAYLOAD_HASH_VERSION:
+        f.write_text(f'subjects = ["root"]\n[store]\npayload_hash = "{name}"\n')
+        assert config.load(f).store.payload_hash == name
