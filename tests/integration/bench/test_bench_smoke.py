@@ -31,6 +31,7 @@ def test_quick_bench_prints_every_row():
     # the latency split: haproxy again under the ruleset the redirect needs
     assert "note: haproxy with the agent's ruleset loaded (conntrack on, not redirected): p50" \
         in r.stdout
+    assert "note: witness cost to traffic it does not proxy" in r.stdout
 
 
 @pytest.mark.timeout(600)
