@@ -134,6 +134,17 @@ static int ready_to_write(Chain *c) {
     return 0;
 }
 
+/* A frame's pieces in write order: header, prefix, payload, crc. */
+static int frame_iov(struct iovec *iov, Frame *f, const void *prefix, size_t plen,
+                     const void *payload, size_t len) {
+    int n = 0;
+    iov[n++] = (struct iovec){f->header, TG_HEADER_SIZE};
+    if (plen) iov[n++] = (struct iovec){(void *)prefix, plen};
+    if (len) iov[n++] = (struct iovec){(void *)payload, len};
+    iov[n++] = (struct iovec){f->crc, TG_CRC_SIZE};
+    return n;
+}
+
 /* A written frame becomes the chain's head. */
 static uint64_t commit_frame(Chain *c, const Frame *f) {
     memcpy(c->head, f->digest, 32);
@@ -151,11 +162,7 @@ int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, 
                           pdigest);
     if (err || (err = ready_to_write(c))) return err;
     struct iovec iov[4];
-    int n = 0;
-    iov[n++] = (struct iovec){f.header, TG_HEADER_SIZE};
-    if (plen) iov[n++] = (struct iovec){(void *)prefix, plen};
-    if (len) iov[n++] = (struct iovec){(void *)payload, len};
-    iov[n++] = (struct iovec){f.crc, TG_CRC_SIZE};
+    int n = frame_iov(iov, &f, prefix, plen, payload, len);
     if ((err = write_frame(c, iov, n, f.size))) return err;
     *seq = commit_frame(c, &f);
     return 0;
@@ -274,7 +281,7 @@ static PyObject *Chain_append(Chain *c, PyObject *args, PyObject *kw) {
 static int append_many_locked(Chain *c, Py_buffer *pay, int *kinds, int n, uint64_t ts,
                               uint64_t *first) {
     Frame f[MANY_MAX];
-    struct iovec iov[3 * MANY_MAX];
+    struct iovec iov[4 * MANY_MAX];
     size_t total = 0;
     int k = 0, err;
     for (int i = 0; i < n; i++) {
@@ -286,9 +293,7 @@ static int append_many_locked(Chain *c, Py_buffer *pay, int *kinds, int n, uint6
                                i ? f[i - 1].digest : c->head, kinds[i], ts, NULL, 0,
                                pay[i].buf, (size_t)pay[i].len, pdigest)))
             return err;
-        iov[k++] = (struct iovec){f[i].header, TG_HEADER_SIZE};
-        if (pay[i].len) iov[k++] = (struct iovec){pay[i].buf, (size_t)pay[i].len};
-        iov[k++] = (struct iovec){f[i].crc, TG_CRC_SIZE};
+        k += frame_iov(iov + k, &f[i], NULL, 0, pay[i].buf, (size_t)pay[i].len);
         total += f[i].size;
     }
     if ((err = ready_to_write(c)) || (err = write_frame(c, iov, k, total))) return err;
