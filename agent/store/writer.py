@@ -78,6 +78,13 @@ class _OnChain:
         setattr(writer._chain, self.name, value)
 
 
+def _check_length(length: int) -> None:
+    """A record too big for the format is the caller's error, as StoreError
+    (the chain would refuse it with a ValueError)."""
+    if length > MAX_PAYLOAD:
+        raise StoreError(f"record of {length} bytes exceeds {MAX_PAYLOAD}")
+
+
 class StoreWriter:
     # The append point and its state live in C (agent/native/chain.c): the
     # relay threads of the native data plane append there without the GIL.
@@ -391,6 +398,8 @@ class StoreWriter:
             self._before_append(ts_ns)
             seq = self._chain.next_seq
             records = ((kind, orjson.dumps(obj)), (then, orjson.dumps(make_then(seq))))
+            for _, payload in records:
+                _check_length(len(payload))
             self._guard(self._chain.append_many, records, ts_ns)
             self._after_append()
             return seq
@@ -407,9 +416,7 @@ class StoreWriter:
             self._seal_if_due()
 
     def _append_locked(self, kind: Kind, payload, ts: int, prefix: bytes = b"") -> int:
-        length = len(prefix) + len(payload)
-        if length > MAX_PAYLOAD:
-            raise StoreError(f"record of {length} bytes exceeds {MAX_PAYLOAD}")
+        _check_length(len(prefix) + len(payload))
         # chain.c: header, SHA-256, crc, one writev; a failed write is cut back
         # to the last whole record (OSError, the chain unchanged).
         return self._chain.append(kind, payload, ts, prefix)

@@ -178,3 +178,18 @@ def test_a_json_pair_cut_short_writes_neither(tmp_path):
     kinds = [(r.seq, r.kind) for r in iter_records(tmp_path)]
     assert kinds[-3:] == [(next_seq, Kind.EVENT), (sid, Kind.SESSION_OPEN),
                           (sid + 1, Kind.SESSION_INFO)]
+
+
+def test_a_json_pair_too_big_is_a_store_error_and_writes_neither(tmp_path):
+    """As append: a record past the format's limit is StoreError, not the
+    chain's ValueError; the first of the pair is not written either."""
+    w = StoreWriter(tmp_path, immutable=False)
+    w.append_json(Kind.EVENT, {"before": 1})
+    next_seq = w._chain.next_seq
+    with pytest.raises(StoreError, match="exceeds"):
+        w.append_json_pair(Kind.SESSION_OPEN, {"client": ["10.0.0.1", 1]}, Kind.SESSION_INFO,
+                           lambda sid: {"session": sid, "argv": ["x" * (16 << 20)]},
+                           1_700_000_000_000_000_000)
+    assert w._chain.next_seq == next_seq and w.healthy
+    w.close()
+    assert [r.kind for r in iter_records(tmp_path)][-1] == Kind.EVENT
