@@ -364,6 +364,7 @@ def _haproxy_under_ruleset(root: Bench, res: Results) -> str:
 def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
             relays: dict[str, int]) -> None:
     b = Bench(sb, lg, scale)
+    root = Bench(sb, lg, scale, as_root=True)  # not redirected: the notes' comparisons
     srv = (CORP_V4, SERVER_PORT)
     paths = {"direct": srv, "socat": (BASTION_V4, SOCAT_PORT),
              "haproxy": (BASTION_V4, HAPROXY_PORT)}
@@ -381,7 +382,7 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
         try:
             _relay_figures(b, res, col, *srv, agent.proc.pid, pingpong_and_rate=write)
             if variant == "native":
-                res.note(_haproxy_under_ruleset(Bench(sb, lg, scale, as_root=True), res))
+                res.note(_haproxy_under_ruleset(root, res))
             if write:
                 m = b.idle_rss(agent, *srv)
                 res.put("rss", col, m["rss_mib"])
@@ -398,7 +399,7 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
             agent = Agent(sb, work / f"agent-witness-{on}", variant=variant, witness=on).start()
             try:
                 rates[on] = b.connrate(*srv)["per_s"]
-                others[on] = Bench(sb, lg, scale, as_root=True).connrate(*srv)["per_s"]
+                others[on] = root.connrate(*srv)["per_s"]
                 if on:
                     res.put("bypass", "tollgate", b.bypass_latency(agent))
             finally:
