@@ -80,7 +80,7 @@ struct tg_exec_event {    /* 456 bytes */
     __u32 ppid;
     __u32 euid;
     __u32 args_len;       /* bytes valid in args (NUL-separated argv) */
-    __u32 _pad;
+    __u32 args_size;      /* bytes in the whole argv area: more than args_len if cut */
     char filename[TG_FILENAME_LEN];
     char args[TG_ARGS_LEN];
 };

@@ -69,6 +69,8 @@ static __always_inline void tg_read_args(struct tg_exec_event *e)
         return;
     u64 start = (u64)tg_read_ptr(mm, OFF_MM_ARG_START);
     u64 end = (u64)tg_read_ptr(mm, OFF_MM_ARG_END);
+    if (end > start)
+        e->args_size = end - start;   /* what user space did not get, it can say */
     /* A constant-size read keeps the verifier simple; the arg area is
      * followed by the environment on the stack, so 256 bytes are mapped. */
     if (end <= start || bpf_probe_read_user(e->args, TG_ARGS_LEN, (void *)start) != 0)

@@ -21,6 +21,7 @@ from pyroute2 import DiagSocket
 from pyroute2.netlink import NLM_F_REQUEST
 from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, inet_diag_req
 
+from agent.proctext import fs_text, read_argv, text
 from agent.readcache import READ_TTL_S, ReadCache
 
 ALL_STATES = 0xFFF
@@ -132,12 +133,15 @@ def _readlink(d: str, name: str) -> str:
 
 
 def describe(pid: int) -> dict:
-    """exe, argv, uid, cgroup and netns of one process."""
+    """exe, argv, uid, cgroup and netns of one process (proctext: bounded, UTF-8)."""
     p = psutil.Process(pid)
     with p.oneshot():
-        info = {"pid": pid, "ppid": p.ppid(), "exe": _safe(p.exe), "argv": _safe(p.cmdline),
-                "uid": p.uids().real, "euid": p.uids().effective, "user": _safe(p.username),
-                "comm": p.name()}
+        info = {"pid": pid, "ppid": p.ppid(), "exe": fs_text(_safe(p.exe)), "argv": None,
+                "uid": p.uids().real, "euid": p.uids().effective,
+                "user": fs_text(_safe(p.username)), "comm": fs_text(p.name())}
+    argv = read_argv(pid)
+    if argv is not None:
+        info.update(argv.evidence())
     info["cgroup"] = _read(f"/proc/{pid}/cgroup").strip()
     try:
         info["netns"] = os.stat(f"/proc/{pid}/ns/net").st_ino
@@ -195,7 +199,7 @@ def _safe(fn):
 
 def _read(path: str) -> str:
     try:
-        with open(path) as f:
-            return f.read()
+        with open(path, "rb") as f:
+            return text(f.read())
     except OSError:
         return ""

@@ -63,7 +63,9 @@ def argv_text(p: dict) -> str:
     argv = p.get("argv")
     if not argv:
         return str(p.get("comm") or p.get("exe") or "")
-    return " ".join(str(a) for a in argv)
+    cut = p.get("argv_cut_bytes")
+    more = f" [{cut} more bytes of argv not recorded]" if cut else ""
+    return " ".join(str(a) for a in argv) + more
 
 
 def one_line(chain: Chain, width: int | None = 160) -> str:

@@ -15,6 +15,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.proctext import Argv, split, text
+
 __all__ = ["EventType", "Header", "TcpEvent", "UdpEvent", "SocketEvent", "NetnsEvent",
            "ExecEvent", "UidEvent", "ForkEvent", "ExitEvent", "Event", "decode",
            "TCP_STATES", "AF_INET", "AF_INET6", "Peer", "ProxySide", "Pending", "peer_key",
@@ -70,7 +72,7 @@ class _Netns(ct.Structure):
 
 class _Exec(ct.Structure):
     _fields_ = [("h", _Header), ("ppid", ct.c_uint32), ("euid", ct.c_uint32),
-                ("args_len", ct.c_uint32), ("_pad", ct.c_uint32),
+                ("args_len", ct.c_uint32), ("args_size", ct.c_uint32),
                 ("filename", ct.c_char * 128), ("args", ct.c_char * 256)]
 
 
@@ -172,7 +174,7 @@ class ExecEvent(Header):
     ppid: int
     euid: int
     filename: str
-    argv: tuple[str, ...]
+    argv: Argv
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -288,10 +290,8 @@ def _netns(r: _Netns) -> NetnsEvent:
 def _exec(r: _Exec) -> ExecEvent:
     # c_char arrays read as bytes stop at the first NUL; argv is NUL-separated.
     start = _Exec.args.offset
-    args = bytes(r)[start:start + r.args_len].rstrip(b"\0").split(b"\0")
-    return ExecEvent(**_head(r.h), ppid=r.ppid, euid=r.euid,
-                     filename=r.filename.decode("utf-8", "replace"),
-                     argv=tuple(a.decode("utf-8", "replace") for a in args if r.args_len))
+    return ExecEvent(**_head(r.h), ppid=r.ppid, euid=r.euid, filename=text(r.filename),
+                     argv=split(bytes(r)[start:start + r.args_len], r.args_size))
 
 
 def _uid(r: _Uid) -> UidEvent:

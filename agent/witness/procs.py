@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from agent.proctext import Argv, fs_text, read_argv
 from agent.readcache import READ_TTL_S, ReadCache
 from agent.witness.events import ExecEvent, ForkEvent
 
@@ -28,11 +29,13 @@ class Proc:
     ppid: int
     uid: int
     exe: str
-    argv: tuple[str, ...]
+    argv: Argv
+    # The exec event's argv is its first 256 bytes: /proc may still have more.
+    argv_short: bool = False
 
     def evidence(self) -> dict:
         return {"pid": self.pid, "ppid": self.ppid, "uid": self.uid, "exe": self.exe,
-                "argv": list(self.argv)}
+                **self.argv.evidence()}
 
 
 class ProcessTable:
@@ -55,25 +58,30 @@ class ProcessTable:
                 self._subjects.discard(old)
 
     def on_exec(self, ev: ExecEvent) -> None:
-        self._put(Proc(ev.tgid, ev.ppid, ev.uid, ev.filename, ev.argv))
+        short = not ev.argv.args or ev.argv.cut > 0
+        self._put(Proc(ev.tgid, ev.ppid, ev.uid, ev.filename, ev.argv, short))
 
     def on_fork(self, ev: ForkEvent) -> None:
         parent = self.get(ev.tgid)
-        exe, argv = (parent.exe, parent.argv) if parent else ("", ())
-        self._put(Proc(ev.child_pid, ev.tgid, ev.uid, exe, argv))
+        if parent is None:
+            self._put(Proc(ev.child_pid, ev.tgid, ev.uid, "", Argv(()), True))
+        else:
+            self._put(Proc(ev.child_pid, ev.tgid, ev.uid, parent.exe, parent.argv,
+                           parent.argv_short))
 
     def get(self, pid: int) -> Proc | None:
         with self._lock:
             proc = self._procs.get(pid)
         if proc is not None:
-            return proc if proc.argv else self._complete(proc)
+            return self._complete(proc) if proc.argv_short else proc
         return self._read.get(pid, _from_psutil)
 
     def _complete(self, proc: Proc) -> Proc:
-        """The exec event could not read argv (the kernel refused the user
-        read): take it from /proc while the same program still runs there."""
+        """The exec event has argv's first bytes only, or none (the kernel
+        refused the user read): take it from /proc while the same program
+        still runs there."""
         live = _from_psutil(proc.pid)
-        if live is None or not live.argv or live.exe != os.path.realpath(proc.exe):
+        if live is None or not live.argv.args or live.exe != os.path.realpath(proc.exe):
             return proc
         full = Proc(proc.pid, proc.ppid, proc.uid, proc.exe, live.argv)
         with self._lock:
@@ -99,9 +107,12 @@ class ProcessTable:
 
 
 def _from_psutil(pid: int) -> Proc | None:
+    argv = read_argv(pid)
+    if argv is None:
+        return None
     try:
         p = psutil.Process(pid)
         with p.oneshot():
-            return Proc(pid, p.ppid(), p.uids().real, p.exe() or p.name(), tuple(p.cmdline()))
+            return Proc(pid, p.ppid(), p.uids().real, fs_text(p.exe() or p.name()), argv)
     except (psutil.Error, OSError):
         return None

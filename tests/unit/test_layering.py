@@ -17,14 +17,15 @@ ALLOWED = {
     "native": set(),
     "store": {"native"},
     "enforce": set(),
-    "proxy": {"store", "alerts", "native", "readcache"},
-    "witness": {"store", "alerts", "config", "readcache"},
+    "proxy": {"store", "alerts", "native", "readcache", "proctext"},
+    "witness": {"store", "alerts", "config", "readcache", "proctext"},
     "ship": {"store", "alerts", "config"},
     "review": {"store"},
     "alerts": {"store"},
     "config": set(),
     "logs": set(),
     "readcache": set(),
+    "proctext": set(),
 }
 
 
