@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 
 from agent.demo.sandbox import BASTION_V4, CORP_V4, Sandbox, wait_for, which
-from bench.table import Results, render
+from bench.table import Results, ratio, render
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -348,17 +348,25 @@ def _relay_figures(b: Bench, res: Results, col: str, host: str, port: int, pid: 
         res.put("cpu_conn", col, cpu * 1e6 / rate["done"])
 
 
-def _haproxy_under_ruleset(root: Bench, res: Results) -> str:
+def _haproxy_under_ruleset(root: Bench, res: Results, col: str) -> str:
     """haproxy's ping-pong again while an agent's ruleset is loaded, dialed
     by root (not redirected): the redirect's conntrack then tracks haproxy's
     two legs as it tracks tollgate's, which the baseline columns (no rules
     yet) do not. Splits tollgate's added latency into what the redirect
     costs any relay and what tollgate adds."""
     pp = root.pingpong(BASTION_V4, HAPROXY_PORT)
-    direct = res.figures.get("rtt_p50", {}).get("direct")
-    added = f" (+{pp['p50_us'] - direct:.1f} over direct)" if direct else ""
-    return (f"haproxy with the agent's ruleset loaded (conntrack on, not redirected): "
-            f"p50 {pp['p50_us']:.1f} us{added}, p99 {pp['p99_us']:.1f} us")
+    parts = []
+    for q, key in (("p50", "rtt_p50"), ("p99", "rtt_p99")):
+        fig = res.figures.get(key, {})
+        direct, tollgate, mine = fig.get("direct"), fig.get(col), pp[f"{q}_us"]
+        part = f"{q} {mine:.1f} us"
+        if isinstance(direct, (int, float)) and isinstance(tollgate, (int, float)):
+            r = ratio(tollgate - direct, mine - direct) if mine > direct else None
+            part += (f" (+{mine - direct:.1f} over direct; tollgate's added: "
+                     + (f"{r:.2f}x this)" if r is not None else "n/a)"))
+        parts.append(part)
+    return ("haproxy with the agent's ruleset loaded (conntrack on, not redirected): "
+            + ", ".join(parts))
 
 
 def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
@@ -382,7 +390,7 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
         try:
             _relay_figures(b, res, col, *srv, agent.proc.pid, pingpong_and_rate=write)
             if variant == "native":
-                res.note(_haproxy_under_ruleset(root, res))
+                res.note(_haproxy_under_ruleset(root, res, col))
             if write:
                 m = b.idle_rss(agent, *srv)
                 res.put("rss", col, m["rss_mib"])

@@ -45,7 +45,7 @@ def _signed(v) -> str:
     return f"+{_num(v)}" if isinstance(v, (int, float)) and v >= 0 else _num(v)
 
 
-def _ratio(a, b) -> float | None:
+def ratio(a, b) -> float | None:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
         return a / b
     return None
@@ -72,8 +72,8 @@ def rows(res: Results) -> list[list[str]]:
         fig = f.get(key, {})
         for col in _tollgate_cols(fig) or ["tollgate"]:
             v = fig.get(col)
-            r = _ratio(v, fig.get("socat"))
-            rh = _ratio(v, fig.get("haproxy"))
+            r = ratio(v, fig.get("socat"))
+            rh = ratio(v, fig.get("haproxy"))
             write = "write" in col
             out.append([f"{label}, MB/s both ways", *base(key), f"{col}: {_num(v)}",
                         f"{_num(r)}x socat, {_num(rh)}x haproxy",
@@ -88,19 +88,19 @@ def rows(res: Results) -> list[list[str]]:
             h = fig.get("haproxy")
             h_added = h - d if isinstance(h, float) and isinstance(d, float) else None
             # haproxy no slower than direct (noise at p99): no ratio to speak of
-            r = _ratio(added, h_added) if h_added is not None and h_added > 0 else None
-            ratio = f"{_num(r)}x" if r is not None else "n/a:"
+            r = ratio(added, h_added) if h_added is not None and h_added > 0 else None
+            shown = f"{_num(r)}x" if r is not None else "n/a:"
             out.append([f"{label}, us (1-byte RTT)", *base(key),
                         f"{col}: {_num(v)} ({_signed(added)})",
-                        f"{ratio} haproxy's added ({_signed(h_added)})",
+                        f"{shown} haproxy's added ({_signed(h_added)})",
                         "<= 1.0x", _verdict(r, 1.0, False)])
     fig = f.get("rate", {})
     for col in _tollgate_cols(fig) or ["tollgate"]:
-        r = _ratio(fig.get(col), fig.get("haproxy"))
+        r = ratio(fig.get(col), fig.get("haproxy"))
         out.append(["connection rate, conn/s", *base("rate"), f"{col}: {_num(fig.get(col))}",
                     f"{_num(r)}x haproxy", ">= 0.5x", _verdict(r, 0.5, True)])
     fig = f.get("witness", {})
-    r = _ratio(fig.get("on"), fig.get("off"))
+    r = ratio(fig.get("on"), fig.get("off"))
     shown = fig["on"] if isinstance(fig.get("on"), str) else \
         f"on {_num(fig.get('on'))} / off {_num(fig.get('off'))} conn/s"
     out.append(["witness cost, conn rate on/off", "-", "-", "-", shown, _num(r) if r else "n/a",
@@ -123,7 +123,7 @@ def rows(res: Results) -> list[list[str]]:
                        ("cpu_conn", "relay CPU per connection, us")):
         fig = f.get(key, {})
         for col in _tollgate_cols(fig) or ["tollgate"]:
-            r = _ratio(fig.get(col), fig.get("haproxy"))
+            r = ratio(fig.get(col), fig.get("haproxy"))
             out.append([label, "-", "-", _num(fig.get("haproxy")), f"{col}: {_num(fig.get(col))}",
                         f"{_num(r)}x haproxy" if r else "-", "-", "-"])
     for key, label in (("append_MBps", "store append, MB/s"),
