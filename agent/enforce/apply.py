@@ -45,7 +45,7 @@ def remove(nft: Nft, table: str) -> bool:
 
 
 def counters(nft: Nft, table: str) -> dict[str, int]:
-    """Packets counted by the confine chain's reject rule (blocked traffic)."""
+    """Packets counted by the subject_egress chain's reject rule (blocked traffic)."""
     live = nft.list_table(FAMILY, table) or []
     total = 0
     for obj in live:
