@@ -5,7 +5,8 @@
  *                                      (8-byte size follows; it sends that many
  *                                      bytes and reads to EOF), else echo to EOF
  *   bulk HOST PORT BYTES NCONN         NCONN connections, BYTES each way on each
- *   pingpong HOST PORT N               1-byte round trips; prints p50/p99 in us
+ *   pingpong HOST PORT N [all]         1-byte round trips; prints p50/p99 in us
+ *                                      (and, with "all", every trip's, sorted)
  *   connrate HOST PORT SECONDS NTHR    connect, 100 bytes each way, close; loop
  *   idle HOST PORT N SECONDS           hold N echoed connections open, print
  *                                      "open N", then wait SECONDS or stdin EOF
@@ -193,7 +194,7 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-static int pingpong(const char *host, const char *port, int n) {
+static int pingpong(const char *host, const char *port, int n, int all) {
     int fd = dial(host, port);
     if (fd < 0) die("connect");
     double *rtt = malloc(sizeof(double) * (size_t)n);
@@ -205,7 +206,13 @@ static int pingpong(const char *host, const char *port, int n) {
     }
     close(fd);
     qsort(rtt, (size_t)n, sizeof *rtt, cmp_double);
-    printf("{\"n\": %d, \"p50_us\": %.2f, \"p99_us\": %.2f}\n", n, rtt[n / 2], rtt[(int)(n * 0.99)]);
+    printf("{\"n\": %d, \"p50_us\": %.2f, \"p99_us\": %.2f", n, rtt[n / 2], rtt[(int)(n * 0.99)]);
+    if (all) {
+        printf(", \"rtt_us\": [");
+        for (int i = 0; i < n; i++) printf(i ? ",%.2f" : "%.2f", rtt[i]);
+        printf("]");
+    }
+    printf("}\n");
     return 0;
 }
 
@@ -270,7 +277,8 @@ int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "serve")) serve(argv[2]);
     if (argc == 6 && !strcmp(argv[1], "bulk"))
         return bulk(argv[2], argv[3], strtoull(argv[4], NULL, 10), atoi(argv[5]));
-    if (argc == 5 && !strcmp(argv[1], "pingpong")) return pingpong(argv[2], argv[3], atoi(argv[4]));
+    if ((argc == 5 || (argc == 6 && !strcmp(argv[5], "all"))) && !strcmp(argv[1], "pingpong"))
+        return pingpong(argv[2], argv[3], atoi(argv[4]), argc == 6);
     if (argc == 6 && !strcmp(argv[1], "connrate"))
         return connrate(argv[2], argv[3], atof(argv[4]), atoi(argv[5]));
     if (argc == 6 && !strcmp(argv[1], "idle"))

@@ -3,7 +3,9 @@
 Order: baselines first (direct, socat, haproxy: no nftables rules yet, the
 subject's client dials them), then one agent per tollgate variant (the
 subject dials the corp server and nftables redirects it into the proxy),
-then the store/verify/shipper figures. Nothing is retried or repeated.
+then the latency rounds (every path in turn, each agent up only for its
+own turn, four times), then the witness and the store/verify/shipper
+figures. Nothing is retried; only the ping-pong is split into rounds.
 """
 
 from __future__ import annotations
@@ -172,6 +174,9 @@ class Agent:
         return sum(x.memory_info().rss for x in [p, *p.children(recursive=True)]) / 2**20
 
     def stop(self) -> None:
+        """Stop the daemon and lift its rules, which would otherwise stay
+        (fail closed), as an operator does: `tollgate rules remove`. Each
+        measurement after starts from no rules, as the baselines did."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -180,6 +185,8 @@ class Agent:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+        self.sb.run(self.sb.bastion, self.cli("rules", "remove", "--reason", "bench: next run"),
+                    env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
         # Finished segments are immutable (WORM); the bench store must still go.
         subprocess.run(["chattr", "-R", "-i", str(self.store)], capture_output=True)
         shutil.rmtree(self.store, ignore_errors=True)
@@ -230,8 +237,9 @@ class Bench:
             raise RuntimeError(f"bulk through {host}:{port}: {r}")
         return 2 * r["bytes_each_way"] / r["seconds"] / 1e6
 
-    def pingpong(self, host: str, port: int) -> dict:
-        return self._client("pingpong", host, str(port), str(self.scale.trips))
+    def pingpong(self, host: str, port: int, trips: int | None = None) -> dict:
+        """{"n", "p50_us", "p99_us", "rtt_us": every trip's, sorted}."""
+        return self._client("pingpong", host, str(port), str(trips or self.scale.trips), "all")
 
     def connrate(self, host: str, port: int) -> dict:
         """{"per_s", "done", "failed", "seconds"} of short connections."""
@@ -311,9 +319,9 @@ def _bypass_alert_times(store: Path) -> dict[int, int]:
 
 
 def _relay_figures(b: Bench, res: Results, col: str, host: str, port: int, pid: int | None,
-                   pingpong_and_rate: bool) -> None:
-    """Bulk (1 and 8), ping-pong and connection rate through one path; with
-    the relay's pid, also the CPU it spent per MB, per round trip, per connection."""
+                   rate: bool) -> None:
+    """Bulk (1 and 8) and connection rate through one path; with the relay's
+    pid, also the CPU it spent per MB and per connection."""
     def metered(fn, *args):
         """(result, CPU seconds the relay spent on it): the cost behind each ratio."""
         if pid is None:
@@ -331,34 +339,94 @@ def _relay_figures(b: Bench, res: Results, col: str, host: str, port: int, pid: 
         res.put("cpu_mb", col, cpu * 1e3 / (b.scale.bulk_bytes * 2 / 1e6))
     os.sync()
     res.put("bulk8", col, b.bulk(host, port, 8))
-    if not pingpong_and_rate:
+    if not rate:
         return
-    # Nor do the next two run while the bulk runs' GBs are written back:
-    # only a recording relay leaves any behind.
+    # Nor does this run while the bulk runs' GBs are written back: only a
+    # recording relay leaves any behind.
     os.sync()
-    pp, cpu = metered(b.pingpong, host, port)
-    res.put("rtt_p50", col, pp["p50_us"])
-    res.put("rtt_p99", col, pp["p99_us"])
-    if cpu is not None:
-        res.put("cpu_rtt", col, cpu * 1e6 / pp["n"])
-    os.sync()
-    rate, cpu = metered(b.connrate, host, port)
-    res.put("rate", col, rate["per_s"])
-    if cpu is not None and rate["done"]:
-        res.put("cpu_conn", col, cpu * 1e6 / rate["done"])
+    got, cpu = metered(b.connrate, host, port)
+    res.put("rate", col, got["per_s"])
+    if cpu is not None and got["done"]:
+        res.put("cpu_conn", col, cpu * 1e6 / got["done"])
 
 
-def _haproxy_under_ruleset(root: Bench, res: Results, col: str) -> str:
-    """haproxy's ping-pong again while an agent's ruleset is loaded, dialed
-    by root (not redirected): the redirect's conntrack then tracks haproxy's
-    two legs as it tracks tollgate's, which the baseline columns (no rules
-    yet) do not. Splits tollgate's added latency into what the redirect
-    costs any relay and what tollgate adds."""
-    pp = root.pingpong(BASTION_V4, HAPROXY_PORT)
+LATENCY_ROUNDS = 4
+# A ping-pong at once after an agent is ready ran slower than one 3 s later
+# (p50 81-95 against 77-79 us, four starts): the host is still busy with
+# the start (BCC's compile). An agent in service has long been up.
+SETTLE_S = 3.0
+UNDER_RULES = "haproxy, agent's ruleset loaded"
+
+
+class _Trips:
+    """Round trips pooled per path over the latency rounds, and the CPU its
+    relay spent on them."""
+
+    def __init__(self) -> None:
+        self.rtt: dict[str, list[float]] = {}
+        self.cpu: dict[str, float] = {}
+
+    def run(self, col: str, b: Bench, host: str, port: int, trips: int, pid: int | None) -> None:
+        before = cpu_seconds(pid) if pid else 0.0
+        self.rtt.setdefault(col, []).extend(b.pingpong(host, port, trips)["rtt_us"])
+        if pid:
+            self.cpu[col] = self.cpu.get(col, 0.0) + cpu_seconds(pid) - before
+
+    def percentile(self, col: str, q: float) -> float:
+        s = sorted(self.rtt[col])
+        return s[int(len(s) * q)]   # as loadgen: p50 = s[n/2], p99 = s[n*0.99]
+
+
+def _latency(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
+             relays: dict[str, int], paths: dict[str, tuple[str, int]]) -> None:
+    """The ping-pong through every path in LATENCY_ROUNDS interleaved rounds
+    (each agent started for its turn and stopped after), p50 and p99 over
+    all of a path's trips. One run a path, minutes apart, moved with the
+    host by more than the gaps it measured: direct alone 54-68 us within a
+    minute. haproxy also runs while the native agent's ruleset is loaded
+    (dialed by root, not redirected), for the note on what the redirect's
+    conntrack costs any relay."""
+    rounds = min(LATENCY_ROUNDS, b.scale.trips)
+    per = max(b.scale.trips // rounds, 1)
+    t = _Trips()
+    for i in range(rounds):
+        os.sync()
+        for name, (host, port) in paths.items():
+            t.run(name, b, host, port, per, relays.get(name))
+        for variant in b.scale.variants:
+            if VARIANTS[variant][0] != "write":
+                continue
+            col = COLUMN[variant]
+            agent = Agent(sb, work / f"agent-rtt-{variant}-{i}", variant=variant,
+                          witness=True).start()
+            try:
+                time.sleep(SETTLE_S if per >= 1000 else 0)   # not in --quick
+                t.run(col, b, *paths["direct"], per, agent.proc.pid)
+                if variant == "native":
+                    t.run(UNDER_RULES, root, *paths["haproxy"], per, None)
+            finally:
+                agent.stop()
+    for col in t.rtt:
+        if col == UNDER_RULES:
+            continue
+        res.put("rtt_p50", col, t.percentile(col, 0.5))
+        res.put("rtt_p99", col, t.percentile(col, 0.99))
+        if col in t.cpu:
+            res.put("cpu_rtt", col, t.cpu[col] * 1e6 / len(t.rtt[col]))
+    if UNDER_RULES in t.rtt:
+        res.note(_haproxy_under_ruleset(res, COLUMN["native"], t.percentile(UNDER_RULES, 0.5),
+                                        t.percentile(UNDER_RULES, 0.99)))
+
+
+def _haproxy_under_ruleset(res: Results, col: str, p50: float, p99: float) -> str:
+    """haproxy's ping-pong while an agent's ruleset is loaded: the redirect's
+    conntrack then tracks haproxy's two legs as it tracks tollgate's, which
+    the baseline columns (no rules) do not. Splits tollgate's added latency
+    into what the redirect costs any relay and what tollgate adds."""
     parts = []
-    for q, key in (("p50", "rtt_p50"), ("p99", "rtt_p99")):
+    for q, key, mine in (("p50", "rtt_p50", p50), ("p99", "rtt_p99", p99)):
         fig = res.figures.get(key, {})
-        direct, tollgate, mine = fig.get("direct"), fig.get(col), pp[f"{q}_us"]
+        direct, tollgate = fig.get("direct"), fig.get(col)
         part = f"{q} {mine:.1f} us"
         if isinstance(direct, (int, float)) and isinstance(tollgate, (int, float)):
             r = ratio(tollgate - direct, mine - direct) if mine > direct else None
@@ -377,9 +445,9 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
     paths = {"direct": srv, "socat": (BASTION_V4, SOCAT_PORT),
              "haproxy": (BASTION_V4, HAPROXY_PORT)}
     for name, (host, port) in paths.items():
-        _step(f"{name}: bulk, ping-pong, connection rate")
+        _step(f"{name}: bulk, connection rate")
         pid = relays.get(name)
-        _relay_figures(b, res, name, host, port, pid, pingpong_and_rate=True)
+        _relay_figures(b, res, name, host, port, pid, rate=True)
 
     for variant in scale.variants:
         col = COLUMN[variant]
@@ -388,9 +456,7 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
         # As shipped: the witness on (it also names each connection's process).
         agent = Agent(sb, work / f"agent-{variant}", variant=variant, witness=True).start()
         try:
-            _relay_figures(b, res, col, *srv, agent.proc.pid, pingpong_and_rate=write)
-            if variant == "native":
-                res.note(_haproxy_under_ruleset(root, res, col))
+            _relay_figures(b, res, col, *srv, agent.proc.pid, rate=write)
             if write:
                 m = b.idle_rss(agent, *srv)
                 res.put("rss", col, m["rss_mib"])
@@ -398,6 +464,9 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
                          f"RSS {m['rss_before_mib']:.1f} MiB before them")
         finally:
             agent.stop()
+
+    _step(f"latency: ping-pong, {LATENCY_ROUNDS} rounds through every path in turn")
+    _latency(sb, work, b, root, res, relays, paths)
 
     variant = next((v for v in scale.variants if VARIANTS[v][0] == "write"), "native")
     if witness_wired():
