@@ -75,12 +75,14 @@ struct tg_netns_event {   /* 88 bytes */
     __u64 _pad;
 };
 
-struct tg_exec_event {    /* 456 bytes */
+struct tg_exec_event {    /* 464 bytes */
     struct tg_header h;
     __u32 ppid;
     __u32 euid;
     __u32 args_len;       /* bytes valid in args (NUL-separated argv) */
     __u32 args_size;      /* bytes in the whole argv area: more than args_len if cut */
+    __u32 filename_size;  /* the whole path's bytes with its NUL: more than filename holds if cut */
+    __u32 _pad;
     char filename[TG_FILENAME_LEN];
     char args[TG_ARGS_LEN];
 };

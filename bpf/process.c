@@ -104,6 +104,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     e->ppid = tg_current_ppid();
     e->euid = tg_current_euid();
     TP_DATA_LOC_READ_STR(e->filename, filename, sizeof(e->filename));
+    e->filename_size = args->data_loc_filename >> 16;   /* __data_loc: length << 16 | offset */
     tg_read_args(e);
     u32 uid = e->h.uid, euid = e->euid;
     events.ringbuf_submit(e, 0);

@@ -73,6 +73,7 @@ class _Netns(ct.Structure):
 class _Exec(ct.Structure):
     _fields_ = [("h", _Header), ("ppid", ct.c_uint32), ("euid", ct.c_uint32),
                 ("args_len", ct.c_uint32), ("args_size", ct.c_uint32),
+                ("filename_size", ct.c_uint32), ("_pad", ct.c_uint32),
                 ("filename", ct.c_char * 128), ("args", ct.c_char * 256)]
 
 
@@ -108,7 +109,7 @@ class Pending(ct.Structure):
 
 # Sizes as written in bpf/events.h.
 for _cls, _size in ((_Header, 56), (_Tcp, 104), (_Udp, 88), (_Socket, 72), (_Netns, 88),
-                    (_Exec, 456), (_Uid, 80), (_Fork, 64), (Peer, 24), (ProxySide, 40),
+                    (_Exec, 464), (_Uid, 80), (_Fork, 64), (Peer, 24), (ProxySide, 40),
                     (Pending, 208)):
     assert ct.sizeof(_cls) == _size, f"{_cls.__name__} is {ct.sizeof(_cls)} bytes, not {_size}"
 
@@ -174,6 +175,7 @@ class ExecEvent(Header):
     ppid: int
     euid: int
     filename: str
+    filename_cut: int   # bytes of the path the event could not carry
     argv: Argv
 
 
@@ -291,6 +293,7 @@ def _exec(r: _Exec) -> ExecEvent:
     # c_char arrays read as bytes stop at the first NUL; argv is NUL-separated.
     start = _Exec.args.offset
     return ExecEvent(**_head(r.h), ppid=r.ppid, euid=r.euid, filename=text(r.filename),
+                     filename_cut=max(0, r.filename_size - 1 - len(r.filename)),
                      argv=split(bytes(r)[start:start + r.args_len], r.args_size))
 
 

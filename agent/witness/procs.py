@@ -11,7 +11,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 
@@ -30,11 +30,14 @@ class Proc:
     uid: int
     exe: str
     argv: Argv
-    # The exec event's argv is its first 256 bytes: /proc may still have more.
-    argv_short: bool = False
+    exe_cut: int = 0   # bytes of the path the exec event could not carry
+    # An exec event carries the first 128 bytes of the path and 256 of argv:
+    # /proc may have the rest while the program runs.
+    partial: bool = False
 
     def evidence(self) -> dict:
         return {"pid": self.pid, "ppid": self.ppid, "uid": self.uid, "exe": self.exe,
+                **({"exe_cut_bytes": self.exe_cut} if self.exe_cut else {}),
                 **self.argv.evidence()}
 
 
@@ -58,32 +61,33 @@ class ProcessTable:
                 self._subjects.discard(old)
 
     def on_exec(self, ev: ExecEvent) -> None:
-        short = not ev.argv.args or ev.argv.cut > 0
-        self._put(Proc(ev.tgid, ev.ppid, ev.uid, ev.filename, ev.argv, short))
+        partial = not ev.argv.args or ev.argv.cut > 0 or ev.filename_cut > 0
+        self._put(Proc(ev.tgid, ev.ppid, ev.uid, ev.filename, ev.argv, ev.filename_cut,
+                       partial))
 
     def on_fork(self, ev: ForkEvent) -> None:
         parent = self.get(ev.tgid)
         if parent is None:
-            self._put(Proc(ev.child_pid, ev.tgid, ev.uid, "", Argv(()), True))
+            self._put(Proc(ev.child_pid, ev.tgid, ev.uid, "", Argv(()), partial=True))
         else:
-            self._put(Proc(ev.child_pid, ev.tgid, ev.uid, parent.exe, parent.argv,
-                           parent.argv_short))
+            self._put(replace(parent, pid=ev.child_pid, ppid=ev.tgid, uid=ev.uid))
 
     def get(self, pid: int) -> Proc | None:
         with self._lock:
             proc = self._procs.get(pid)
         if proc is not None:
-            return self._complete(proc) if proc.argv_short else proc
+            return self._complete(proc) if proc.partial else proc
         return self._read.get(pid, _from_psutil)
 
     def _complete(self, proc: Proc) -> Proc:
-        """The exec event has argv's first bytes only, or none (the kernel
-        refused the user read): take it from /proc while the same program
-        still runs there."""
+        """The exec event has the first bytes of the path and of argv only, or
+        no argv (the kernel refused the user read): take them from /proc
+        while the same program still runs there."""
         live = _from_psutil(proc.pid)
-        if live is None or not live.argv.args or live.exe != os.path.realpath(proc.exe):
+        if live is None or not live.argv.args or not _same_program(proc, live.exe):
             return proc
-        full = Proc(proc.pid, proc.ppid, proc.uid, proc.exe, live.argv)
+        full = Proc(proc.pid, proc.ppid, proc.uid, live.exe if proc.exe_cut else proc.exe,
+                    live.argv)
         with self._lock:
             if proc.pid in self._procs:
                 self._procs[proc.pid] = full
@@ -104,6 +108,14 @@ class ProcessTable:
                 break
             proc = parent
         return out
+
+
+def _same_program(proc: Proc, live_exe: str) -> bool:
+    """Does /proc's exe name the program the exec event did? A cut path
+    must be the start of it."""
+    if proc.exe_cut:
+        return live_exe.startswith(proc.exe)
+    return live_exe == os.path.realpath(proc.exe)
 
 
 def _from_psutil(pid: int) -> Proc | None:

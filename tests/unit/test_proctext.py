@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-
 import orjson
 import pytest
 
+from agent.demo.sandbox import wait_for
 from agent.proctext import MAX_ARGV_BYTES, Argv, fs_text, read_argv, split
 
 SLEEP = "import time; time.sleep(30)"
@@ -22,12 +21,10 @@ def spawn():
     def start(argv: list) -> subprocess.Popen:
         p = subprocess.Popen(argv)
         procs.append(p)
-        # /proc shows the new argv once exec is done
-        for _ in range(500):
-            if read_argv(p.pid) and read_argv(p.pid).args[:1] == (os.fsdecode(argv[0]),):
-                return p
-            time.sleep(0.01)
-        raise AssertionError("child never exec'd")
+        # Popen may return (vfork) before the new program's argv is in place
+        wait_for(lambda: read_argv(p.pid) and read_argv(p.pid).args[:1] == (os.fsdecode(argv[0]),),
+                 10, what="the child's exec")
+        return p
     yield start
     for p in procs:
         p.kill()

@@ -1,17 +1,20 @@
 """A subject chooses its processes' argv and file names. Whatever it picks,
 its session is relayed and recorded with its process chain, and the store
 stays healthy: argv too long for one record is kept in part and says how
-much it left out; bytes that are not UTF-8 are shown escaped. Both ways of
-naming the process: the witness's exec events (completed from /proc) and,
-without the witness, sock_diag and /proc alone."""
+much it left out; bytes that are not UTF-8 are shown escaped; a program's
+path longer than an exec event carries is shown whole. Both ways of naming
+the process: the witness's exec events (completed from /proc) and, without
+the witness, sock_diag and /proc alone."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -59,11 +62,19 @@ def test_argv_longer_than_a_record_and_not_utf8(tmp_path, witness):
     sb.up()
     agent = AgentProcess(sb, workdir=str(tmp_path / "agent"),
                          extra="" if witness else "[witness]\nenabled = false\n")
+    # The chain's top: a shell whose path is longer than an exec event's 128 bytes.
+    deep = tempfile.mkdtemp(prefix="tg-deep-")   # the test's basetemp is 0700: not the subject's
+    long_dir = os.path.join(deep, "d" * 100)
+    os.makedirs(long_dir)
+    shell = os.path.join(long_dir, "sh-" + "x" * 40)
+    shutil.copy("/bin/dash", shell)
+    for d in (deep, long_dir):
+        os.chmod(d, 0o755)
     try:
         sb.spawn(sb.corp, [sys.executable, "-c", ECHO])
         agent.start()
-        p = sb.spawn(sb.bastion, [sys.executable, "-c", NEST, "10", NEST], user=sb.subject,
-                     stdout=subprocess.PIPE, text=True)
+        p = sb.spawn(sb.bastion, [shell, "-c", '"$0" -c "$1" 10 "$1"; exit $?', sys.executable,
+                                  NEST], user=sb.subject, stdout=subprocess.PIPE, text=True)
         out = json.loads(p.stdout.readline())
         assert out["reply"] == "ping"
 
@@ -73,7 +84,7 @@ def test_argv_longer_than_a_record_and_not_utf8(tmp_path, witness):
         s = wait_for(evidence, 20, what="the session's evidence")
         os.killpg(p.pid, signal.SIGKILL)
         chain = s.info["chain"]
-        assert len(chain) >= 11, [c.get("argv", [])[:2] for c in chain]
+        assert len(chain) >= 12, [c.get("argv", [])[:2] for c in chain]
         me = chain[0]
         assert me["argv"][1:5] == ["-c", NEST, "0", NEST]
         assert me["argv"][5] == "caf\\xe9"   # b"caf\xe9": the byte that is not UTF-8, named
@@ -82,6 +93,8 @@ def test_argv_longer_than_a_record_and_not_utf8(tmp_path, witness):
         assert MAX_ARGV_BYTES <= kept <= MAX_ARGV_BYTES + 1   # the last one has no NUL
         assert me["argv_cut_bytes"] == out["argv_area"] - MAX_ARGV_BYTES
         assert all(c["argv_cut_bytes"] > 0 for c in chain[1:10])
+        top = chain[11]
+        assert top["exe"] == os.path.realpath(shell) and "exe_cut_bytes" not in top, top
         replay = agent.cli("replay", str(s.id), text=True).stdout
         assert f"[{me['argv_cut_bytes']} more bytes of argv not recorded]" in replay
         assert not [a for a in list_alerts(str(agent.store)) if a["type"] == "store_failed"]
@@ -91,3 +104,4 @@ def test_argv_longer_than_a_record_and_not_utf8(tmp_path, witness):
         agent.stop()
         subprocess.run(["chattr", "-R", "-i", str(agent.store)], capture_output=True)
         sb.down()
+        shutil.rmtree(deep)
