@@ -234,7 +234,7 @@ def mapped_text(family: int, raw) -> str:
 def _head(h: _Header) -> dict:
     return {"ts_ns": h.ts_ns, "pid": h.pid, "tgid": h.tgid, "uid": h.uid,
             "cgroup_id": h.cgroup_id, "netns": h.netns,
-            "comm": h.comm.decode("utf-8", "replace")}
+            "comm": text(h.comm)}
 
 
 # TCP state changes are three per subject connection: they are unpacked with
@@ -267,7 +267,7 @@ def _tcp(raw: bytes) -> TcpEvent:
     (ts_ns, cgroup_id, _type, pid, tgid, uid, netns, _pad, comm, sk, family, sport, dport,
      oldstate, newstate, saddr, daddr) = _TCP.unpack_from(raw)
     return TcpEvent(ts_ns=ts_ns, pid=pid, tgid=tgid, uid=uid, cgroup_id=cgroup_id, netns=netns,
-                    comm=comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+                    comm=text(comm.split(b"\0", 1)[0]),
                     sk=sk, family=family, saddr=_addr(family, saddr), sport=sport,
                     daddr=_addr(family, daddr), dport=dport,
                     oldstate=TCP_STATES.get(oldstate, str(oldstate)),
