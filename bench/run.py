@@ -388,6 +388,7 @@ def _latency(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
     conntrack costs any relay."""
     rounds = min(LATENCY_ROUNDS, b.scale.trips)
     per = max(b.scale.trips // rounds, 1)
+    settle = SETTLE_S if per >= 1000 else 0.0   # --quick has no time for it
     t = _Trips()
     for i in range(rounds):
         os.sync()
@@ -400,7 +401,7 @@ def _latency(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
             agent = Agent(sb, work / f"agent-rtt-{variant}-{i}", variant=variant,
                           witness=True).start()
             try:
-                time.sleep(SETTLE_S if per >= 1000 else 0)   # not in --quick
+                time.sleep(settle)
                 t.run(col, b, *paths["direct"], per, agent.proc.pid)
                 if variant == "native":
                     t.run(UNDER_RULES, root, *paths["haproxy"], per, None)
