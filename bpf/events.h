@@ -20,6 +20,7 @@ enum tg_event_type {
     TG_EV_UID = 6,        /* a subject's real or effective uid changed */
     TG_EV_FORK = 7,       /* a subject process forked (descendant tracking) */
     TG_EV_EXIT = 8,       /* a subject process exited */
+    TG_EV_WAKE = 9,       /* a header only: a socket is held in `pending` (tcp_connect.c) */
 };
 
 /* Who did it; first member of every event. 56 bytes. */

@@ -36,6 +36,10 @@
  * names the subject's socket by address and port only, so two live subject
  * sockets on one address and port (SO_REUSEADDR) void it for that peer (map
  * `collided`): both go to user space, and `proxied` is not written for it.
+ *
+ * User space looks at `pending` every few milliseconds only while it holds
+ * something; before it sleeps longer it sets `wake_armed`, and the next
+ * socket held sends one header-only WAKE record, which ends that sleep.
  */
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
@@ -63,6 +67,7 @@ BPF_HASH(proxy_local, struct tg_peer, u8, 16);   /* the proxy's addresses (port 
 BPF_PERCPU_ARRAY(proven, u64, 1);
 /* Peers (address, port) two live subject sockets shared: no proof by peer. */
 BPF_TABLE("lru_hash", struct tg_peer, u8, collided, MAX_PENDING);
+BPF_ARRAY(wake_armed, u32, 1);   /* 1: user space sleeps, nothing held */
 #endif
 #endif
 
@@ -218,7 +223,18 @@ tg_hold(struct tracepoint__sock__inet_sock_set_state *args, u64 sk, struct tg_he
         return 0;
     __builtin_memset(p, 0, sizeof(*p));
     tg_fill_tcp(&p->syn, args, sk, who);
-    return pending.update(&sk, p) == 0;
+    if (pending.update(&sk, p) != 0)
+        return 0;
+    u32 *armed = wake_armed.lookup(&zero);
+    if (armed && *armed) {   /* two CPUs may both send one: harmless */
+        *armed = 0;
+        struct tg_header *e = tg_reserve(sizeof(*e));
+        if (e) {
+            tg_fill_header(e, TG_EV_WAKE);
+            events.ringbuf_submit(e, 0);
+        }
+    }
+    return 1;
 }
 
 /* The proxy's side of a connection from peer established at local: the

@@ -37,6 +37,7 @@ class EventType(enum.IntEnum):
     UID = 6
     FORK = 7
     EXIT = 8
+    WAKE = 9   # a header only, decoded to nothing: its arrival ends the poll's sleep
 
 
 # -- ctypes mirror of bpf/events.h ------------------------------------------------

@@ -160,7 +160,7 @@ class Probes:
             return
         # Asked per connection and every poll: the fds once, not BCC's table lookup each time.
         self._fds = {name: self._bpf[name.encode()].map_fd
-                     for name in ("pending", "pending_peer", "attributed")}
+                     for name in ("pending", "pending_peer", "attributed", "wake_armed")}
         fd, one = self._bpf[b"proxy_local"].map_fd, ct.c_uint8(1)
         for addr in self.proxy_listen:
             key = bytes(Peer()) if addr in WILDCARDS else peer_key(addr, 0)
@@ -265,6 +265,22 @@ class Probes:
                 bpf.bpf_map_delete_elem(self._fds["pending_peer"],
                                         peer_key(ev.saddr, ev.sport))
         return [ev for ev in found if ev is not None]
+
+    def holding(self) -> bool:
+        """Whether `pending` holds sockets the poll must look at soon. If
+        not, arms the kernel to wake the poll when it next holds one."""
+        if not self.quiet or self._bpf is None:
+            return False
+        if self._any_pending():
+            return True
+        zero, one = ct.c_uint32(0), ct.c_uint32(1)
+        libbpf.lib().bpf_map_update_elem(self._fds["wake_armed"], ct.byref(zero),
+                                         ct.byref(one), 0)
+        return self._any_pending()   # held before the arming: no wake-up for it
+
+    def _any_pending(self) -> bool:
+        key = ct.c_uint64()
+        return libbpf.lib().bpf_map_get_next_key(self._fds["pending"], None, ct.byref(key)) == 0
 
     def pending(self, ip: str, port: int) -> bool:
         """Whether the established subject socket (ip, port) waits in the

@@ -1,0 +1,81 @@
+"""The witness's poll sleeps while the kernel holds no subject socket, and the
+kernel wakes it when it holds one: an idle agent does not wake every
+UNPROVEN_POLL_MS, and a bypass by a process that was already running (no
+exec event to wake the poll) is judged within its window and one short
+poll, not after the idle sleep."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from agent.store import Kind, StoreWriter, iter_records
+from agent.witness.witness import IDLE_POLL_MS, UNPROVEN_POLL_MS
+
+from . import helpers
+from .conftest import FakeSessions, running_witness, witness_config
+
+PORT = 18461
+WINDOW_MS = 20     # below IDLE_POLL_MS, so a missed wake-up shows
+CONNECT_ON_CUE = """
+import json, socket, sys, time
+sys.stdin.readline()
+t = time.time_ns()
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print(json.dumps({"sport": s.getsockname()[1], "t": t}), flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.fixture(scope="module")
+def witness(netns_inode, tmp_path_factory):
+    server = helpers.start_server(PORT)
+    store = StoreWriter(tmp_path_factory.mktemp("idle-store"))
+    w = running_witness(witness_config(guard=False, match_window_ms=WINDOW_MS), store,
+                        FakeSessions())
+    yield w
+    w.stop()
+    store.close()
+    server.kill()
+    server.wait()
+
+
+def poll_wakeups() -> int:
+    """Voluntary context switches of the witness's poll thread so far."""
+    [tid] = [t.native_id for t in threading.enumerate() if t.name == "tollgate-witness"]
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return int(f.read().split("\nvoluntary_ctxt_switches:")[1].split()[0])
+
+
+def written_ns(store_dir, sport: int) -> int:
+    """When the bypass alert for sport was written: its record's time."""
+    return next(r.ts_ns for r in iter_records(store_dir, strict=False)
+                if r.kind == Kind.ALERT and r.json()["type"] == "bypass"
+                and r.json()["evidence"].get("sport") == sport)
+
+
+def test_an_idle_poll_sleeps(witness):
+    time.sleep(2 * IDLE_POLL_MS / 1000)   # the start's own events are judged by now
+    before, t0 = poll_wakeups(), time.monotonic()
+    time.sleep(2)
+    rate = (poll_wakeups() - before) / (time.monotonic() - t0)
+    assert rate < 1000 / UNPROVEN_POLL_MS / 2, f"{rate:.1f} wake-ups a second"
+
+
+def test_the_kernel_wakes_the_poll_for_a_bypass(witness):
+    with helpers.held_subject(CONNECT_ON_CUE, str(PORT), stdin=True) as p:
+        time.sleep(2 * IDLE_POLL_MS / 1000)   # its exec and fork events are judged
+        woke = poll_wakeups()
+        deadline = time.monotonic() + 2
+        while poll_wakeups() == woke and time.monotonic() < deadline:
+            time.sleep(0.001)
+        # The poll has just gone back to sleep for up to IDLE_POLL_MS: connect now.
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out = json.loads(p.stdout.readline())
+        helpers.wait_alert(witness.store.dir, type="bypass", sport=out["sport"])
+        late_ms = (written_ns(witness.store.dir, out["sport"]) - out["t"]) / 1e6
+        assert late_ms < WINDOW_MS + IDLE_POLL_MS / 2, f"judged {late_ms:.0f} ms after connect"
