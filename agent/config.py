@@ -139,7 +139,9 @@ class WitnessConfig:
 @dataclass(frozen=True, slots=True)
 class EnforceConfig:
     table: str = "tollgate"
-    watch_interval_s: float = field(default=0.2, metadata=check(_positive))
+    # The kernel notifies every ruleset change (enforce/monitor.py); this is
+    # how long the table goes unread when none comes.
+    watch_interval_s: float = field(default=5.0, metadata=check(_positive))
 
 
 @dataclass(frozen=True, slots=True)

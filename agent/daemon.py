@@ -24,6 +24,7 @@ from agent.config import Config
 from agent.control import StoreLock, serve
 from agent.enforce import Nft, render
 from agent.enforce import apply as rules
+from agent.enforce.monitor import RulesetChanges
 from agent.proxy import attribution, dns
 from agent.proxy.policy import Policy
 from agent.proxy.handoff import Handoff
@@ -213,16 +214,55 @@ class Agent:
     async def _watch_rules(self) -> None:
         """Any change to our table is tampering: alert, then put it back.
 
-        The table is read in a thread with its own netlink context, so the
-        relay never waits on it; alerting and restoring happen back on the
-        loop, after `enforcing` is looked at again, so an operator's removal
-        made meanwhile is never undone. A restore that fails is said once and
-        tried again every round: the watch itself must not end.
+        The kernel's notice of any ruleset change starts a look at once
+        (enforce/monitor.py); every enforce.watch_interval_s without one,
+        a look anyway. The table is read in a thread with its own netlink
+        context, so the relay never waits on it; alerting and restoring
+        happen back on the loop, after `enforcing` is looked at again, so an
+        operator's removal made meanwhile is never undone. A restore that
+        fails is said once and tried again every round: the watch itself
+        must not end.
         """
-        watch_nft = Nft()
+        changed, changes = self._notified_changes()
+        try:
+            await self._watch_rules_on(Nft(), changed)
+        finally:
+            if changes is not None:
+                asyncio.get_running_loop().remove_reader(changes.fileno())
+                changes.close()
+
+    def _notified_changes(self) -> tuple[asyncio.Event, RulesetChanges | None]:
+        """An event the kernel's ruleset notifications set (never, if they
+        cannot be had: the interval alone then)."""
+        changed = asyncio.Event()
+        try:
+            changes = RulesetChanges()
+        except OSError as e:
+            log.warning("no nftables notifications (%s): the table is read every %s s", e,
+                        self.cfg.enforce.watch_interval_s)
+            return changed, None
+
+        loop = asyncio.get_running_loop()
+
+        def on_notice() -> None:
+            changed.set()
+            try:
+                changes.drain()
+            except OSError as e:   # not to spin on a broken socket: the interval goes on
+                log.warning("nftables notifications failed (%s): the table is read every "
+                            "%s s", e, self.cfg.enforce.watch_interval_s)
+                loop.remove_reader(changes.fileno())
+        loop.add_reader(changes.fileno(), on_notice)
+        return changed, changes
+
+    async def _watch_rules_on(self, watch_nft: Nft, changed: asyncio.Event) -> None:
         restore_failing = False
         while True:
-            await asyncio.sleep(self.cfg.enforce.watch_interval_s)
+            try:
+                await asyncio.wait_for(changed.wait(), self.cfg.enforce.watch_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            changed.clear()
             if not self.enforcing:
                 continue
             try:

@@ -71,8 +71,9 @@ DOCS = {
                               "user space; for investigations).",
     "enforce.table": "Name of tollgate's nftables table (family inet). Purge deletes\n"
                      "`inet tollgate` only: remove a renamed table with `tollgate rules remove`.",
-    "enforce.watch_interval_s": "Seconds between checks that the table is unchanged\n"
-                                "(a change is a rules_tampered alert, then restored).",
+    "enforce.watch_interval_s": "The kernel's notice of any nftables change makes the agent\n"
+                                "check its table at once (a change is a rules_tampered alert,\n"
+                                "then restored); without one, it checks every this many seconds.",
     "ship.enabled": "Copy the store to Google Cloud Logging.",
     "ship.project_id": "Google Cloud project that receives the logs.",
     "ship.log_name": "Log name of session records.",
