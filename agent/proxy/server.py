@@ -123,9 +123,7 @@ class Proxy:
             self.stats["store_errors"] += 1
             self.hooks.store_failed(e)
             return None
-        session = Session(sid, client, dst, now)
-        if info is not None:
-            session.info = info
+        session = Session(sid, client, dst, now, info=info or {})
         self.sessions.add(session)
         self.stats["accepted"] += 1
         return session
