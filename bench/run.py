@@ -318,22 +318,24 @@ def _bypass_alert_times(store: Path) -> dict[int, int]:
     return out
 
 
+def _metered(pid: int | None, fn, *args):
+    """(fn's result, CPU seconds the relay `pid` spent on it, None without a
+    pid): the cost behind each ratio."""
+    if pid is None:
+        return fn(*args), None
+    before = cpu_seconds(pid)
+    out = fn(*args)
+    return out, cpu_seconds(pid) - before
+
+
 def _relay_figures(b: Bench, res: Results, col: str, host: str, port: int, pid: int | None,
                    rate: bool) -> None:
     """Bulk (1 and 8) and connection rate through one path; with the relay's
     pid, also the CPU it spent per MB and per connection."""
-    def metered(fn, *args):
-        """(result, CPU seconds the relay spent on it): the cost behind each ratio."""
-        if pid is None:
-            return fn(*args), None
-        before = cpu_seconds(pid)
-        out = fn(*args)
-        return out, cpu_seconds(pid) - before
-
     # Each bulk run starts with no dirty page cache: earlier runs' GBs would
     # otherwise throttle this one's store writes to the disk's speed.
     os.sync()
-    mbps, cpu = metered(b.bulk, host, port, 1)
+    mbps, cpu = _metered(pid, b.bulk, host, port, 1)
     res.put("bulk1", col, mbps)
     if cpu is not None:
         res.put("cpu_mb", col, cpu * 1e3 / (b.scale.bulk_bytes * 2 / 1e6))
@@ -344,7 +346,7 @@ def _relay_figures(b: Bench, res: Results, col: str, host: str, port: int, pid: 
     # Nor does this run while the bulk runs' GBs are written back: only a
     # recording relay leaves any behind.
     os.sync()
-    got, cpu = metered(b.connrate, host, port)
+    got, cpu = _metered(pid, b.connrate, host, port)
     res.put("rate", col, got["per_s"])
     if cpu is not None and got["done"]:
         res.put("cpu_conn", col, cpu * 1e6 / got["done"])
@@ -367,10 +369,10 @@ class _Trips:
         self.cpu: dict[str, float] = {}
 
     def run(self, col: str, b: Bench, host: str, port: int, trips: int, pid: int | None) -> None:
-        before = cpu_seconds(pid) if pid else 0.0
-        self.rtt.setdefault(col, []).extend(b.pingpong(host, port, trips)["rtt_us"])
-        if pid:
-            self.cpu[col] = self.cpu.get(col, 0.0) + cpu_seconds(pid) - before
+        pp, cpu = _metered(pid, b.pingpong, host, port, trips)
+        self.rtt.setdefault(col, []).extend(pp["rtt_us"])
+        if cpu is not None:
+            self.cpu[col] = self.cpu.get(col, 0.0) + cpu
 
     def percentile(self, col: str, q: float) -> float:
         s = sorted(self.rtt[col])
