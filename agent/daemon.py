@@ -16,7 +16,8 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.alerts import AlertType, make_alert
@@ -32,11 +33,35 @@ from agent.proxy.server import Proxy
 from agent.proxy.sessions import Session, SessionTable
 from agent.store import Kind, StoreWriter
 
+if TYPE_CHECKING:
+    from agent.witness.connections import ConnectTable
+
 log = logging.getLogger("tollgate.daemon")
 
 
 KERNEL_ATTRIBUTION_WAIT_S = 0.05  # the witness's event normally arrives within a millisecond
+# When /proc cannot name the client either (it has closed already), the
+# kernel's event is the only evidence left: wait longer for a starved witness.
+KERNEL_LATE_WAIT_S = 2.0
 HEAP_TRIM_INTERVAL_S = 5.0
+
+
+async def kernel_then_proc(connects: ConnectTable, client: tuple[str, int],
+                           dst: tuple[str, int],
+                           from_proc: Callable[[], Awaitable[dict]]) -> dict:
+    """From the witness's connect event when it has one (cheap, and names
+    even a process that has exited); else from sock_diag and /proc; and when
+    those find the client gone too, from the kernel's event once more, which
+    a busy host may deliver after the first wait (the session would
+    otherwise be recorded without anyone behind it)."""
+    info = await connects.attribution(client, dst, KERNEL_ATTRIBUTION_WAIT_S)
+    if info is not None:
+        return info
+    info = await from_proc()
+    if "uid" in info:
+        return info
+    late = await connects.attribution(client, dst, KERNEL_LATE_WAIT_S)
+    return info if late is None else {**late, "proc_error": info.get("error")}
 
 
 class StartError(Exception):
@@ -301,14 +326,11 @@ class Agent:
         return found
 
     async def attribute(self, session: Session) -> dict:
-        """From the witness's connect event when it has one (cheap, and names
-        even a process that has exited); else from sock_diag and /proc."""
-        if self.connects is not None:
-            info = await self.connects.attribution(session.client, session.original_dst,
-                                                   KERNEL_ATTRIBUTION_WAIT_S)
-            if info is not None:
-                return info
-        return await self._from_proc(session.client, session.original_dst, socket.IPPROTO_TCP)
+        client, dst = session.client, session.original_dst
+        from_proc = lambda: self._from_proc(client, dst, socket.IPPROTO_TCP)  # noqa: E731
+        if self.connects is None:
+            return await from_proc()
+        return await kernel_then_proc(self.connects, client, dst, from_proc)
 
     async def attribute_udp(self, client: tuple[str, int], dst: tuple[str, int]) -> dict:
         return await self._from_proc(client, dst, socket.IPPROTO_UDP)
