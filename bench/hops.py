@@ -6,8 +6,9 @@ timed in the kernel (BPF, bench/syscall_time.c).
 
 For each relay it prints the round trips' p50 and, per syscall, how many
 calls a round trip made and how long each took. The difference between the
-two is what tollgate's per-hop work costs (the record's writev, the
-redirect's NAT on each send); the rest of a round trip is the same kernel
+two is what tollgate's per-hop work costs (the redirect's NAT on each send;
+the record is copied into the mapped segment, no syscall, since the twelfth
+session: before, a writev a hop); the rest of a round trip is the same kernel
 TCP path and wake-ups for both. A third line times haproxy again while the
 agent runs, its load run by root (not redirected): what the agent's mere
 presence (its nftables NAT, hence conntrack on every packet, and its BPF)
@@ -30,7 +31,7 @@ from bench.run import (BASTION_V4, CORP_V4, HAPROXY_PORT, SERVER_PORT, Agent, Be
                        tune_namespaces, workdir)
 
 HERE = Path(__file__).resolve().parent
-SYSCALLS = ("recvfrom", "sendto", "writev", "epoll_wait", "read", "write")
+SYSCALLS = ("recvfrom", "sendto", "writev", "pwritev", "pwrite64", "epoll_wait", "read", "write")
 
 
 def _program(tgid: int) -> str:

@@ -1,6 +1,6 @@
 """The native data plane, compiled from the C beside this file (setup.py).
 
-Chain: the store's append point (frame, SHA-256 chain, crc, writev) and the
+Chain: the store's append point (frame, SHA-256 chain, crc, the write into the segment) and the
 store writer's lock. Pump: relay threads that read a session's sockets,
 append each chunk to the chain and send it on, without the GIL.
 accept_redirected, original_dst: accepting redirected connections with

@@ -29,8 +29,12 @@ typedef struct {
     pthread_mutex_t mu;
     EVP_MD_CTX *md;
     int version;               /* of the frames written: TG_FORMAT_VERSION or TG_FORMAT_SHA256 */
-    int fd;                    /* the active segment, O_APPEND */
+    int fd;                    /* the active segment, read-write; frames go at seg_bytes */
     int dirty;                 /* a failed write may have left bytes past seg_bytes */
+    int no_map;                /* the filesystem cannot preallocate or map: pwrite only */
+    uint8_t *map;              /* the window of the segment small frames are copied into */
+    unsigned long long map_off, map_len;
+    unsigned long long file_end;  /* the segment's size: seg_bytes, then zeros; 0: look */
     int healthy;               /* 0: relay appends fail until Python recovers the store */
     int wake_fd;               /* eventfd: upkeep (rotation, seal) is due */
     int wake_sent;

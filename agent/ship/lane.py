@@ -18,7 +18,7 @@ from agent.ship.entries import Target, build_entries, session_of
 from agent.ship.sender import Sender
 from agent.ship.sessions import Subjects
 from agent.store.format import Record
-from agent.store.reader import iter_records
+from agent.store.reader import iter_records, written_end
 
 # Framing per entry inside WriteLogEntriesRequest (tag + length varint).
 ENTRY_OVERHEAD = 8
@@ -49,6 +49,7 @@ class Lane:
         # Re-reading the active segment every poll is the cost of an idle
         # shipper; skip it while the store has not grown since the last run.
         self._shipped_mark: tuple[str, int] | None = None
+        self._walked: tuple[str, int] = ("", 0)  # where the last segment's frames ended
 
     def run_once(self) -> int:
         """Ship every record present now; returns the number of records shipped."""
@@ -80,9 +81,18 @@ class Lane:
             return shipped
 
     def _store_mark(self) -> tuple[str, int] | None:
-        """(last segment, its size): unchanged means nothing new to read."""
+        """(last segment, where its frames end): unchanged means nothing new
+        to read. Walks only the headers appended since the last look."""
         paths = sorted(self._dir.glob("*.seg"))
-        return (paths[-1].name, paths[-1].stat().st_size) if paths else None
+        if not paths:
+            return None
+        name, start = self._walked
+        try:
+            end = written_end(paths[-1], start if name == paths[-1].name else 0)
+        except FileNotFoundError:  # removed by gc meanwhile: look again next time
+            return None
+        self._walked = (paths[-1].name, end)
+        return self._walked
 
     def _flush(self, batch: list, records: int, upto: int) -> int:
         if batch:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from agent.store.format import (
-    CRC, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, READABLE_VERSIONS, ZERO_HASH,
+    CRC, HEADER, HEADER_SIZE, MAGIC, NO_MAGIC, MAX_PAYLOAD, READABLE_VERSIONS, ZERO_HASH,
     Kind, Record, frame_digest,
 )
 
@@ -34,11 +34,21 @@ def segment_paths(store_dir: str | os.PathLike) -> list[Path]:
     return sorted(Path(store_dir).glob("*.seg"))
 
 
+def unwritten(buf: memoryview, off: int) -> bool:
+    """Only zeros from off on: space the writer preallocated for records
+    (a frame's header is written last, so a frame being written shows its
+    bytes after a zero header and is not unwritten)."""
+    rest = buf[off:]
+    return bytes(rest).count(0) == len(rest)
+
+
 def _read_frame(buf: memoryview, off: int, name: str) -> tuple[Record | None, str | None]:
     """Parse one frame at off. (record, None), or (None, why it is not whole)."""
     if len(buf) - off < HEADER_SIZE:
         return None, "short header"
     magic, ver, kind, length, seq, ts, prev = HEADER.unpack_from(buf, off)
+    if magic == NO_MAGIC:
+        return None, "no header"
     if magic != MAGIC or ver not in READABLE_VERSIONS:
         return None, "bad magic"
     if length > MAX_PAYLOAD:
@@ -58,9 +68,25 @@ def _read_frame(buf: memoryview, off: int, name: str) -> tuple[Record | None, st
     return Record(seq, ts, kind, prev, payload, digest, name, off, ver), None
 
 
+def written_end(path: Path, start: int = 0) -> int:
+    """Where the frames of a segment end, walking their headers from start
+    (a frame boundary) without checking them: what a poller asks to learn
+    whether anything was appended (the size says nothing while the writer
+    preallocates)."""
+    off = start
+    with open(path, "rb", buffering=0) as f:
+        while len(head := os.pread(f.fileno(), HEADER_SIZE, off)) == HEADER_SIZE:
+            magic, _ver, _kind, length, *_ = HEADER.unpack(head)
+            if magic != MAGIC:
+                break
+            off += HEADER_SIZE + length + CRC.size
+    return off
+
+
 def scan_segment(path: Path, prev_hash: bytes | None = None,
                  expect_seq: int | None = None) -> Iterator[Record | Tail]:
-    """Yield each whole record of one segment, then its Tail.
+    """Yield each whole record of one segment, then its Tail. Zeros after
+    the last record are where the writer had not written yet, not a tear.
 
     With prev_hash/expect_seq given, a record that does not chain on is where
     the whole part ends (reason in Tail.torn).
@@ -72,7 +98,7 @@ def scan_segment(path: Path, prev_hash: bytes | None = None,
     while off < len(buf):
         rec, why = _read_frame(buf, off, path.name)
         if rec is None:
-            torn = why
+            torn = None if unwritten(buf, off) else why
             break
         if prev_hash is not None and rec.prev != last_hash:
             torn = "chain broken"

@@ -27,15 +27,16 @@ import orjson
 
 from agent.store import seal as sealing
 from agent.store.format import (
-    CRC, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, READABLE_VERSIONS, ZERO_HASH, Kind,
+    CRC, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, NO_MAGIC, READABLE_VERSIONS, ZERO_HASH, Kind,
     frame_hash, segment_name,
 )
 from agent.store.immutable import is_immutable
+from agent.store.reader import unwritten
 from agent.store.keys import Ratchet
 
 _SEGMENT_NAME = re.compile(r"^\d{20}\.seg$")
 _KINDS = frozenset(int(k) for k in Kind)
-_SHORT = ("short header", "short payload")
+_SHORT = ("short header", "short payload", "no header")  # a frame being written
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +183,9 @@ class _Verifier:
         else:
             magic, ver, kind, length, seq, ts, prev = HEADER.unpack_from(buf, off)
             end = off + HEADER_SIZE + length
-            if magic != MAGIC or ver not in READABLE_VERSIONS:
+            if magic == NO_MAGIC:
+                why = "no header"
+            elif magic != MAGIC or ver not in READABLE_VERSIONS:
                 why = "bad magic or version"
             elif length > MAX_PAYLOAD:
                 why = "length out of range"
@@ -193,6 +196,8 @@ class _Verifier:
             elif kind not in _KINDS:
                 why = f"unknown kind {kind}"
         if why is not None:
+            if last and unwritten(buf, off):
+                return None, None, None, None  # preallocated, the records end here
             if last and why in _SHORT and self.allow_torn_tail:
                 self.report.torn_tail = len(buf) - off
                 return None, None, None, None

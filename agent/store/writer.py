@@ -183,8 +183,10 @@ class StoreWriter:
         self._last_seal = last_seal or orjson.loads(first.payload).get("last_seal")
         self._fd = self._open_append(last)
         self._seg_path, self._seg_bytes = last, tail.end
-        if os.fstat(self._fd).st_size > tail.end:
+        if tail.torn:
             self._cut_torn_tail(tail)
+        elif os.fstat(self._fd).st_size > tail.end:
+            os.ftruncate(self._fd, tail.end)  # space preallocated for records, never written
         self._synced_seq = self._next_seq - 1 if self.recovered else -1
         self._resume_key()
 
@@ -227,9 +229,10 @@ class StoreWriter:
             previous = self._summary(prev, int(prev.stem), ptail.end)
         self._fd = self._open_append(last)
         self._seg_path, self._seg_bytes = last, 0
-        if os.fstat(self._fd).st_size:
+        if tail.torn:
             self._cut_torn_tail(tail, previous=previous)
         else:
+            os.ftruncate(self._fd, 0)  # only preallocated zeros
             self._append_locked(Kind.SEGMENT_START, self._start_payload(previous), time.time_ns())
         self._resume_key()
 
@@ -251,6 +254,8 @@ class StoreWriter:
             self._append_locked(Kind.SEGMENT_START, self._start_payload(previous), time.time_ns())
         self.recovered = {"segment": path.name, "kept_bytes": tail.end,
                           "dropped_bytes": len(torn), "reason": tail.torn,
+                          # most of them, after a crash mid-append: preallocated space
+                          "trailing_zero_bytes": len(torn) - len(torn.rstrip(b"\0")),
                           "dropped_sha256": hashlib.sha256(torn).hexdigest(),
                           "saved_as": keep.name}
         self._append_locked(Kind.RECOVERED, orjson.dumps(self.recovered), time.time_ns())
@@ -263,7 +268,9 @@ class StoreWriter:
 
     @staticmethod
     def _open_append(path: Path) -> int:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        # Read-write, not O_APPEND: the chain maps the segment and writes at
+        # the end of its records, ahead of which it preallocates (chain.c).
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
 
     def _load_store_id(self) -> str:
         p = self.dir / "store.id"
@@ -292,8 +299,7 @@ class StoreWriter:
     def _create_segment(self, previous: dict | None) -> None:
         """Open the next segment and write its SEGMENT_START; on failure nothing changes."""
         path = self.dir / segment_name(self._next_seq)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         saved = self._fd, self._seg_path, self._seg_bytes, self._seg_started_ns
         self._fd, self._seg_path, self._seg_bytes = fd, path, 0
         self._seg_started_ns = time.time_ns()
@@ -315,6 +321,7 @@ class StoreWriter:
         restart checks. In "fsync" mode group commit has promised its records,
         so it is done before the next segment exists."""
         old_fd, old_path, last_seq = self._fd, self._seg_path, self._next_seq - 1
+        self._chain.trim()  # a finished segment ends on its last record
         if self.durability == "fsync":
             self._sync_fd(old_fd, last_seq)
         self._create_segment(self._summary(old_path, int(old_path.stem)))
@@ -417,7 +424,7 @@ class StoreWriter:
 
     def _append_locked(self, kind: Kind, payload, ts: int, prefix: bytes = b"") -> int:
         _check_length(len(prefix) + len(payload))
-        # chain.c: header, SHA-256, crc, one writev; a failed write is cut back
+        # chain.c: header, SHA-256, crc, the copy or write; a failed one is cut back
         # to the last whole record (OSError, the chain unchanged).
         return self._chain.append(kind, payload, ts, prefix)
 
@@ -655,6 +662,7 @@ class StoreWriter:
             pass  # closing anyway; the next open seals what is unsealed
         with self._lock:
             try:
+                self._chain.trim()
                 os.fsync(self._fd)
             except OSError:
                 pass  # nothing more to do here: appends already reported the failure

@@ -52,7 +52,7 @@ def test_paired_runs_measure_both_checkouts():
 @pytest.mark.timeout(600)
 def test_hops_times_both_relays_syscalls():
     """bench.hops: each relay's syscalls during ping-pong, per round trip;
-    only tollgate writes a record per hop."""
+    tollgate records each hop by copying into the mapped segment, no write."""
     r = subprocess.run([sys.executable, "-m", "bench.hops", "--trips", "30000", "--seconds", "0.5"],
                        cwd=ROOT, capture_output=True, text=True, timeout=590)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -63,4 +63,6 @@ def test_hops_times_both_relays_syscalls():
         assert relay["syscalls"]["recvfrom"]["us_each"] > 0
     assert "writev" not in got["haproxy"]["syscalls"]
     assert "writev" not in got["haproxy, agent running"]["syscalls"]  # root's: not redirected
-    assert 1.5 <= got["tollgate"]["syscalls"]["writev"]["calls_per_trip"] <= 2.5
+    writes = got["tollgate"]["syscalls"]
+    assert sum(writes.get(w, {}).get("calls_per_trip", 0)
+               for w in ("writev", "pwritev", "pwrite64", "write")) < 0.1, writes

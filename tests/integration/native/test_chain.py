@@ -24,7 +24,7 @@ def python_frame(kind: int, seq: int, ts: int, prev: bytes, prefix: bytes,
 @pytest.mark.parametrize("version", [3, 2], ids=["blake3", "sha256"])
 def test_frames_match_the_python_format(tmp_path, version):
     path = tmp_path / "seg"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     chain, expected, head = Chain(), b"", ZERO_HASH
     chain.fd, chain.version = fd, version
     try:
@@ -36,6 +36,11 @@ def test_frames_match_the_python_format(tmp_path, version):
                                        prefix, payload, version)
             expected += frame
             assert chain.head == head and chain.next_seq == seq + 1
+            # copied (below 2 KiB) or written (above): after the frames, only zeros
+            data = path.read_bytes()
+            assert data[:len(expected)] == expected and not data[len(expected):].strip(b"\0")
+        with chain:
+            chain.trim()
     finally:
         os.close(fd)
     assert path.read_bytes() == expected

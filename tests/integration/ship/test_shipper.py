@@ -267,3 +267,19 @@ def test_cli_ship_once_and_one_shipper_per_state_dir(server, store, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["result"]["records"] == len(records(store))
     assert_whole_and_folded(server, store)
+
+
+def test_a_record_appended_between_runs_is_shipped_though_the_size_stays(server, store,
+                                                                        tmp_path):
+    """The active segment is preallocated: its size does not move with each
+    record, so an idle shipper must look at the frames, not at the size."""
+    write_session(store, chunks=2, subject="devin")
+    shipper = Shipper(ship_config(server, tmp_path / "state"), store.dir)
+    assert shipper.run_once().records > 0
+    assert shipper.run_once().records == 0
+    seg = max(store.dir.glob("*.seg"))
+    size = seg.stat().st_size
+    seq = store.append_json(Kind.EVENT, {"event": "later"})
+    assert seg.stat().st_size == size
+    assert shipper.run_once().records == 1
+    assert insert_id(store.store_id, seq) in {e.insert_id for e in server.entries}
