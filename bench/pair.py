@@ -1,13 +1,15 @@
-"""Paired connection-rate runs of two checkouts, alternating, for a change
-smaller than the host's swing between full runs.
+"""Paired runs of two checkouts, alternating, for a change smaller than the
+host's swing between full runs.
 
     python -m bench.pair OLD_CHECKOUT NEW_CHECKOUT [--rounds 4] [--seconds 8]
+    python -m bench.pair OLD_CHECKOUT NEW_CHECKOUT --latency [--trips 20000]
 
 Each run is one agent (native plane, witness on, as the deb leaves it) from
 one checkout, in a fresh sandbox with the bench's server, measured with the
-bench's own connection-rate load; the checkouts take turns. Each checkout
-must be built (`setup.py build_ext --inplace`). Prints one JSON line per
-run and the means.
+bench's own load: short connections (connection rate), or with --latency
+the 1-byte ping-pong after the bench's settle; the checkouts take turns.
+Each checkout must be built (`setup.py build_ext --inplace`). Prints one
+JSON line per run and the means.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from bench.run import workdir
 # Runs with the measured checkout's own bench.run, so it uses only what older
 # checkouts have too (hence the file limit raised here, not by raise_fd_limit).
 _ONE = """
-import json, resource, sys
+import json, resource, sys, time
 from pathlib import Path
 from bench.run import (CORP_V4, SERVER_PORT, Agent, Bench, Sandbox, Scale, _port_open,
                        compile_loadgen, cpu_seconds, tune_namespaces, wait_for)
-work = Path(sys.argv[1]); seconds = float(sys.argv[2])
+work = Path(sys.argv[1]); seconds = float(sys.argv[2]); trips = int(sys.argv[3])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 lg = compile_loadgen(work)
@@ -38,22 +40,29 @@ with Sandbox(prefix="tgpair", subject="tgbench") as sb:
     wait_for(lambda: _port_open(sb, sb.corp, CORP_V4, SERVER_PORT), 15, what="the server")
     agent = Agent(sb, work / "agent", variant="native", witness=True).start()
     try:
+        bench = Bench(sb, lg, Scale(0, trips, seconds, 0, 0, 0, ("native",)))
         idle0 = int(open("/proc/stat").readline().split()[4])
         cpu0 = cpu_seconds(agent.proc.pid)
-        r = Bench(sb, lg, Scale(0, 0, seconds, 0, 0, 0, ("native",))).connrate(CORP_V4,
-                                                                              SERVER_PORT)
+        if trips:
+            time.sleep(3.0)  # the bench's settle: BCC's compile leaves the host busy
+            r = bench.pingpong(CORP_V4, SERVER_PORT)
+            out = {"p50_us": r["p50_us"], "p99_us": r["p99_us"]}
+        else:
+            r = bench.connrate(CORP_V4, SERVER_PORT)
+            out = {"per_s": r["per_s"]}
         cpu = cpu_seconds(agent.proc.pid) - cpu0
         idle = int(open("/proc/stat").readline().split()[4]) - idle0
     finally:
         agent.stop()
-print(json.dumps({"per_s": r["per_s"], "cpu_us_per_conn": round(cpu * 1e6 / max(r["done"], 1)),
-                  "idle_ticks": idle}))
+per = r["n"] if trips else r["done"]
+print(json.dumps({**out, "cpu_us_per_" + ("trip" if trips else "conn"):
+                  round(cpu * 1e6 / max(per, 1), 1), "idle_ticks": idle}))
 """
 
 
-def one_run(checkout: Path, seconds: float) -> dict:
+def one_run(checkout: Path, seconds: float, trips: int = 0) -> dict:
     with workdir("tgpair-") as work:
-        r = subprocess.run([sys.executable, "-c", _ONE, str(work), str(seconds)],
+        r = subprocess.run([sys.executable, "-c", _ONE, str(work), str(seconds), str(trips)],
                            cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)},
                            capture_output=True, text=True, timeout=seconds + 300)
     if r.returncode != 0:
@@ -67,11 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("new", type=Path)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--latency", action="store_true", help="ping-pong instead of connections")
+    p.add_argument("--trips", type=int, default=20_000)
     args = p.parse_args(argv)
+    trips = args.trips if args.latency else 0
     runs: dict[str, list[dict]] = {"old": [], "new": []}
     for i in range(args.rounds):
         for name in ("old", "new"):
-            r = one_run(getattr(args, name).resolve(), args.seconds)
+            r = one_run(getattr(args, name).resolve(), args.seconds, trips)
             runs[name].append(r)
             print(json.dumps({"round": i + 1, "build": name, **r}), flush=True)
     for name, rs in runs.items():

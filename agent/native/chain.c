@@ -55,6 +55,11 @@ static uint64_t now_ns(void) {
 
 #define MAP_WINDOW (2ull << 20)    /* mapped at a time: the RSS the store costs */
 #define MAPPED_BELOW (2u << 10)    /* larger: written (mapped pages cost more here, measured) */
+/* A new window is mapped only after this many small frames in a row: in a
+ * bulk transfer, large frames run past every window, and faulting in one
+ * for the odd small frame between them halved the store's rate (measured:
+ * 256 KiB frames with a 100-byte one between each, 1,880 -> 551 MB/s). */
+#define MAP_AFTER_SMALL 16
 
 static void drop_window(Chain *c) {
     if (c->map != NULL) munmap(c->map, (size_t)c->map_len);
@@ -98,6 +103,7 @@ static int map_range(Chain *c, unsigned long long start, unsigned long long len)
     c->map = m;
     c->map_off = start;
     c->map_len = len;
+    c->windows++;
     return 0;
 }
 
@@ -117,13 +123,17 @@ static int map_window(Chain *c, unsigned long long at, size_t total) {
                                    & ~(unsigned long long)(page - 1));
 }
 
+static int in_window(const Chain *c, size_t total) {
+    return c->map != NULL && c->seg_bytes >= c->map_off
+           && c->seg_bytes + total <= c->map_off + c->map_len;
+}
+
 static int copy_frames(Chain *c, const struct iovec *iov, int n, size_t total) {
-    unsigned long long at = c->seg_bytes;
-    if (c->map == NULL || at < c->map_off || at + total > c->map_off + c->map_len) {
-        int err = map_window(c, at, total);
+    if (!in_window(c, total)) {
+        int err = map_window(c, c->seg_bytes, total);
         if (err) return err;
     }
-    uint8_t *p = c->map + (at - c->map_off);
+    uint8_t *p = c->map + (c->seg_bytes - c->map_off);
     size_t off = iov[0].iov_len;
     for (int i = 1; i < n; i++, off += iov[i - 1].iov_len)
         memcpy(p + off, iov[i].iov_base, iov[i].iov_len);
@@ -146,8 +156,9 @@ static int pwrite_frames(Chain *c, const struct iovec *iov, int n, size_t total)
 /* Write whole frames at seg_bytes. A failed write leaves no partial frame:
  * the segment is cut back to the last whole record, now or before the next. */
 static int write_frame(Chain *c, struct iovec *iov, int n, size_t total) {
-    int err = ENODEV;
-    if (!c->no_map && total < MAPPED_BELOW) {
+    int err = ENODEV, small = total < MAPPED_BELOW;
+    c->small_run = small ? c->small_run + 1 : 0;
+    if (!c->no_map && small && (in_window(c, total) || c->small_run >= MAP_AFTER_SMALL)) {
         err = copy_frames(c, iov, n, total);
         if (err == EOPNOTSUPP || err == ENODEV) c->no_map = 1;   /* said by stats */
     }
@@ -310,6 +321,7 @@ static PyObject *Chain_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     pthread_mutex_init(&c->mu, NULL);
     c->fd = c->wake_fd = -1;
     c->healthy = 1;
+    c->small_run = MAP_AFTER_SMALL;
     c->version = TG_FORMAT_VERSION;
     c->seg_max = c->seal_every = UINT64_MAX;
     c->md = EVP_MD_CTX_new();
@@ -470,6 +482,7 @@ static int Chain_set_fd(Chain *c, PyObject *v, void *unused) {
     drop_window(c);
     c->fd = (int)fd;
     c->file_end = 0;
+    c->small_run = MAP_AFTER_SMALL;   /* a new segment's first small frame maps */
     return 0;
 }
 
@@ -520,6 +533,7 @@ static PyMemberDef Chain_members[] = {
     FIELD(bytes, T_ULONGLONG, "appended since open"),
     FIELD(seg_max, T_ULONGLONG, "segment size at which upkeep is woken"),
     FIELD(seal_every, T_ULONGLONG, "bytes since the last seal at which upkeep is woken"),
+    {"windows", T_ULONGLONG, offsetof(Chain, windows), READONLY, "windows of segments mapped"},
     {NULL},
 };
 

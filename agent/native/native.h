@@ -32,6 +32,8 @@ typedef struct {
     int fd;                    /* the active segment, read-write; frames go at seg_bytes */
     int dirty;                 /* a failed write may have left bytes past seg_bytes */
     int no_map;                /* the filesystem cannot preallocate or map: pwrite only */
+    int small_run;             /* frames copied or written since the last large one */
+    unsigned long long windows;   /* mapped since the chain was made */
     uint8_t *map;              /* the window of the segment small frames are copied into */
     unsigned long long map_off, map_len;
     unsigned long long file_end;  /* the segment's size: seg_bytes, then zeros; 0: look */

@@ -127,5 +127,8 @@ class Lane:
         total = 0
         for path in sorted(self._dir.glob("*.seg")):
             if path.name >= oldest[1]:
-                total += path.stat().st_size - (oldest[2] if path.name == oldest[1] else 0)
+                # the last segment's size counts its preallocated zeros
+                size = (written_end(path, self._walked[1]) if path.name == self._walked[0]
+                        else path.stat().st_size)
+                total += size - (oldest[2] if path.name == oldest[1] else 0)
         return total

@@ -63,3 +63,30 @@ def test_failed_write_leaves_the_chain_as_it_was(tmp_path):
         assert (chain.next_seq, chain.head, chain.seg_bytes) == (0, ZERO_HASH, 0)
     finally:
         os.close(chain.fd)
+
+
+def _appends(chain: Chain, sizes) -> None:
+    for i, size in enumerate(sizes):
+        with chain:
+            chain.append(3, bytes([i % 251]) * size, i)
+
+
+def test_small_frames_are_copied_large_ones_written_without_mapping_for_strays(tmp_path):
+    """An interactive stream maps one window per 2 MiB; a bulk stream with
+    a small frame between its large ones maps none for those strays."""
+    fd = os.open(tmp_path / "seg", os.O_RDWR | os.O_CREAT, 0o600)
+    chain = Chain()
+    chain.fd = fd
+    try:
+        _appends(chain, [100] * 30_000)              # ~5 MiB of small frames
+        assert chain.mapped and 2 <= chain.windows <= 4
+        before = chain.windows
+        _appends(chain, [256 << 10, 100] * 40)       # 10 MiB of bulk, strays between
+        assert chain.windows == before
+        _appends(chain, [100] * 20)                   # interactive again: a window soon
+        assert chain.windows == before + 1
+        with chain:
+            chain.trim()
+        assert os.fstat(fd).st_size == chain.seg_bytes
+    finally:
+        os.close(fd)

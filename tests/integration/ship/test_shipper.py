@@ -274,6 +274,8 @@ def test_a_record_appended_between_runs_is_shipped_though_the_size_stays(server,
     """The active segment is preallocated: its size does not move with each
     record, so an idle shipper must look at the frames, not at the size."""
     write_session(store, chunks=2, subject="devin")
+    for i in range(16):  # small records in a row: the chain maps the segment for them
+        store.append_json(Kind.EVENT, {"event": "small", "i": i})
     shipper = Shipper(ship_config(server, tmp_path / "state"), store.dir)
     assert shipper.run_once().records > 0
     assert shipper.run_once().records == 0

@@ -169,11 +169,11 @@ def _file_size_limit(limit: int):
 
 
 def _fill_window(w: StoreWriter, room: int) -> int:
-    """Append below the copy limit until about `room` bytes of the mapped
-    window are left; returns the window's end (the file's size)."""
+    """Append frames small enough to be copied until about `room` bytes of
+    the mapped window are left; returns the window's end (the file's size)."""
     end = segment_paths(w.dir)[-1].stat().st_size
-    while (left := end - w.chain.seg_bytes) > room + 60_000 + 200:
-        w.append(Kind.EVENT, b"x" * 60_000)
+    while (left := end - w.chain.seg_bytes) > room + 1_900 + 200:
+        w.append(Kind.EVENT, b"x" * 1_900)
     w.append(Kind.EVENT, b"y" * (left - room - 60))  # 60: the frame's header and crc
     assert 0 < end - w.chain.seg_bytes <= room and segment_paths(w.dir)[-1].stat().st_size == end
     return end
