@@ -7,7 +7,7 @@ Backpressure is asyncio's own: a side's transport pauses the *other* side's
 reading when its write buffer passes the high-water mark, so memory stays
 bounded by buffer_bytes per direction whatever the transfer size.
 
-Large chunks are appended in one recorder thread (hashing and writev release
+Large chunks are appended in one recorder thread (hashing and the write release
 the GIL), so the store works on one core while the loop relays on the other;
 a chunk is forwarded only once it is recorded, while its side goes on being
 read up to twice buffer_bytes ahead. Small chunks are appended inline (a thread hop
