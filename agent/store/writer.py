@@ -41,6 +41,9 @@ from agent.store.keys import SealKey
 from agent.store.reader import Tail, scan_segment, segment_paths
 
 
+UPKEEP_IDLE_S = 5.0  # the longest the upkeep thread sleeps with nothing timed to do
+
+
 class StoreError(Exception):
     """An append failed: the caller must cut what depends on it (fail closed)."""
 
@@ -585,11 +588,31 @@ class StoreWriter:
             self._seal_if_due()
         self._ratchet()
 
+    def upkeep_in_s(self, interval_s: float) -> float:
+        """Seconds until maintain() has timed work: at once and then every
+        interval_s while the store fails or holds deferred records; else the
+        next rotation by age, seal by time or key erase, and at most the seal
+        interval (a relay thread's records after a quiet spell are sealed
+        within it). Segments filled and seals due by bytes wake it early."""
+        if not self.healthy or self._deferred:
+            return interval_s
+        mono, waits = time.monotonic_ns(), [UPKEEP_IDLE_S]
+        if self.segment_max_age_ns is not None and self._next_seq - 1 > int(self._seg_path.stem):
+            waits.append((self._seg_started_ns + self.segment_max_age_ns - time.time_ns()) / 1e9)
+        if self.seal_key is not None:
+            waits.append(self.seal_interval_ns / 1e9)
+            if not (self._last_seal and self._last_seal["seq"] == self._next_seq - 1):
+                waits.append((self._seal_at_ns + self.seal_interval_ns - mono) / 1e9)
+            if self._pending_ratchet is not None:
+                persisted = self._key_persisted_ns or 0
+                waits.append((persisted + self.seal_interval_ns - mono) / 1e9)
+        return max(min(waits), interval_s)
+
     def start_maintenance(self, interval_s: float) -> None:
         def loop() -> None:
             # Woken early by the relay threads when a segment is full or a seal due.
             while True:
-                if select.select([self._wake], [], [], interval_s)[0]:
+                if select.select([self._wake], [], [], self.upkeep_in_s(interval_s))[0]:
                     os.eventfd_read(self._wake)
                 if self._stop.is_set():
                     return

@@ -6,6 +6,7 @@ import contextlib
 import resource
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -117,6 +118,44 @@ def test_maintenance_thread_seals_without_help(tmp_path):
     w.close()
     r = verify(tmp_path / "s", k0)
     assert r.ok and r.seals >= 3
+
+
+def _relay_append(w: StoreWriter, data: bytes) -> None:
+    """As a relay thread appends: the chain alone, no seal check after it."""
+    with w.chain:
+        w.chain.append(Kind.DATA, data, time.time_ns(), b"\0" * 9)
+
+
+def _wakeups(thread: threading.Thread) -> int:
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        return int(f.read().split("\nvoluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_upkeep_seals_a_relay_threads_records_within_the_interval(tmp_path):
+    k0 = init_key(tmp_path / "k")
+    w = StoreWriter(tmp_path / "s", immutable=False, seal_key=SealKey(tmp_path / "k"),
+                    seal_interval_s=0.3, maintain_interval_s=0.1)
+    time.sleep(0.5)   # quiet: the upkeep thread sleeps for the seal interval
+    _relay_append(w, b"typed after a quiet spell")
+    upto = w.head[0]
+    time.sleep(0.45)  # the interval, and the thread's 0.1 s granularity
+    assert w.seals >= 1 and w._last_seal["seq"] > upto
+    w.close()
+    assert verify(tmp_path / "s", k0).ok
+
+
+def test_an_idle_store_upkeep_sleeps_for_the_seal_interval(tmp_path):
+    """Every 0.1 s before: an idle agent's store woke ten times a second."""
+    init_key(tmp_path / "k")
+    w = StoreWriter(tmp_path / "s", immutable=False, seal_key=SealKey(tmp_path / "k"),
+                    seal_interval_s=1.0, maintain_interval_s=0.1)
+    w.seal_now()
+    time.sleep(0.2)
+    before = _wakeups(w._thread)
+    time.sleep(2.0)
+    woke = _wakeups(w._thread) - before
+    w.close()
+    assert woke <= 4, f"{woke} wake-ups in 2 s"
 
 
 def test_json_records_read_back(tmp_path):
