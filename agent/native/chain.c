@@ -12,11 +12,12 @@
  * 1). Mapped or written, the bytes are in the page cache when the append
  * returns, as before. Frames of 2 KiB and more still go by pwritev: there
  * the copy is the cost, and a mapped page costs more than a written one on
- * this host (3 KB appends 9.4 us written, 10.0 copied). Either way a
- * frame's first header is written last: a reader that finds a zero header
- * has reached the end of what is written (the rest of the segment is
- * zeros), and never sees a header before its frame. The segment is cut back
- * to seg_bytes (trim) before it is finished.
+ * this host (3 KB appends 9.4 us written, 10.0 copied). Either way the
+ * first byte of a write's first frame (its magic's 'T') is written last, in
+ * one store: a reader that finds a zero byte where a frame should start has
+ * reached the end of what is written (the rest of the segment is zeros, or
+ * a frame being written), and never sees the start of a frame before all of
+ * it. The segment is cut back to seg_bytes (trim) before it is finished.
  *
  * The same frame agent/store/format.py reads; the writer (writer.py) keeps
  * everything else: recovery, rotation, seals, deferral.  A Chain is also the
@@ -60,6 +61,7 @@ static uint64_t now_ns(void) {
  * for the odd small frame between them halved the store's rate (measured:
  * 256 KiB frames with a 100-byte one between each, 1,880 -> 551 MB/s). */
 #define MAP_AFTER_SMALL 16
+#define MANY_MAX 8                 /* frames in one append_many */
 
 static void drop_window(Chain *c) {
     if (c->map != NULL) munmap(c->map, (size_t)c->map_len);
@@ -133,22 +135,24 @@ static int copy_frames(Chain *c, const struct iovec *iov, int n, size_t total) {
         int err = map_window(c, c->seg_bytes, total);
         if (err) return err;
     }
-    uint8_t *p = c->map + (c->seg_bytes - c->map_off);
+    uint8_t *p = c->map + (c->seg_bytes - c->map_off), first = *(uint8_t *)iov[0].iov_base;
+    memcpy(p + 1, (uint8_t *)iov[0].iov_base + 1, iov[0].iov_len - 1);
     size_t off = iov[0].iov_len;
     for (int i = 1; i < n; i++, off += iov[i - 1].iov_len)
         memcpy(p + off, iov[i].iov_base, iov[i].iov_len);
-    __atomic_thread_fence(__ATOMIC_RELEASE);   /* the header after its frame */
-    memcpy(p, iov[0].iov_base, iov[0].iov_len);
+    __atomic_store_n(p, first, __ATOMIC_RELEASE);   /* the first byte after its frames */
     return 0;
 }
 
 static int pwrite_frames(Chain *c, const struct iovec *iov, int n, size_t total) {
+    struct iovec rest[4 * MANY_MAX];
     off_t at = (off_t)c->seg_bytes;
-    size_t head = iov[0].iov_len;
-    ssize_t w = n > 1 ? pwritev(c->fd, iov + 1, n - 1, at + (off_t)head) : 0;
-    if (w == (ssize_t)(total - head)) w = pwrite(c->fd, iov[0].iov_base, head, at);
+    rest[0] = (struct iovec){(uint8_t *)iov[0].iov_base + 1, iov[0].iov_len - 1};
+    memcpy(rest + 1, iov + 1, sizeof *iov * (size_t)(n - 1));
+    ssize_t w = pwritev(c->fd, rest, n, at + 1);
+    if (w == (ssize_t)total - 1) w = pwrite(c->fd, iov[0].iov_base, 1, at);
     else if (w >= 0) return ENOSPC;   /* a regular file writes short only when full */
-    if (w != (ssize_t)head) return w < 0 ? errno : ENOSPC;
+    if (w != 1) return w < 0 ? errno : ENOSPC;
     if ((unsigned long long)at + total > c->file_end && c->file_end) c->file_end = at + total;
     return 0;
 }
@@ -400,8 +404,7 @@ static PyObject *Chain_append(Chain *c, PyObject *args, PyObject *kw) {
 }
 
 /* Records a caller has together (a session's opening and its process)
- * cost one write, not one each. */
-#define MANY_MAX 8
+ * cost one write, not one each (MANY_MAX, above). */
 
 static int append_many_locked(Chain *c, Py_buffer *pay, int *kinds, int n, uint64_t ts,
                               uint64_t *first) {

@@ -24,9 +24,9 @@ Seals (checkpoints) are ordinary records whose payload signs a chain head;
 they need nothing more from the frame.
 
 The active segment may end in zeros: space the writer preallocated ahead of
-its records (agent/native/chain.c). A frame's header is written after the
-rest of it, so a zero magic is where the written records end; a finished
-segment is cut back to its last record.
+its records (agent/native/chain.c). A frame's first byte is written after
+the rest of it, so a zero byte where a frame would start is where the
+written records end; a finished segment is cut back to its last record.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import blake3
 
 MAGIC = b"TG"
-NO_MAGIC = b"\0\0"                       # not written yet (preallocated)
+UNWRITTEN = 0                           # a frame's first byte until it is whole
 FORMAT_VERSION = 3                      # what this build writes by default
 READABLE_VERSIONS = frozenset({1, 2, 3})
 # The store's payload_hash setting -> the version its frames are written as.

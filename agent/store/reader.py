@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from agent.store.format import (
-    CRC, HEADER, HEADER_SIZE, MAGIC, NO_MAGIC, MAX_PAYLOAD, READABLE_VERSIONS, ZERO_HASH,
+    CRC, HEADER, HEADER_SIZE, MAGIC, UNWRITTEN, MAX_PAYLOAD, READABLE_VERSIONS, ZERO_HASH,
     Kind, Record, frame_digest,
 )
 
@@ -46,9 +46,9 @@ def _read_frame(buf: memoryview, off: int, name: str) -> tuple[Record | None, st
     """Parse one frame at off. (record, None), or (None, why it is not whole)."""
     if len(buf) - off < HEADER_SIZE:
         return None, "short header"
-    magic, ver, kind, length, seq, ts, prev = HEADER.unpack_from(buf, off)
-    if magic == NO_MAGIC:
+    if buf[off] == UNWRITTEN:
         return None, "no header"
+    magic, ver, kind, length, seq, ts, prev = HEADER.unpack_from(buf, off)
     if magic != MAGIC or ver not in READABLE_VERSIONS:
         return None, "bad magic"
     if length > MAX_PAYLOAD:

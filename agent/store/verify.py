@@ -27,7 +27,7 @@ import orjson
 
 from agent.store import seal as sealing
 from agent.store.format import (
-    CRC, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, NO_MAGIC, READABLE_VERSIONS, ZERO_HASH, Kind,
+    CRC, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, UNWRITTEN, READABLE_VERSIONS, ZERO_HASH, Kind,
     frame_hash, segment_name,
 )
 from agent.store.immutable import is_immutable
@@ -183,7 +183,7 @@ class _Verifier:
         else:
             magic, ver, kind, length, seq, ts, prev = HEADER.unpack_from(buf, off)
             end = off + HEADER_SIZE + length
-            if magic == NO_MAGIC:
+            if buf[off] == UNWRITTEN:
                 why = "no header"
             elif magic != MAGIC or ver not in READABLE_VERSIONS:
                 why = "bad magic or version"

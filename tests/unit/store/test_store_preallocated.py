@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from agent.store import Kind, StoreWriter, iter_records, verify
 from agent.store.format import HEADER_SIZE
 from agent.store.reader import segment_paths, written_end
@@ -79,14 +81,17 @@ def test_a_killed_writer_leaves_zeros_the_next_open_trims(tmp_path):
     assert verify(store, allow_torn_tail=False).ok
 
 
-def test_a_frame_whose_header_never_came_is_torn_and_kept(tmp_path):
-    """A crash between a frame's body and its header (written last)."""
+@pytest.mark.parametrize("header", [b"", b"G\x03\x04"], ids=["none", "all but its first byte"])
+def test_a_frame_whose_first_byte_never_came_is_torn_and_kept(tmp_path, header):
+    """A crash before a frame's first byte (written last)."""
     w = StoreWriter(tmp_path, immutable=False)
     w.append_json(Kind.EVENT, {"whole": True})
     end = w.chain.seg_bytes
     seg = segment_paths(tmp_path)[-1]
-    body = b'{"cut":"before its header"}' + b"\x12\x34\x56\x78"
+    body = b'{"cut":"before its first byte"}' + b"\x12\x34\x56\x78"
     with open(seg, "r+b") as f:
+        f.seek(end + 1)
+        f.write(header)
         f.seek(end + HEADER_SIZE)
         f.write(body)
     size = seg.stat().st_size
@@ -100,3 +105,31 @@ def test_a_frame_whose_header_never_came_is_torn_and_kept(tmp_path):
     assert kept[HEADER_SIZE:HEADER_SIZE + len(body)] == body
     w.close()
     assert verify(tmp_path, allow_torn_tail=False).ok
+
+
+WRITING = textwrap.dedent("""
+    import sys
+    from agent.store import Kind, StoreWriter
+    w = StoreWriter(sys.argv[1], immutable=False, segment_max_bytes=1 << 20)
+    print("open", flush=True)
+    for i in range(int(sys.argv[2])):
+        w.append_json(Kind.EVENT, {"i": i, "pad": "p" * (i % 300)})
+    w.close()
+""")
+
+
+def test_a_store_being_written_reads_whole_from_another_process(tmp_path):
+    """Readers never see a frame before all of it: verify of the live store
+    (another process appending and rotating) finds no fault at any moment."""
+    store = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-c", WRITING, str(store), "60000"],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "open\n"
+    looks = 0
+    while p.poll() is None:
+        r = verify(store, allow_torn_tail=True)
+        assert r.ok, r.failures
+        looks += 1
+    assert p.returncode == 0 and looks > 3
+    r = verify(store, allow_torn_tail=False)
+    assert r.ok and r.records >= 60000, r.failures
