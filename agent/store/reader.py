@@ -36,8 +36,8 @@ def segment_paths(store_dir: str | os.PathLike) -> list[Path]:
 
 def unwritten(buf: memoryview, off: int) -> bool:
     """Only zeros from off on: space the writer preallocated for records
-    (a frame's header is written last, so a frame being written shows its
-    bytes after a zero header and is not unwritten)."""
+    (a frame's first byte is written last, so a frame being written shows
+    its other bytes after a zero and is not unwritten)."""
     rest = buf[off:]
     return bytes(rest).count(0) == len(rest)
 

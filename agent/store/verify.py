@@ -31,8 +31,8 @@ from agent.store.format import (
     frame_hash, segment_name,
 )
 from agent.store.immutable import is_immutable
-from agent.store.reader import unwritten
 from agent.store.keys import Ratchet
+from agent.store.reader import unwritten
 
 _SEGMENT_NAME = re.compile(r"^\d{20}\.seg$")
 _KINDS = frozenset(int(k) for k in Kind)
