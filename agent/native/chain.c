@@ -144,15 +144,23 @@ static int copy_frames(Chain *c, const struct iovec *iov, int n, size_t total) {
     return 0;
 }
 
+/* At the file's end one pwritev, as an append: a reader sees the file grow
+ * only as its bytes are copied. Into preallocated zeros, the first byte
+ * goes last, in a write of its own. */
 static int pwrite_frames(Chain *c, const struct iovec *iov, int n, size_t total) {
     struct iovec rest[4 * MANY_MAX];
     off_t at = (off_t)c->seg_bytes;
-    rest[0] = (struct iovec){(uint8_t *)iov[0].iov_base + 1, iov[0].iov_len - 1};
-    memcpy(rest + 1, iov + 1, sizeof *iov * (size_t)(n - 1));
-    ssize_t w = pwritev(c->fd, rest, n, at + 1);
-    if (w == (ssize_t)total - 1) w = pwrite(c->fd, iov[0].iov_base, 1, at);
-    else if (w >= 0) return ENOSPC;   /* a regular file writes short only when full */
-    if (w != 1) return w < 0 ? errno : ENOSPC;
+    int appending = c->file_end && (unsigned long long)at >= c->file_end;
+    ssize_t w, want = (ssize_t)total;
+    if (appending) {
+        w = pwritev(c->fd, iov, n, at);
+    } else {
+        rest[0] = (struct iovec){(uint8_t *)iov[0].iov_base + 1, iov[0].iov_len - 1};
+        memcpy(rest + 1, iov + 1, sizeof *iov * (size_t)(n - 1));
+        w = pwritev(c->fd, rest, n, at + 1);
+        if (w == want - 1) w = pwrite(c->fd, iov[0].iov_base, 1, at), want = 1;
+    }
+    if (w != want) return w < 0 ? errno : ENOSPC;   /* short only when full */
     if ((unsigned long long)at + total > c->file_end && c->file_end) c->file_end = at + total;
     return 0;
 }

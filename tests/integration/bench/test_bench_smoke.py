@@ -36,16 +36,20 @@ def test_quick_bench_prints_every_row():
 
 
 @pytest.mark.timeout(600)
-def test_paired_runs_measure_both_checkouts():
+@pytest.mark.parametrize("mode, figures", [
+    ([], ("per_s", "cpu_us_per_conn")),
+    (["--latency", "--trips", "500"], ("p50_us", "p99_us", "cpu_us_per_trip")),
+], ids=["connection-rate", "latency"])
+def test_paired_runs_measure_both_checkouts(mode, figures):
     """bench.pair against this checkout twice: one run each, with figures."""
     r = subprocess.run([sys.executable, "-m", "bench.pair", str(ROOT), str(ROOT),
-                        "--rounds", "1", "--seconds", "1"], cwd=ROOT,
+                        "--rounds", "1", "--seconds", "1", *mode], cwd=ROOT,
                        capture_output=True, text=True, timeout=590)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     runs = [x for x in lines if "round" in x]
     assert [x["build"] for x in runs] == ["old", "new"]
-    assert all(x["per_s"] > 0 and x["cpu_us_per_conn"] > 0 for x in runs)
+    assert all(x[f] > 0 for x in runs for f in figures), runs
     assert [x["build"] for x in lines if "mean" in x] == ["old", "new"]
 
 

@@ -11,7 +11,10 @@ import pytest
 from agent.native import Chain
 from agent.store.format import ZERO_HASH, encode_header, frame_digest
 
-SIZES = [0, 1, 7, 8, 9, 55, 56, 63, 64, 65, 127, 128, 255, 1000, 4095, 4096, 65_537, 1 << 20]
+# Small ones are copied into the mapped window, large ones written into it;
+# the last past the window's end, where a write appends to the file.
+SIZES = [0, 1, 7, 8, 9, 55, 56, 63, 64, 65, 127, 128, 255, 1000, 4095, 4096, 65_537, 1 << 20,
+         1 << 20, 1 << 20, 100, 3000]
 
 
 def python_frame(kind: int, seq: int, ts: int, prev: bytes, prefix: bytes,
