@@ -95,6 +95,8 @@ def test_a_frame_whose_first_byte_never_came_is_torn_and_kept(tmp_path, header):
         f.seek(end + HEADER_SIZE)
         f.write(body)
     size = seg.stat().st_size
+    live = verify(tmp_path, allow_torn_tail=True)  # as `tollgate verify` of a running agent
+    assert live.ok and live.torn_tail == HEADER_SIZE + len(body)
     w.chain.fd = -1  # the crash: nothing trimmed, nothing closed properly
     w = StoreWriter(tmp_path, immutable=False)
     rec = w.recovered
