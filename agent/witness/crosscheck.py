@@ -39,6 +39,12 @@ PROBE_NETNS = "tracepoint:syscalls:unshare/setns/clone/clone3"
 PROBE_UID = "tracepoint:sched:sched_process_exec+syscalls:set*uid"
 _AF_PACKET, _EPERM = 17, 1
 _CHECKED_MEMORY = 65536
+# A kernel proof that names no socket (the kernel's `pending` map was full,
+# or it holds nothing: all_tcp_states) proves only that some socket on that
+# address and port reached the proxy; a second socket bound to the same
+# port could be going around it. Such a socket waits this long for the
+# proxy's table to know it, and is a bypass if it never does.
+UNBOUND_PROOF_PATIENCE_S = 2.0
 # The same UDP destination from the same process raises one alert per window.
 _UDP_REPEAT_S = 5.0
 
@@ -153,13 +159,16 @@ class CrossCheck:
         seen = self.kernel_proxied(t[0], t[1]) if self.kernel_proxied is not None else None
         return seen if seen is not None and seen[1] in self.proxy_listen else None
 
-    def _kernel_proxied(self, conn: _Conn, t: Tuple4) -> bool:
+    def _kernel_proof(self, conn: _Conn, t: Tuple4) -> str | None:
+        """"socket": the kernel proved this socket went into the proxy;
+        "port": some socket on its address and port did; None: no proof."""
         seen = self._proxy_record(t)
         # An entry from before this socket's connect is an earlier socket's
         # that had the same address and port, and one that proved another
         # socket (the kernel knew which) is that socket's: no proof for this one.
-        return (seen is not None and seen[0] >= conn.opened.ts_ns
-                and seen[2] in (0, conn.opened.sk))
+        if seen is None or seen[0] < conn.opened.ts_ns:
+            return None
+        return "socket" if seen[2] == conn.opened.sk else "port" if seen[2] == 0 else None
 
     def _schedule(self, conn: _Conn, ts_ns: int) -> None:
         conn.deadline_ns = ts_ns + self.window_ns
@@ -171,7 +180,7 @@ class CrossCheck:
     def tick(self, now_ns: int | None = None) -> None:
         now = time.monotonic_ns() if now_ns is None else now_ns
         for conn in self._take_due(now):
-            self._judge(conn)
+            self._judge(conn, now)
 
     def ms_until_due(self, idle_ms: int) -> int:
         """Milliseconds until the earliest pending verdict (at least 1), or idle_ms."""
@@ -192,14 +201,21 @@ class CrossCheck:
                     due.append(conn)
         return due
 
-    def _judge(self, conn: _Conn) -> None:
+    def _judge(self, conn: _Conn, now: int) -> None:
         ev = conn.last
         t = (ev.saddr, ev.sport, ev.daddr, ev.dport)
         if not ev.sport:              # closed before a port was bound: nothing sent
             self._count("tcp_unbound")
             return
         in_table = matches(self.sessions, t)
-        kernel = not in_table and self._kernel_proxied(conn, t)
+        proof = None if in_table else self._kernel_proof(conn, t)
+        if proof == "port" and now - conn.opened.ts_ns < UNBOUND_PROOF_PATIENCE_S * 1e9:
+            self._count("tcp_port_proof_waits")
+            with self._lock:           # the proxy's table must know it: judged again
+                self._live.setdefault(conn.opened.sk, conn)
+                self._schedule(conn, now)
+            return
+        kernel = proof == "socket"
         matched = in_table or kernel
         self._remember(t, matched)
         if matched:

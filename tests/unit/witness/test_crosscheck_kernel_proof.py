@@ -1,8 +1,9 @@
 """The cross-check's verdict on one subject socket: the proxy's session table
 first, then the kernel's record of the proxy accepting it (the map `proxied`).
 A kernel record counts only if it is newer than the socket's connect, was
-accepted on one of the proxy's listen addresses and proved this socket (or
-the kernel could not tell which); anything else is a bypass."""
+accepted on one of the proxy's listen addresses and proved this socket; one
+that could not tell which socket (port only) makes the socket wait for the
+proxy's table instead; anything else is a bypass."""
 
 from __future__ import annotations
 
@@ -63,11 +64,34 @@ def test_the_session_table_answers_first_and_the_kernel_is_not_asked():
     assert check.counts["tcp_matched"] == 1 and not alerts.alerts and asked == []
 
 
-@pytest.mark.parametrize("proved", [0xABC, 0], ids=["this-socket", "socket-not-known"])
-def test_a_fresh_kernel_record_on_a_listen_address_proves_the_proxy_took_it(proved):
-    check, alerts, asked = judge(False, (CONNECT_NS + 40_000, "127.0.0.1", proved))
+def test_a_fresh_kernel_record_on_a_listen_address_proves_the_proxy_took_it():
+    check, alerts, asked = judge(False, (CONNECT_NS + 40_000, "127.0.0.1", 0xABC))
     assert check.counts["tcp_matched_in_kernel"] == 1 and not alerts.alerts
     assert asked == [SRC]
+
+
+PORT_ONLY = (CONNECT_NS + 40_000, "127.0.0.1", 0)   # the kernel could not tell which socket
+
+
+def test_a_port_only_proof_waits_for_the_proxys_table():
+    """A proof of the address and port alone (the kernel's `pending` map was
+    full) is not this socket's: a second socket on the same port may have
+    dialed the proxy. Matched once the proxy's table knows it."""
+    check, alerts, _ = judge(False, PORT_ONLY)
+    assert check.counts["tcp_port_proof_waits"] == 1 and check.counts["tcp_matched"] == 0
+    check.sessions.known = True                    # the proxy accepted it, late
+    check.tick(CONNECT_NS + 10**9 + WINDOW_MS * 10**6)
+    assert check.counts["tcp_matched"] == 1 and not alerts.alerts
+
+
+def test_a_port_only_proof_the_table_never_confirms_is_a_bypass():
+    check, alerts, _ = judge(False, PORT_ONLY)
+    for ms in (1500, 2500):                        # within, then past the patience
+        check.tick(CONNECT_NS + ms * 10**6)
+    assert check.counts["tcp_bypass"] == 1 and check.counts["tcp_matched_in_kernel"] == 0
+    assert check.counts["tcp_port_proof_waits"] >= 2
+    [alert] = alerts.alerts
+    assert alert["type"] == "bypass" and alert["evidence"]["sport"] == SRC[1]
 
 
 @pytest.mark.parametrize("kernel", [
