@@ -4,8 +4,11 @@ nftables redirects with DNAT, so the subject's own socket still names the
 original destination; the proxy knows each accepted connection by client
 address and original destination. A subject socket that reached ESTABLISHED
 (or still sits in SYN_SENT, its SYNs leaving the host) and that the proxy
-does not know within match_window_ms is a bypass. A socket refused before
-it established carried nothing and is only counted.
+does not know within match_window_ms is a bypass, unless the kernel saw the
+proxy accept it (bpf/tcp_connect.c); a kernel record that names only its
+address and port lets it wait for the proxy's table instead (up to
+UNBOUND_PROOF_PATIENCE_S). A socket refused before it established carried
+nothing and is only counted.
 
 The other kernel events turn straight into their alerts. on_event() runs on
 the witness's poll thread (or the proxy's, when it drains the ring buffer for
