@@ -385,7 +385,11 @@ class StoreWriter:
             return True
         return (self.segment_max_age_ns is not None
                 and now_ns - self._seg_started_ns >= self.segment_max_age_ns
-                and self._next_seq - 1 > int(self._seg_path.stem))
+                and self._segment_has_records())
+
+    def _segment_has_records(self) -> bool:
+        """Records after the active segment's SEGMENT_START."""
+        return self._next_seq - 1 > int(self._seg_path.stem)
 
     # -- appending -------------------------------------------------------------
 
@@ -517,6 +521,10 @@ class StoreWriter:
         if (now - self._seal_at_ns < self.seal_interval_ns
                 and self._chain.seal_bytes < self.seal_interval_bytes):
             return False
+        return self._unsealed()
+
+    def _unsealed(self) -> bool:
+        """Records appended since the newest seal."""
         return not (self._last_seal and self._last_seal["seq"] == self._next_seq - 1)
 
     def _seal_locked(self) -> None:
@@ -566,7 +574,7 @@ class StoreWriter:
         if self.seal_key is None:
             return None
         with self._lock:
-            if not (self._last_seal and self._last_seal["seq"] == self._next_seq - 1):
+            if self._unsealed():
                 self._guard(self._seal_locked)
             seq = self._last_seal["seq"]
         self._ratchet(force=True)
@@ -597,11 +605,11 @@ class StoreWriter:
         if not self.healthy or self._deferred:
             return interval_s
         mono, waits = time.monotonic_ns(), [UPKEEP_IDLE_S]
-        if self.segment_max_age_ns is not None and self._next_seq - 1 > int(self._seg_path.stem):
+        if self.segment_max_age_ns is not None and self._segment_has_records():
             waits.append((self._seg_started_ns + self.segment_max_age_ns - time.time_ns()) / 1e9)
         if self.seal_key is not None:
             waits.append(self.seal_interval_ns / 1e9)
-            if not (self._last_seal and self._last_seal["seq"] == self._next_seq - 1):
+            if self._unsealed():
                 waits.append((self._seal_at_ns + self.seal_interval_ns - mono) / 1e9)
             if self._pending_ratchet is not None:
                 persisted = self._key_persisted_ns or 0
