@@ -77,14 +77,6 @@ static int cut_to_records(Chain *c) {
     return 0;
 }
 
-static int known_file_end(Chain *c) {
-    struct stat st;
-    if (c->file_end) return 0;
-    if (fstat(c->fd, &st) != 0) return errno;
-    c->file_end = (unsigned long long)st.st_size;
-    return 0;
-}
-
 /* Map [start, start + len) with its pages faulted in for writing. That
  * reserves their space (ext4's delayed allocation, tmpfs pages), so a copy
  * into the mapping never meets a full disk, which would be SIGBUS: a full
@@ -115,9 +107,7 @@ static int map_window(Chain *c, unsigned long long at, size_t total) {
     if (!page) page = sysconf(_SC_PAGESIZE);
     drop_window(c);
     unsigned long long start = at & ~(unsigned long long)(page - 1);
-    int err = known_file_end(c);
-    if (err) return err;
-    err = map_range(c, start, MAP_WINDOW);
+    int err = map_range(c, start, MAP_WINDOW);
     if (err != ENOSPC && err != EFBIG) return err;
     /* Nearly full: only the pages this frame needs, so records go on to the
      * last byte, as written ones would. */
@@ -150,7 +140,7 @@ static int copy_frames(Chain *c, const struct iovec *iov, int n, size_t total) {
 static int pwrite_frames(Chain *c, const struct iovec *iov, int n, size_t total) {
     struct iovec rest[4 * MANY_MAX];
     off_t at = (off_t)c->seg_bytes;
-    int appending = c->file_end && (unsigned long long)at >= c->file_end;
+    int appending = (unsigned long long)at >= c->file_end;
     ssize_t w, want = (ssize_t)total;
     if (appending) {
         w = pwritev(c->fd, iov, n, at);
@@ -161,7 +151,7 @@ static int pwrite_frames(Chain *c, const struct iovec *iov, int n, size_t total)
         if (w == want - 1) w = pwrite(c->fd, iov[0].iov_base, 1, at), want = 1;
     }
     if (w != want) return w < 0 ? errno : ENOSPC;   /* short only when full */
-    if ((unsigned long long)at + total > c->file_end && c->file_end) c->file_end = at + total;
+    if ((unsigned long long)at + total > c->file_end) c->file_end = at + total;
     return 0;
 }
 
@@ -483,16 +473,23 @@ static PyObject *Chain_get_fd(Chain *c, void *unused) {
     return PyLong_FromLong(c->fd);
 }
 
-/* A new segment: the old one's window goes (trim() has cut it already). */
+/* A new segment: the old one's window goes (trim() has cut it already).
+ * Its size is read once here; from then on every change to it is the
+ * chain's (appends, trim), so file_end stays true. */
 static int Chain_set_fd(Chain *c, PyObject *v, void *unused) {
+    struct stat st = {0};
     long fd = v ? PyLong_AsLong(v) : -2;
     if (fd < -1) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "fd is a descriptor or -1");
         return -1;
     }
+    if (fd >= 0 && fstat((int)fd, &st) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     drop_window(c);
     c->fd = (int)fd;
-    c->file_end = 0;
+    c->file_end = (unsigned long long)st.st_size;
     c->small_run = MAP_AFTER_SMALL;   /* a new segment's first small frame maps */
     return 0;
 }

@@ -36,7 +36,7 @@ typedef struct {
     unsigned long long windows;   /* mapped since the chain was made */
     uint8_t *map;              /* the window of the segment small frames are copied into */
     unsigned long long map_off, map_len;
-    unsigned long long file_end;  /* the segment's size: seg_bytes, then zeros; 0: look */
+    unsigned long long file_end;  /* the segment's size: seg_bytes, then preallocated zeros */
     int healthy;               /* 0: relay appends fail until Python recovers the store */
     int wake_fd;               /* eventfd: upkeep (rotation, seal) is due */
     int wake_sent;

@@ -188,8 +188,8 @@ class StoreWriter:
         self._seg_path, self._seg_bytes = last, tail.end
         if tail.torn:
             self._cut_torn_tail(tail)
-        elif os.fstat(self._fd).st_size > tail.end:
-            os.ftruncate(self._fd, tail.end)  # space preallocated for records, never written
+        else:
+            self._chain.trim()  # space preallocated for records, never written
         self._synced_seq = self._next_seq - 1 if self.recovered else -1
         self._resume_key()
 
@@ -235,12 +235,13 @@ class StoreWriter:
         if tail.torn:
             self._cut_torn_tail(tail, previous=previous)
         else:
-            os.ftruncate(self._fd, 0)  # only preallocated zeros
+            self._chain.trim()  # only preallocated zeros
             self._append_locked(Kind.SEGMENT_START, self._start_payload(previous), time.time_ns())
         self._resume_key()
 
     def _cut_torn_tail(self, tail: Tail, previous: dict | None = None) -> None:
-        """Keep the torn bytes beside the segment (evidence), cut, then say so."""
+        """Keep the torn bytes beside the segment (evidence), cut, then say so.
+        The caller has set the chain's seg_bytes to tail.end."""
         path = self._seg_path
         torn = path.read_bytes()[tail.end:]
         keep = path.with_name(f"{path.name}.torn-{time.time_ns()}")
@@ -250,7 +251,7 @@ class StoreWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.ftruncate(self._fd, tail.end)
+        self._chain.trim()   # to tail.end, where the segment's whole records end
         os.fsync(self._fd)
         fsync_dir(self.dir)
         if tail.end == 0:
