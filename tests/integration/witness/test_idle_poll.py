@@ -10,6 +10,7 @@ import json
 import threading
 import time
 
+import psutil
 import pytest
 
 from agent.store import Kind, StoreWriter, iter_records
@@ -46,8 +47,7 @@ def witness(netns_inode, tmp_path_factory):
 def poll_wakeups() -> int:
     """Voluntary context switches of the witness's poll thread so far."""
     [tid] = [t.native_id for t in threading.enumerate() if t.name == "tollgate-witness"]
-    with open(f"/proc/self/task/{tid}/status") as f:
-        return int(f.read().split("\nvoluntary_ctxt_switches:")[1].split()[0])
+    return psutil.Process(tid).num_ctx_switches().voluntary
 
 
 def written_ns(store_dir, sport: int) -> int:

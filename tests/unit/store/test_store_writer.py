@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 
+import psutil
 import pytest
 
 from agent.store import Direction, Kind, SealKey, StoreError, StoreWriter, init_key, verify
@@ -127,8 +128,7 @@ def _relay_append(w: StoreWriter, data: bytes) -> None:
 
 
 def _wakeups(thread: threading.Thread) -> int:
-    with open(f"/proc/self/task/{thread.native_id}/status") as f:
-        return int(f.read().split("\nvoluntary_ctxt_switches:")[1].split()[0])
+    return psutil.Process(thread.native_id).num_ctx_switches().voluntary
 
 
 def test_upkeep_seals_a_relay_threads_records_within_the_interval(tmp_path):
