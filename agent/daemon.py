@@ -9,6 +9,7 @@ they stay in the kernel when the agent stops or dies (fail closed).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import resource
@@ -327,7 +328,7 @@ class Agent:
 
     async def attribute(self, session: Session) -> dict:
         client, dst = session.client, session.original_dst
-        from_proc = lambda: self._from_proc(client, dst, socket.IPPROTO_TCP)  # noqa: E731
+        from_proc = functools.partial(self._from_proc, client, dst, socket.IPPROTO_TCP)
         if self.connects is None:
             return await from_proc()
         return await kernel_then_proc(self.connects, client, dst, from_proc)
