@@ -35,7 +35,8 @@ typedef struct {
     int small_run;             /* frames copied or written since the last large one */
     unsigned long long windows;   /* mapped since the chain was made */
     uint8_t *map;              /* the window of the segment small frames are copied into */
-    unsigned long long map_off, map_len;
+    /* the window's offset and length; faulted in up to map_ready, unmapped below map_done */
+    unsigned long long map_off, map_len, map_ready, map_done;
     unsigned long long file_end;  /* the segment's size: seg_bytes, then preallocated zeros */
     int healthy;               /* 0: relay appends fail until Python recovers the store */
     int wake_fd;               /* eventfd: upkeep (rotation, seal) is due */

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import psutil
 import pytest
 
 from agent.native import Chain
@@ -93,3 +94,28 @@ def test_small_frames_are_copied_large_ones_written_without_mapping_for_strays(t
         assert os.fstat(fd).st_size == chain.seg_bytes
     finally:
         os.close(fd)
+
+
+def _mapped_rss(path) -> int:
+    return sum(m.rss for m in psutil.Process().memory_maps(grouped=False) if m.path == str(path))
+
+
+def test_the_window_is_faulted_in_ahead_of_the_records_and_let_go_behind(tmp_path):
+    """Pages are faulted in a step ahead of the write point and unmapped a
+    step behind it: no append pays for a whole window at once (~4 ms here),
+    and a busy store keeps ~128 KiB of its segment mapped, not 2 MiB."""
+    path = tmp_path / "seg"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    chain = Chain()
+    chain.fd = fd
+    try:
+        _appends(chain, [100] * 20)
+        assert chain.mapped and 0 < _mapped_rss(path) <= 128 << 10
+        _appends(chain, [100] * 9_000)               # ~1.5 MiB: still the first window
+        assert chain.windows == 1
+        assert 0 < _mapped_rss(path) <= 192 << 10
+        with chain:
+            chain.trim()
+    finally:
+        os.close(fd)
+    assert path.stat().st_size == chain.seg_bytes
