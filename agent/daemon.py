@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from agent import __version__
+from agent import __version__, conntrack
 from agent.alerts import AlertType, make_alert
 from agent.config import Config
 from agent.control import StoreLock, serve
@@ -45,24 +45,50 @@ KERNEL_ATTRIBUTION_WAIT_S = 0.05  # the witness's event normally arrives within 
 # kernel's event is the only evidence left: wait longer for a starved witness.
 KERNEL_LATE_WAIT_S = 2.0
 HEAP_TRIM_INTERVAL_S = 5.0
+FromProc = Callable[[tuple[str, int]], Awaitable[dict]]
+BeforeNat = Callable[[tuple[str, int]], Awaitable["tuple[str, int] | None"]]
 
 
 async def kernel_then_proc(connects: ConnectTable, client: tuple[str, int],
-                           dst: tuple[str, int],
-                           from_proc: Callable[[], Awaitable[dict]]) -> dict:
+                           dst: tuple[str, int], from_proc: FromProc,
+                           before_nat: BeforeNat) -> dict:
     """From the witness's connect event when it has one (cheap, and names
-    even a process that has exited); else from sock_diag and /proc; and when
-    those find the client gone too, from the kernel's event once more, which
-    a busy host may deliver after the first wait (the session would
-    otherwise be recorded without anyone behind it)."""
+    even a process that has exited); if it has none, the subject's socket
+    may have had another port than the proxy saw (conntrack changed it on
+    the way: agent/conntrack.py), and is looked for by its own; else from
+    sock_diag and /proc; and when those find the client gone too, from the
+    kernel's event once more, which a busy host may deliver after the first
+    wait (the session would otherwise be recorded without anyone behind it)."""
     info = await connects.attribution(client, dst, KERNEL_ATTRIBUTION_WAIT_S)
     if info is not None:
         return info
-    info = await from_proc()
+    own = await before_nat(client)
+    if own is not None:
+        return _sent_from(own, await kernel_then_proc(connects, own, dst, from_proc, _unchanged))
+    info = await from_proc(client)
     if "uid" in info:
         return info
     late = await connects.attribution(client, dst, KERNEL_LATE_WAIT_S)
     return info if late is None else {**late, "proc_error": info.get("error")}
+
+
+async def proc_only(client: tuple[str, int], from_proc: FromProc, before_nat: BeforeNat) -> dict:
+    """Without the witness: sock_diag and /proc, by the socket's own port if
+    the proxy's finds nothing and conntrack changed it."""
+    info = await from_proc(client)
+    if "uid" in info:
+        return info
+    own = await before_nat(client)
+    return info if own is None else _sent_from(own, await from_proc(own))
+
+
+def _sent_from(own: tuple[str, int], info: dict) -> dict:
+    """The attribution, saying the socket's own address where the proxy saw another."""
+    return {**info, "client_before_nat": list(own)}
+
+
+async def _unchanged(client: tuple[str, int]) -> None:
+    return None
 
 
 class StartError(Exception):
@@ -328,10 +354,14 @@ class Agent:
 
     async def attribute(self, session: Session) -> dict:
         client, dst = session.client, session.original_dst
-        from_proc = functools.partial(self._from_proc, client, dst, socket.IPPROTO_TCP)
+        from_proc = functools.partial(self._from_proc, dst=dst, protocol=socket.IPPROTO_TCP)
         if self.connects is None:
-            return await from_proc()
-        return await kernel_then_proc(self.connects, client, dst, from_proc)
+            return await proc_only(client, from_proc, self._before_nat)
+        return await kernel_then_proc(self.connects, client, dst, from_proc, self._before_nat)
+
+    async def _before_nat(self, client: tuple[str, int]) -> tuple[str, int] | None:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, conntrack.as_sent, client, self.cfg.proxy.port)
 
     async def attribute_udp(self, client: tuple[str, int], dst: tuple[str, int]) -> dict:
         return await self._from_proc(client, dst, socket.IPPROTO_UDP)

@@ -261,8 +261,11 @@ def _attributed(item: Attributed) -> Lines:
     chain = attribution.session_chain(info)
     if not chain:
         return _stamped(item.ts_ns, " ", [f"process: not attributed ({info.get('error', 'no chain')})"])
-    head = f"subject uid {info.get('uid', '?')}; process chain, login first:"
-    return _stamped(item.ts_ns, " ", [head] + ["  " + line for line in attribution.detail_lines(chain)])
+    head = [f"subject uid {info.get('uid', '?')}; process chain, login first:"]
+    own = info.get("client_before_nat")
+    if own:   # the session's client port is conntrack's, not the socket's
+        head.insert(0, f"client socket {own[0]}:{own[1]} (conntrack changed its port on the way)")
+    return _stamped(item.ts_ns, " ", head + ["  " + line for line in attribution.detail_lines(chain)])
 
 
 def _stamped(ts_ns: int, direction: str, lines: Lines) -> Lines:

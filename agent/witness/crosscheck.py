@@ -5,9 +5,10 @@ original destination; the proxy knows each accepted connection by client
 address and original destination. A subject socket that reached ESTABLISHED
 (or still sits in SYN_SENT, its SYNs leaving the host) and that the proxy
 does not know within match_window_ms is a bypass, unless the kernel saw the
-proxy accept it (bpf/tcp_connect.c); a kernel record that names only its
-address and port lets it wait for the proxy's table instead (up to
-UNBOUND_PROOF_PATIENCE_S). A socket refused before it established carried
+proxy accept it (bpf/tcp_connect.c) or conntrack redirected its flow into
+the proxy (agent/conntrack.py: the proxy may know it by another source port);
+a kernel record that names only its address and port lets it wait for the
+proxy's table instead (up to UNBOUND_PROOF_PATIENCE_S). A socket refused before it established carried
 nothing and is only counted.
 
 The other kernel events turn straight into their alerts. on_event() runs on
@@ -55,6 +56,9 @@ _UDP_REPEAT_S = 5.0
 # (ip, port) of a subject socket -> when the proxy's side of it established, and
 # the local address it was accepted on; None if the kernel saw no such socket.
 KernelProxied = Callable[[str, int], tuple[int, str, int] | None]
+# A subject socket's (address, port) and destination -> the client the proxy
+# accepted for it, if conntrack redirected the flow into the proxy; else None.
+Redirected = Callable[[tuple[str, int], tuple[str, int]], tuple[str, int] | None]
 
 
 class SessionLookup(Protocol):
@@ -109,11 +113,15 @@ class CrossCheck:
     def __init__(self, store: Appender, sessions: SessionLookup, procs: ProcessTable, *,
                  window_ms: float, udp_allowed_ports: frozenset[int] = frozenset(),
                  proxy_listen: frozenset[str] = frozenset(),
-                 kernel_proxied: KernelProxied | None = None):
+                 kernel_proxied: KernelProxied | None = None,
+                 redirected: Redirected | None = None, own_netns: int = 0):
         self.store, self.sessions, self.procs = store, sessions, procs
         # What the kernel saw the proxy accept (loader.Probes.proxied), on the
         # proxy's listen addresses: asked when the session table does not match.
         self.proxy_listen, self.kernel_proxied = proxy_listen, kernel_proxied
+        # conntrack's view (agent/conntrack.py), asked last: it holds the
+        # agent's own namespace's flows only.
+        self.conntrack_redirected, self.own_netns = redirected, own_netns
         # Whether the kernel still holds an established subject socket's events
         # (loader.Probes.pending): the poll thread will judge it.
         self.kernel_pending: Callable[[str, int], bool] | None = None
@@ -173,6 +181,18 @@ class CrossCheck:
             return None
         return "socket" if seen[2] == conn.opened.sk else "port" if seen[2] == 0 else None
 
+    def redirected(self, netns: int, t: Tuple4) -> bool:
+        """conntrack redirected this socket's flow into the proxy. Its
+        entries are per 4-tuple, so a socket sharing its address and port
+        with another is told apart, and they hold the client port the proxy
+        accepted when conntrack changed it on the way (two subject sockets on
+        one port, to two destinations, would otherwise be one flow at the
+        proxy). Only for the agent's own network namespace, where its rules
+        and that conntrack table are."""
+        if self.conntrack_redirected is None or netns != self.own_netns:
+            return False
+        return self.conntrack_redirected((t[0], t[1]), (t[2], t[3])) is not None
+
     def _schedule(self, conn: _Conn, ts_ns: int) -> None:
         conn.deadline_ns = ts_ns + self.window_ns
         self._seq += 1
@@ -212,17 +232,19 @@ class CrossCheck:
             return
         in_table = matches(self.sessions, t)
         proof = None if in_table else self._kernel_proof(conn, t)
+        if not in_table and proof != "socket" and self.redirected(conn.opened.netns, t):
+            proof = "conntrack"
         if proof == "port" and now - conn.opened.ts_ns < UNBOUND_PROOF_PATIENCE_S * 1e9:
             self._count("tcp_port_proof_waits")
             with self._lock:           # the proxy's table must know it: judged again
                 self._live.setdefault(conn.opened.sk, conn)
                 self._schedule(conn, now)
             return
-        kernel = proof == "socket"
-        matched = in_table or kernel
+        matched = in_table or proof in ("socket", "conntrack")
         self._remember(t, matched)
         if matched:
-            self._count("tcp_matched_in_kernel" if kernel else "tcp_matched")
+            self._count("tcp_matched" if in_table else "tcp_matched_in_conntrack"
+                        if proof == "conntrack" else "tcp_matched_in_kernel")
         elif conn.established or not conn.closed:
             self._count("tcp_bypass")
             self._bypass(conn, t)

@@ -152,7 +152,7 @@ class Sweep:
     def _suspect(self, ns: int, s: DiagSock) -> bool:
         t = (s.src, s.sport, s.dst, s.dport)
         return ((ns, s.inode) not in self._alerted and not self.check.known(t)
-                and not matches(self.check.sessions, t))
+                and not matches(self.check.sessions, t) and not self.check.redirected(ns, t))
 
     def _alert(self, ns: int, s: DiagSock, pid: int, first: bool) -> None:
         self._alerted.add((ns, s.inode))

@@ -12,11 +12,14 @@ neither touches the daemon's event loop.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 
+from agent import conntrack
 from agent.alerts import Appender, AlertType, record_alert
 from agent.config import Config
 from agent.witness.crosscheck import CrossCheck, SessionLookup
@@ -47,7 +50,10 @@ class Witness:
         self.check = CrossCheck(store, sessions, self.procs, window_ms=wc.match_window_ms,
                                 udp_allowed_ports=frozenset({DNS_PORT}) if config.dns.enabled
                                 else frozenset(),
-                                proxy_listen=frozenset(config.proxy.listen))
+                                proxy_listen=frozenset(config.proxy.listen),
+                                redirected=functools.partial(conntrack.as_proxied,
+                                                             proxy_port=config.proxy.port),
+                                own_netns=os.stat("/proc/self/ns/net").st_ino)
         self._listeners: list[Callable[[Event], None]] = []
         self.probes = Probes(uids, pages=wc.perf_pages, guard=wc.guard,
                              on_event=self._dispatch, all_tcp_states=wc.all_tcp_states,

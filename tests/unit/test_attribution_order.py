@@ -12,6 +12,7 @@ import socket
 import threading
 
 import agent.daemon as daemon
+from agent import conntrack
 from agent.proxy import attribution
 from agent.witness.connections import ConnectTable
 from agent.witness.events import TcpEvent
@@ -27,13 +28,16 @@ def established(client: tuple[str, int], dst: tuple[str, int]) -> TcpEvent:
 def ask(client: tuple[str, int], dst: tuple[str, int], event_after_s: float | None) -> tuple:
     table = ConnectTable(ProcessTable(lambda uid: True))
 
-    def from_proc():
-        return asyncio.to_thread(attribution.attribute, client, dst, [os.getuid()])
+    def from_proc(c):
+        return asyncio.to_thread(attribution.attribute, c, dst, [os.getuid()])
+
+    def before_nat(c):   # the real conntrack, where nothing redirected these
+        return asyncio.to_thread(conntrack.as_sent, c, 15001)
 
     async def run():
         if event_after_s is not None:
             threading.Timer(event_after_s, table.on_event, (established(client, dst),)).start()
-        return await daemon.kernel_then_proc(table, client, dst, from_proc)
+        return await daemon.kernel_then_proc(table, client, dst, from_proc, before_nat)
 
     return asyncio.run(run()), table
 

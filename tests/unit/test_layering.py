@@ -18,7 +18,7 @@ ALLOWED = {
     "store": {"native"},
     "enforce": set(),
     "proxy": {"store", "alerts", "native", "readcache", "proctext"},
-    "witness": {"store", "alerts", "config", "readcache", "proctext"},
+    "witness": {"store", "alerts", "config", "readcache", "proctext", "conntrack"},
     "ship": {"store", "alerts", "config"},
     "review": {"store"},
     "alerts": {"store"},
@@ -26,6 +26,7 @@ ALLOWED = {
     "logs": set(),
     "readcache": set(),
     "proctext": set(),
+    "conntrack": set(),
 }
 
 

@@ -121,3 +121,42 @@ def test_the_sweep_counts_what_the_kernel_still_holds_as_known(pending, kernel, 
                        kernel_proxied=lambda ip, port: kernel)
     check.kernel_pending = lambda ip, port: pending and (ip, port) == SRC
     assert check.known((*SRC, *DST)) is known
+
+
+def judged_with_conntrack(redirected_to, own_netns: int) -> tuple[CrossCheck, Alerts, list]:
+    """Neither the table nor the kernel's record knows the socket; conntrack
+    is asked (agent/conntrack.py, tested for real in
+    tests/integration/proxy/test_nat_remap.py) for the flow's redirect."""
+    asked: list = []
+
+    def redirected(src, dst):
+        asked.append((src, dst))
+        return redirected_to
+
+    alerts = Alerts()
+    check = CrossCheck(alerts, Table(False), ProcessTable(lambda uid: uid == 1000),
+                       window_ms=WINDOW_MS, proxy_listen=frozenset({"127.0.0.1"}),
+                       kernel_proxied=lambda ip, port: None, redirected=redirected,
+                       own_netns=own_netns)
+    check.on_event(event("SYN_SENT", CONNECT_NS, 0))
+    check.on_event(event("ESTABLISHED", CONNECT_NS + 30_000, SRC[1]))
+    check.tick(CONNECT_NS + 10**9)
+    return check, alerts, asked
+
+
+def test_a_flow_conntrack_redirected_into_the_proxy_is_no_bypass():
+    check, alerts, asked = judged_with_conntrack(("10.0.0.5", 61000), own_netns=2)
+    assert check.counts["tcp_matched_in_conntrack"] == 1 and not alerts.alerts
+    assert asked == [(SRC, DST)]
+
+
+def test_conntrack_is_not_asked_for_a_socket_of_another_namespace():
+    """Its flows are in that namespace's conntrack, not the agent's: a flow
+    of the same 4-tuple here proves nothing about it."""
+    check, alerts, asked = judged_with_conntrack(("10.0.0.5", 61000), own_netns=3)
+    assert check.counts["tcp_bypass"] == 1 and asked == []
+
+
+def test_a_flow_conntrack_did_not_redirect_is_a_bypass():
+    check, alerts, asked = judged_with_conntrack(None, own_netns=2)
+    assert check.counts["tcp_bypass"] == 1 and len(alerts.alerts) == 1
