@@ -35,6 +35,7 @@ class AlertType(str, enum.Enum):
     UPSTREAM_FAILED = "upstream_failed"
     SHIP_BACKLOG = "ship_backlog"
     PROXY_REFUSED = "proxy_refused"
+    WITNESS_ERROR = "witness_error"
 
 
 SEVERITY = {
@@ -45,6 +46,7 @@ SEVERITY = {
     AlertType.POLICY_DENIED: "high", AlertType.PREEXISTING_SOCKET: "high",
     AlertType.UDP_BLOCKED: "medium", AlertType.SHIP_BACKLOG: "high",
     AlertType.UPSTREAM_FAILED: "low", AlertType.PROXY_REFUSED: "high",
+    AlertType.WITNESS_ERROR: "critical",
 }
 
 

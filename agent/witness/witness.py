@@ -38,6 +38,7 @@ IDLE_POLL_MS = 250  # nothing pending: the ring buffer wakes the poll when event
 UNPROVEN_POLL_MS = 20
 LOST_CHECK_S = 0.25
 DNS_PORT = 53
+ERROR_ALERT_EVERY_S = 60.0
 
 
 class Witness:
@@ -64,6 +65,8 @@ class Witness:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.lost = 0
+        self.errors = 0
+        self._error_alerted = -ERROR_ALERT_EVERY_S
 
     def subscribe(self, listener: Callable[[Event], None]) -> None:
         """Also hand every decoded event to listener (on the poll thread; keep it short)."""
@@ -95,19 +98,41 @@ class Witness:
     def _poll_loop(self) -> None:
         next_lost = 0.0
         while not self._stop.is_set():
-            # Wake for the next verdict that falls due, not on a fixed beat:
-            # an idle witness must not keep taking the relay's GIL.
-            idle_ms = UNPROVEN_POLL_MS if self.probes.holding() else IDLE_POLL_MS
-            self.probes.poll(self.check.ms_until_due(idle_ms))
-            self._take_unproven()
-            self.check.tick()
-            if time.monotonic() >= next_lost:
-                self._report_lost()
-                next_lost = time.monotonic() + LOST_CHECK_S
+            try:
+                next_lost = self._poll_once(next_lost)
+            except Exception as e:   # a failed turn must not blind the witness for good
+                self._failed(e)
         self.probes.poll(0)      # what is already in the buffer still counts
         self._take_unproven()
         self.check.tick()
         self._report_lost()
+
+    def _poll_once(self, next_lost: float) -> float:
+        # Wake for the next verdict that falls due, not on a fixed beat:
+        # an idle witness must not keep taking the relay's GIL.
+        idle_ms = UNPROVEN_POLL_MS if self.probes.holding() else IDLE_POLL_MS
+        self.probes.poll(self.check.ms_until_due(idle_ms))
+        self._take_unproven()
+        self.check.tick()
+        if time.monotonic() >= next_lost:
+            self._report_lost()
+            next_lost = time.monotonic() + LOST_CHECK_S
+        return next_lost
+
+    def _failed(self, e: Exception) -> None:
+        """Logged each time; an alert for the first and then at most one a
+        minute, with the count: what was being judged may have been lost."""
+        log.exception("witness poll failed")
+        self.errors += 1
+        now = time.monotonic()
+        if now < self._error_alerted + ERROR_ALERT_EVERY_S:
+            return
+        self._error_alerted = now
+        record_alert(self.store, AlertType.WITNESS_ERROR,
+                     f"the witness failed while judging kernel events ({type(e).__name__}: {e}); "
+                     f"it goes on, but what it was judging may be unjudged",
+                     error=f"{type(e).__name__}: {e}", count=self.errors,
+                     probe="witness poll thread")
 
     def _take_unproven(self) -> None:
         for event in self.probes.take_unproven(time.monotonic_ns() - self.check.window_ns):
@@ -137,6 +162,7 @@ class Witness:
         return {"events": {k: v for k, v in self.check.counts.items()
                            if k.endswith("Event")},
                 "lost": self.lost,
+                "errors": self.errors,
                 "alerts": {k[len("alert_"):]: v for k, v in self.check.counts.items()
                            if k.startswith("alert_")},
                 "sockets": {**{k: v for k, v in self.check.statistics().items()

@@ -320,6 +320,24 @@ def test_a_proof_made_while_the_bypass_still_connects_is_not_its_proof(witness, 
             subprocess.run(nft + ["delete", "table", "inet", "tgwtest"], capture_output=True)
 
 
+def test_a_failure_while_judging_is_an_alert_and_the_witness_goes_on(witness, store_dir):
+    """A bug reached while judging a socket (here: the kernel record's lookup made
+    to raise) used to end the poll thread: every later bypass unseen."""
+    def broken(ip, port):
+        raise RuntimeError("injected lookup failure")
+
+    real, witness.check.kernel_proxied = witness.check.kernel_proxied, broken
+    try:
+        helpers.run_subject(SUBJ_CONNECT, "127.0.0.1", str(PORT))
+        a = helpers.wait_alert(store_dir, type="witness_error")
+    finally:
+        witness.check.kernel_proxied = real
+    assert "injected lookup failure" in a["evidence"]["error"] and a["severity"] == "critical"
+    assert witness.statistics()["errors"] >= 1
+    out = helpers.run_subject(SUBJ_CONNECT, "127.0.0.1", str(PORT))
+    helpers.wait_alert(store_dir, type="bypass", sport=out["sport"])
+
+
 def test_statistics_shape(witness):
     st = witness.statistics()
     assert "tracepoint:sock:inet_sock_set_state" in st["attached"]
