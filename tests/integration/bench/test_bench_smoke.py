@@ -21,10 +21,17 @@ pytestmark = [pytest.mark.root,
 
 @pytest.mark.timeout(600)
 def test_quick_bench_prints_every_row():
+    knob = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    polling_before = knob.read_text() if knob.exists() else None
     r = subprocess.run([sys.executable, "-m", "bench", "--quick"], cwd=ROOT,
                        capture_output=True, text=True, timeout=590)
     assert r.returncode == 0, r.stderr[-3000:]
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    # the latency measured again with the guest's halt polling on, and the knob put back
+    if polling_before is not None:
+        assert knob.read_text() == polling_before
+    polled = next(line for line in table if line.startswith("| latency p50, guest halt polling"))
+    assert ("n/a" in polled) == (polling_before != "0\n"), polled
     for row in ROWS:
         assert any(line.startswith(f"| {row}") for line in table), (row, r.stdout)
     assert "direct" in table[0] and "haproxy" in table[0]
@@ -32,6 +39,8 @@ def test_quick_bench_prints_every_row():
     note = next(line for line in r.stdout.splitlines()
                 if line.startswith("note: haproxy with the agent's ruleset loaded"))
     assert ", p99 " in note and note.count("tollgate's added: ") == 2, note
+    if polling_before == "0\n":
+        assert "note: guest halt polling 200 us: haproxy with the agent's ruleset" in r.stdout
     assert "note: witness cost to traffic it does not proxy" in r.stdout
 
 
