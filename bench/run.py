@@ -375,6 +375,10 @@ class _Trips:
         if cpu is not None:
             self.cpu[col] = self.cpu.get(col, 0.0) + cpu
 
+    def cpu_per_trip(self, col: str) -> float | None:
+        """us of the relay's CPU a round trip, None for a path without a pid."""
+        return self.cpu[col] * 1e6 / len(self.rtt[col]) if col in self.cpu else None
+
     def percentile(self, col: str, q: float) -> float:
         s = sorted(self.rtt[col])
         return s[int(len(s) * q)]   # as loadgen: p50 = s[n/2], p99 = s[n*0.99]
@@ -393,7 +397,7 @@ def _latency(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
     t = _latency_rounds(sb, work, b, root, relays, paths, "rtt")
     for col in t.rtt:
         if col in t.cpu:
-            res.put("cpu_rtt", col, t.cpu[col] * 1e6 / len(t.rtt[col]))
+            res.put("cpu_rtt", col, t.cpu_per_trip(col))
     _put_latency(res, t, "")
     with guest_halt_polling(HALT_POLL_NS) as polling:
         if polling:
@@ -421,7 +425,7 @@ def _latency_rounds(sb: Sandbox, work: Path, b: Bench, root: Bench, relays: dict
                 time.sleep(settle)
                 t.run(COLUMN[variant], b, *paths["direct"], per, agent.proc.pid)
                 if variant == "native":
-                    t.run(UNDER_RULES, root, *paths["haproxy"], per, None)
+                    t.run(UNDER_RULES, root, *paths["haproxy"], per, relays.get("haproxy"))
             finally:
                 agent.stop()
     return t
@@ -437,7 +441,20 @@ def _put_latency(res: Results, t: _Trips, polling: str) -> None:
     if UNDER_RULES in t.rtt:
         res.note((f"guest halt polling {HALT_POLL_NS // 1000} us: " if polling else "")
                  + _haproxy_under_ruleset(res, COLUMN["native"], t.percentile(UNDER_RULES, 0.5),
-                                          t.percentile(UNDER_RULES, 0.99), polling))
+                                          t.percentile(UNDER_RULES, 0.99), polling)
+                 + _cpu_under_ruleset(t))
+
+
+def _cpu_under_ruleset(t: _Trips) -> str:
+    """haproxy's CPU a round trip with the ruleset loaded, beside its own
+    without and tollgate's: how much of tollgate's extra CPU the rules' state
+    costs any relay (the softirq work of a send is charged to the sender)."""
+    mine = t.cpu_per_trip(UNDER_RULES)
+    if mine is None:
+        return ""
+    others = [f"{col} {v:.1f}" for col in ("haproxy", COLUMN["native"])
+              if (v := t.cpu_per_trip(col)) is not None]
+    return f"; CPU a round trip {mine:.1f} us (" + ", ".join(others) + ")"
 
 
 # This host's kernel is booted with the guest's halt polling off
