@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+from dataclasses import dataclass
 
 from pyroute2 import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import IPS_DST_NAT, NFCTAttrTuple, NFCTSocket
@@ -61,18 +62,26 @@ def _end(msg, tuple_name: str, end: str) -> tuple[str, int]:
     return addr, tup.get_attr("CTA_TUPLE_PROTO").get_attr(f"CTA_PROTO_{end}_PORT")
 
 
-def as_proxied(src: tuple[str, int], dst: tuple[str, int],
-               proxy_port: int) -> tuple[str, int] | None:
-    """The client (address, port) the proxy accepts for the subject socket
-    src -> dst, if conntrack redirected that flow to the proxy's port on
-    loopback; None if it did not (or knows no such flow)."""
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """A subject socket's flow as conntrack confirmed it: it is in the table
+    only once its first packet passed the output path (a SYN dropped by a
+    local rule leaves no entry)."""
+    proxied_as: tuple[str, int] | None   # the client the proxy accepts; None: not redirected
+
+
+def flow_of(src: tuple[str, int], dst: tuple[str, int], proxy_port: int) -> Flow | None:
+    """The flow of the subject socket src -> dst, and whether conntrack
+    redirected it to the proxy's port on loopback; None if conntrack knows
+    no such flow (or does not run here)."""
     family, ip = _plain(src[0])
     msg = _entry(family, "tuple_orig", (ip, src[1]), (_plain(dst[0])[1], dst[1]))
-    if msg is None or not msg.get_attr("CTA_STATUS") & IPS_DST_NAT:
+    if msg is None:
         return None
-    if _end(msg, "CTA_TUPLE_REPLY", "SRC") != (LOOPBACK[family], proxy_port):
-        return None
-    return _end(msg, "CTA_TUPLE_REPLY", "DST")
+    if (not msg.get_attr("CTA_STATUS") & IPS_DST_NAT
+            or _end(msg, "CTA_TUPLE_REPLY", "SRC") != (LOOPBACK[family], proxy_port)):
+        return Flow(None)
+    return Flow(_end(msg, "CTA_TUPLE_REPLY", "DST"))
 
 
 def as_sent(client: tuple[str, int], proxy_port: int) -> tuple[str, int] | None:

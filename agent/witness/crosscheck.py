@@ -8,8 +8,12 @@ does not know within match_window_ms is a bypass, unless the kernel saw the
 proxy accept it (bpf/tcp_connect.c) or conntrack redirected its flow into
 the proxy (agent/conntrack.py: the proxy may know it by another source port);
 a kernel record that names only its address and port lets it wait for the
-proxy's table instead (up to UNBOUND_PROOF_PATIENCE_S). A socket refused before it established carried
-nothing and is only counted.
+proxy's table instead (up to UNBOUND_PROOF_PATIENCE_S). A socket that
+closed before it established is a bypass when conntrack still holds its flow
+without the redirect: its SYNs (and a Fast Open SYN's data) left the host
+unanswered. conntrack forgets a flow refused by a RST at once, so a refused
+one is only counted. A socket still connecting when its window ends, whose
+events have not named its port yet, waits for one that does.
 
 The other kernel events turn straight into their alerts. on_event() runs on
 the witness's poll thread (or the proxy's, when it drains the ring buffer for
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from agent.alerts import Appender, AlertType, record_alert
+from agent.conntrack import Flow
 from agent.witness.events import (
     AF_INET, Event, ExecEvent, ForkEvent, Header, NetnsEvent, SocketEvent, TcpEvent,
     UdpEvent, UidEvent,
@@ -49,6 +54,11 @@ _CHECKED_MEMORY = 65536
 # port could be going around it. Such a socket waits this long for the
 # proxy's table to know it, and is a bypass if it never does.
 UNBOUND_PROOF_PATIENCE_S = 2.0
+# A socket still connecting when its window ends, its port not yet in any
+# event (the kernel sets SYN_SENT before it picks the port), waits for its
+# next event (established, or closed after its SYNs went unanswered: ~127 s
+# with the default tcp_syn_retries), at most this long.
+PORT_PATIENCE_S = 135.0
 # The same UDP destination from the same process raises one alert per window.
 _UDP_REPEAT_S = 5.0
 
@@ -56,9 +66,9 @@ _UDP_REPEAT_S = 5.0
 # (ip, port) of a subject socket -> when the proxy's side of it established, and
 # the local address it was accepted on; None if the kernel saw no such socket.
 KernelProxied = Callable[[str, int], tuple[int, str, int] | None]
-# A subject socket's (address, port) and destination -> the client the proxy
-# accepted for it, if conntrack redirected the flow into the proxy; else None.
-Redirected = Callable[[tuple[str, int], tuple[str, int]], tuple[str, int] | None]
+# A subject socket's (address, port) and destination -> its flow as conntrack
+# confirmed it, redirected into the proxy or not; None if conntrack has none.
+FlowLookup = Callable[[tuple[str, int], tuple[str, int]], Flow | None]
 
 
 class SessionLookup(Protocol):
@@ -79,6 +89,7 @@ class _Conn:
     states: list[str] = field(default_factory=list)
     established: bool = False
     closed: bool = False
+    parked: bool = False        # waits for an event that names its port
 
 
 def wall_ns(mono_ns: int) -> int:
@@ -114,14 +125,14 @@ class CrossCheck:
                  window_ms: float, udp_allowed_ports: frozenset[int] = frozenset(),
                  proxy_listen: frozenset[str] = frozenset(),
                  kernel_proxied: KernelProxied | None = None,
-                 redirected: Redirected | None = None, own_netns: int = 0):
+                 flows: FlowLookup | None = None, own_netns: int = 0):
         self.store, self.sessions, self.procs = store, sessions, procs
         # What the kernel saw the proxy accept (loader.Probes.proxied), on the
         # proxy's listen addresses: asked when the session table does not match.
         self.proxy_listen, self.kernel_proxied = proxy_listen, kernel_proxied
         # conntrack's view (agent/conntrack.py), asked last: it holds the
         # agent's own namespace's flows only.
-        self.conntrack_redirected, self.own_netns = redirected, own_netns
+        self.conntrack_flow, self.own_netns = flows, own_netns
         # Whether the kernel still holds an established subject socket's events
         # (loader.Probes.pending): the poll thread will judge it.
         self.kernel_pending: Callable[[str, int], bool] | None = None
@@ -163,6 +174,8 @@ class CrossCheck:
             elif ev.newstate == "CLOSE":
                 conn.closed = True
                 del self._live[ev.sk]
+                if conn.parked:        # its port is known now: judged a window on
+                    self._schedule(conn, ev.ts_ns)
 
     def _proxy_record(self, t: Tuple4) -> tuple[int, str, int] | None:
         """The kernel's record of the proxy accepting (t's address, port) on
@@ -181,17 +194,22 @@ class CrossCheck:
             return None
         return "socket" if seen[2] == conn.opened.sk else "port" if seen[2] == 0 else None
 
+    def _flow(self, netns: int, t: Tuple4) -> Flow | None:
+        """The socket's flow as conntrack has it. Its entries are per
+        4-tuple, so a socket sharing its address and port with another is
+        told apart, and they hold the client port the proxy accepted when
+        conntrack changed it on the way (two subject sockets on one port, to
+        two destinations, would otherwise be one flow at the proxy). Only
+        for the agent's own network namespace, where its rules and that
+        conntrack table are."""
+        if self.conntrack_flow is None or netns != self.own_netns:
+            return None
+        return self.conntrack_flow((t[0], t[1]), (t[2], t[3]))
+
     def redirected(self, netns: int, t: Tuple4) -> bool:
-        """conntrack redirected this socket's flow into the proxy. Its
-        entries are per 4-tuple, so a socket sharing its address and port
-        with another is told apart, and they hold the client port the proxy
-        accepted when conntrack changed it on the way (two subject sockets on
-        one port, to two destinations, would otherwise be one flow at the
-        proxy). Only for the agent's own network namespace, where its rules
-        and that conntrack table are."""
-        if self.conntrack_redirected is None or netns != self.own_netns:
-            return False
-        return self.conntrack_redirected((t[0], t[1]), (t[2], t[3])) is not None
+        """conntrack redirected this socket's flow into the proxy."""
+        flow = self._flow(netns, t)
+        return flow is not None and flow.proxied_as is not None
 
     def _schedule(self, conn: _Conn, ts_ns: int) -> None:
         conn.deadline_ns = ts_ns + self.window_ns
@@ -227,13 +245,16 @@ class CrossCheck:
     def _judge(self, conn: _Conn, now: int) -> None:
         ev = conn.last
         t = (ev.saddr, ev.sport, ev.daddr, ev.dport)
-        if not ev.sport:              # closed before a port was bound: nothing sent
-            self._count("tcp_unbound")
+        if not ev.sport:
+            self._park_or_drop(conn, now)
             return
         in_table = matches(self.sessions, t)
         proof = None if in_table else self._kernel_proof(conn, t)
-        if not in_table and proof != "socket" and self.redirected(conn.opened.netns, t):
-            proof = "conntrack"
+        flow = None
+        if not in_table and proof != "socket":
+            flow = self._flow(conn.opened.netns, t)
+            if flow is not None and flow.proxied_as is not None:
+                proof = "conntrack"
         if proof == "port" and now - conn.opened.ts_ns < UNBOUND_PROOF_PATIENCE_S * 1e9:
             self._count("tcp_port_proof_waits")
             with self._lock:           # the proxy's table must know it: judged again
@@ -248,8 +269,26 @@ class CrossCheck:
         elif conn.established or not conn.closed:
             self._count("tcp_bypass")
             self._bypass(conn, t)
+        elif flow is not None:
+            # Unanswered, and conntrack confirmed its flow without the
+            # redirect: its SYNs (and a Fast Open SYN's data) left the host.
+            self._count("tcp_refused_bypass")
+            self._bypass(conn, t)
         else:
             self._count("tcp_refused_unmatched")
+
+    def _park_or_drop(self, conn: _Conn, now: int) -> None:
+        """A socket whose events have not named its port yet: one still
+        connecting waits for its next event (which does); one closed before
+        it had a port sent nothing."""
+        if conn.closed or now - conn.opened.ts_ns >= PORT_PATIENCE_S * 1e9:
+            self._count("tcp_unbound")
+            return
+        self._count("tcp_port_waits")
+        with self._lock:
+            conn.parked = True
+            self._live.setdefault(conn.opened.sk, conn)
+            self._schedule(conn, conn.opened.ts_ns + int(PORT_PATIENCE_S * 1e9))
 
     def _remember(self, t: Tuple4, matched: bool) -> None:
         with self._lock:

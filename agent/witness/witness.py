@@ -52,8 +52,8 @@ class Witness:
                                 udp_allowed_ports=frozenset({DNS_PORT}) if config.dns.enabled
                                 else frozenset(),
                                 proxy_listen=frozenset(config.proxy.listen),
-                                redirected=functools.partial(conntrack.as_proxied,
-                                                             proxy_port=config.proxy.port),
+                                flows=functools.partial(conntrack.flow_of,
+                                                        proxy_port=config.proxy.port),
                                 own_netns=os.stat("/proc/self/ns/net").st_ino)
         self._listeners: list[Callable[[Event], None]] = []
         self.probes = Probes(uids, pages=wc.perf_pages, guard=wc.guard,

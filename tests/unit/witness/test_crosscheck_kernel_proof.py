@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from agent.conntrack import Flow
 from agent.store.format import Kind
 from agent.witness.crosscheck import CrossCheck
 from agent.witness.events import TcpEvent
@@ -123,21 +124,26 @@ def test_the_sweep_counts_what_the_kernel_still_holds_as_known(pending, kernel, 
     assert check.known((*SRC, *DST)) is known
 
 
-def judged_with_conntrack(redirected_to, own_netns: int) -> tuple[CrossCheck, Alerts, list]:
+def conntrack_check(flow: Flow | None, own_netns: int = 2) -> tuple[CrossCheck, Alerts, list]:
     """Neither the table nor the kernel's record knows the socket; conntrack
     is asked (agent/conntrack.py, tested for real in
-    tests/integration/proxy/test_nat_remap.py) for the flow's redirect."""
+    tests/integration/proxy/test_nat_remap.py and the witness's tests)."""
     asked: list = []
 
-    def redirected(src, dst):
+    def flows(src, dst):
         asked.append((src, dst))
-        return redirected_to
+        return flow
 
     alerts = Alerts()
     check = CrossCheck(alerts, Table(False), ProcessTable(lambda uid: uid == 1000),
                        window_ms=WINDOW_MS, proxy_listen=frozenset({"127.0.0.1"}),
-                       kernel_proxied=lambda ip, port: None, redirected=redirected,
+                       kernel_proxied=lambda ip, port: None, flows=flows,
                        own_netns=own_netns)
+    return check, alerts, asked
+
+
+def judged_with_conntrack(proxied_as, own_netns: int) -> tuple[CrossCheck, Alerts, list]:
+    check, alerts, asked = conntrack_check(Flow(proxied_as), own_netns)
     check.on_event(event("SYN_SENT", CONNECT_NS, 0))
     check.on_event(event("ESTABLISHED", CONNECT_NS + 30_000, SRC[1]))
     check.tick(CONNECT_NS + 10**9)
@@ -160,3 +166,45 @@ def test_conntrack_is_not_asked_for_a_socket_of_another_namespace():
 def test_a_flow_conntrack_did_not_redirect_is_a_bypass():
     check, alerts, asked = judged_with_conntrack(None, own_netns=2)
     assert check.counts["tcp_bypass"] == 1 and len(alerts.alerts) == 1
+
+
+def closed_unestablished(flow: Flow | None) -> tuple[CrossCheck, Alerts]:
+    """Connecting past its window with no port in its events yet (autobind:
+    the kernel sets SYN_SENT before it picks the port), then closed without
+    establishing: refused, or its SYNs unanswered."""
+    check, alerts, _ = conntrack_check(flow)
+    check.on_event(event("SYN_SENT", CONNECT_NS, 0))
+    check.tick(CONNECT_NS + 10**9)                         # parked, not dropped
+    assert check.counts["tcp_port_waits"] == 1 and not alerts.alerts
+    check.on_event(event("CLOSE", CONNECT_NS + 3 * 10**9, SRC[1]))
+    check.tick(CONNECT_NS + 4 * 10**9)
+    return check, alerts
+
+
+def test_a_closed_socket_whose_syn_left_around_the_proxy_is_a_bypass():
+    """conntrack still holds its flow, without the redirect: its SYNs (and a
+    Fast Open SYN's data) left the host unanswered."""
+    check, alerts = closed_unestablished(Flow(None))
+    assert check.counts["tcp_refused_bypass"] == 1 and len(alerts.alerts) == 1
+    assert alerts.alerts[0]["evidence"]["sport"] == SRC[1]
+
+
+def test_a_closed_socket_conntrack_never_confirmed_is_only_counted():
+    """No entry: its SYN was dropped before it left, it was refused (conntrack
+    forgets an unassured flow at its RST), or conntrack is off."""
+    check, alerts = closed_unestablished(None)
+    assert check.counts["tcp_refused_unmatched"] == 1 and not alerts.alerts
+
+
+def test_a_closed_socket_redirected_into_the_proxy_is_no_bypass():
+    """Redirected, but the proxy's backlog was full (or it was down)."""
+    check, alerts = closed_unestablished(Flow(("10.0.0.5", 61000)))
+    assert check.counts["tcp_matched_in_conntrack"] == 1 and not alerts.alerts
+
+
+def test_a_socket_closed_before_it_had_a_port_sent_nothing():
+    check, alerts, asked = conntrack_check(Flow(None))
+    check.on_event(event("SYN_SENT", CONNECT_NS, 0))
+    check.on_event(event("CLOSE", CONNECT_NS + 10_000, 0))
+    check.tick(CONNECT_NS + 10**9)
+    assert check.counts["tcp_unbound"] == 1 and not alerts.alerts and asked == []
