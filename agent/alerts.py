@@ -51,7 +51,9 @@ SEVERITY = {
 
 
 class Appender(Protocol):
-    def append_json(self, kind: Kind, obj: dict, ts_ns: int | None = None) -> int: ...
+    def defer_json(self, kind: Kind, obj: dict) -> int | None:
+        """Append now, or keep it until the store appends again (StoreWriter)."""
+        ...
 
 
 def make_alert(type_: AlertType, summary: str, **evidence: Any) -> dict:
@@ -66,6 +68,8 @@ def record_alert(store: Appender, type_: AlertType, summary: str, **evidence: An
     alert = make_alert(type_, summary, **evidence)
     # The record's own time is when it was written (detection); the alert's
     # time_ns is when the thing happened (the kernel's event time).
-    store.append_json(Kind.ALERT, alert)
+    # Deferred while the store fails: an alert raised then (a bypass during a
+    # full disk) is written when it recovers, and its raiser goes on.
+    store.defer_json(Kind.ALERT, alert)
     log.warning("alert %s %s: %s", alert["id"], alert["type"], summary)
     return alert

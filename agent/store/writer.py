@@ -467,7 +467,8 @@ class StoreWriter:
     def defer_json(self, kind: Kind, obj: dict) -> int | None:
         """Append now if possible, else keep it in memory until the store works.
 
-        For alerts about the store itself: they must not be lost while it fails.
+        For alerts (the store's own, a bypass seen while the disk is full):
+        they must not be lost while it fails, nor stop whoever raised them.
         Returns the seq, or None when deferred.
         """
         payload = orjson.dumps(obj)

@@ -39,6 +39,7 @@ UNPROVEN_POLL_MS = 20
 LOST_CHECK_S = 0.25
 DNS_PORT = 53
 ERROR_ALERT_EVERY_S = 60.0
+FAILED_TURN_PAUSE_S = 0.05
 
 
 class Witness:
@@ -102,6 +103,7 @@ class Witness:
                 next_lost = self._poll_once(next_lost)
             except Exception as e:   # a failed turn must not blind the witness for good
                 self._failed(e)
+                self._stop.wait(FAILED_TURN_PAUSE_S)   # a lasting fault must not spin
         self.probes.poll(0)      # what is already in the buffer still counts
         self._take_unproven()
         self.check.tick()
@@ -128,11 +130,15 @@ class Witness:
         if now < self._error_alerted + ERROR_ALERT_EVERY_S:
             return
         self._error_alerted = now
-        record_alert(self.store, AlertType.WITNESS_ERROR,
-                     f"the witness failed while judging kernel events ({type(e).__name__}: {e}); "
-                     f"it goes on, but what it was judging may be unjudged",
-                     error=f"{type(e).__name__}: {e}", count=self.errors,
-                     probe="witness poll thread")
+        try:
+            record_alert(self.store, AlertType.WITNESS_ERROR,
+                         f"the witness failed while judging kernel events "
+                         f"({type(e).__name__}: {e}); it goes on, but what it was "
+                         f"judging may be unjudged",
+                         error=f"{type(e).__name__}: {e}", count=self.errors,
+                         probe="witness poll thread")
+        except Exception:
+            log.exception("witness_error alert failed")
 
     def _take_unproven(self) -> None:
         for event in self.probes.take_unproven(time.monotonic_ns() - self.check.window_ns):

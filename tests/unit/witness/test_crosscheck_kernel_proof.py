@@ -23,7 +23,7 @@ class Alerts:
     def __init__(self):
         self.alerts: list[dict] = []
 
-    def append_json(self, kind, obj, ts_ns=None):
+    def defer_json(self, kind, obj):
         assert kind == Kind.ALERT
         self.alerts.append(obj)
         return len(self.alerts)
