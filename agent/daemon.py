@@ -45,6 +45,7 @@ KERNEL_ATTRIBUTION_WAIT_S = 0.05  # the witness's event normally arrives within 
 # kernel's event is the only evidence left: wait longer for a starved witness.
 KERNEL_LATE_WAIT_S = 2.0
 HEAP_TRIM_INTERVAL_S = 5.0
+MAX_NAMING = 256   # refused-unrecorded connections being named at once
 FromProc = Callable[[tuple[str, int]], Awaitable[dict]]
 BeforeNat = Callable[[tuple[str, int]], Awaitable["tuple[str, int] | None"]]
 
@@ -121,6 +122,7 @@ class Agent:
         self.store_healthy = True
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
+        self._naming: set[asyncio.Task] = set()   # unrecorded refusals being named
         self.counters = {"rules_restored": 0}
         self.connects = None  # the witness's view of who connected, when it runs
 
@@ -353,7 +355,9 @@ class Agent:
         return found
 
     async def attribute(self, session: Session) -> dict:
-        client, dst = session.client, session.original_dst
+        return await self._attribute(session.client, session.original_dst)
+
+    async def _attribute(self, client: tuple[str, int], dst: tuple[str, int]) -> dict:
         from_proc = functools.partial(self._from_proc, dst=dst, protocol=socket.IPPROTO_TCP)
         if self.connects is None:
             return await proc_only(client, from_proc, self._before_nat)
@@ -379,6 +383,32 @@ class Agent:
                     f"refused: {why}", session=session.id, client=session.client,
                     original_dst=session.original_dst, reason=why, probe="proxy",
                     **_who(session.info))
+
+    def unrecorded(self, client: tuple[str, int], dst: tuple[str, int],
+                   info: dict | None) -> None:
+        """Who tried to connect where while the store could not record it: a
+        proxy_refused alert, kept in memory until the store appends again.
+        Named first (the kernel's event, else /proc) off the accept path; a
+        burst beyond MAX_NAMING at once goes unnamed rather than queue."""
+        if info is not None or len(self._naming) >= MAX_NAMING:
+            self._refused_unrecorded(client, dst, info or {"error": "not named: too many at once"})
+            return
+        task = asyncio.get_running_loop().create_task(self._name_unrecorded(client, dst))
+        self._naming.add(task)
+        task.add_done_callback(self._naming.discard)
+
+    async def _name_unrecorded(self, client: tuple[str, int], dst: tuple[str, int]) -> None:
+        try:
+            info = await self._attribute(client, dst)
+        except Exception as e:    # the refusal is evidence even unnamed
+            info = {"error": f"not named: {e}"}
+        self._refused_unrecorded(client, dst, info)
+
+    def _refused_unrecorded(self, client: tuple[str, int], dst: tuple[str, int],
+                            info: dict) -> None:
+        why = "agent cannot record (store failing)"
+        self._alert(AlertType.PROXY_REFUSED, f"connection to {dst[0]}:{dst[1]} refused: {why}",
+                    client=client, original_dst=dst, reason=why, probe="proxy", **_who(info))
 
     def store_failed(self, error: Exception) -> None:
         """Fail closed: refuse new sessions until the store takes appends again.

@@ -58,6 +58,10 @@ class Hooks(Protocol):
         ...
     def store_failed(self, error: Exception) -> None: ...
     def refused(self, session: Session, why: str) -> None: ...
+    def unrecorded(self, client: tuple[str, int], dst: tuple[str, int],
+                   info: dict | None) -> None:
+        """A connection refused because the store could not take its opening."""
+        ...
 
 
 class Proxy:
@@ -122,6 +126,7 @@ class Proxy:
         except Exception as e:
             self.stats["store_errors"] += 1
             self.hooks.store_failed(e)
+            self.hooks.unrecorded(client, dst, info)   # who tried, kept until the store works
             return None
         session = Session(sid, client, dst, now, info=info or {})
         self.sessions.add(session)

@@ -4,9 +4,13 @@ not record, and the agent raises store_failed once the store appends again."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pwd
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -42,17 +46,32 @@ print(json.dumps({{"sent": sent, "error": error}}))
 """
 
 
-@pytest.mark.parametrize("plane", ["native", "python"])
-def test_store_full_resets_the_session_then_alerts(tmp_path, plane):
+@contextlib.contextmanager
+def agent_on_tmpfs(tmp_path: Path, size: str, **agent_kw) -> Iterator[tuple]:
+    """(sandbox, agent not yet started, store dir): the store on its own
+    small tmpfs, to be filled; checked whole by verify at the end."""
     sb = Sandbox(prefix="tgf", subject="tgfsubject")
     sb.up()
     work = tmp_path / "agent"
     store = work / "store"
     store.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(store)], check=True)
-    agent = AgentProcess(sb, workdir=str(work), proxy=f'data_plane = "{plane}"\n',
-                         extra="[witness]\nenabled = false\n")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(store)],
+                   check=True)
+    agent = AgentProcess(sb, workdir=str(work), **agent_kw)
     try:
+        yield sb, agent, store
+    finally:
+        agent.stop()
+        subprocess.run(["chattr", "-R", "-i", str(store)], capture_output=True)
+        assert verify(store).ok
+        subprocess.run(["umount", "-l", str(store)], check=True)
+        sb.down()
+
+
+@pytest.mark.parametrize("plane", ["native", "python"])
+def test_store_full_resets_the_session_then_alerts(tmp_path, plane):
+    with agent_on_tmpfs(tmp_path, "24m", proxy=f'data_plane = "{plane}"\n',
+                        extra="[witness]\nenabled = false\n") as (sb, agent, store):
         received = tmp_path / "received"
         sb.spawn(sb.corp, [sys.executable, "-c", SINK, str(received)])
         agent.start()
@@ -76,9 +95,39 @@ def test_store_full_resets_the_session_then_alerts(tmp_path, plane):
         got = int(wait_for(lambda: received.exists() and received.read_text(), 10, what="sink"))
         # nothing forwarded unrecorded; the close record counts what the store holds
         assert got <= recorded == close["client_bytes"]
-    finally:
-        agent.stop()
-        subprocess.run(["chattr", "-R", "-i", str(store)], capture_output=True)
-        assert verify(store).ok
-        subprocess.run(["umount", "-l", str(store)], check=True)
-        sb.down()
+
+
+ATTEMPTS = f"""
+import socket, sys
+for _ in range(int(sys.argv[1])):
+    try:
+        socket.create_connection(("{CORP_V4}", 9199), 5).recv(1)
+    except OSError:
+        pass
+"""
+
+
+def test_a_connection_refused_unrecorded_is_an_alert_naming_who_tried(tmp_path):
+    """While the store cannot take a session's opening record the connection
+    is refused; who tried, and where, is a proxy_refused alert kept until
+    the store appends again (before: nothing but the store_failed alert)."""
+    with agent_on_tmpfs(tmp_path, "16m") as (sb, agent, store):
+        healthy = lambda: json.loads(agent.cli("status", "--json").stdout)["store_healthy"]  # noqa: E731
+        agent.start()
+        filler = store / "filler"      # not a segment: the store ignores it
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=64"],
+                       capture_output=True)
+        for _ in range(40):            # what the segment had faulted in takes records
+            sb.subject_run([sys.executable, "-c", ATTEMPTS, "50"], timeout=60)
+            if not healthy():
+                break
+        sb.subject_run([sys.executable, "-c", ATTEMPTS, "1"], timeout=30)   # refused, unrecorded
+        filler.unlink()
+        wait_for(healthy, 20, what="store healthy again")
+        refused = wait_for(lambda: [a for a in list_alerts(str(store))
+                                    if a["type"] == "proxy_refused"], 10, what="proxy_refused")
+        uid = pwd.getpwnam(sb.subject).pw_uid
+    ev = refused[-1]["evidence"]
+    assert ev["original_dst"] == [CORP_V4, 9199] and "store failing" in ev["reason"]
+    assert ev["uid"] == uid
+    assert ev["chain"] and "python" in ev["chain"][0]["exe"]
