@@ -30,7 +30,7 @@ from agent.enforce.monitor import RulesetChanges
 from agent.proxy import attribution, dns
 from agent.proxy.policy import Policy
 from agent.proxy.handoff import Handoff
-from agent.proxy.server import Proxy
+from agent.proxy.server import STORE_FAILING, Proxy
 from agent.proxy.sessions import Session, SessionTable
 from agent.store import Kind, StoreWriter
 
@@ -379,10 +379,14 @@ class Agent:
 
     def refused(self, session: Session, why: str) -> None:
         kind = AlertType.POLICY_DENIED if self.store_healthy else AlertType.PROXY_REFUSED
-        self._alert(kind, f"connection to {session.original_dst[0]}:{session.original_dst[1]} "
-                    f"refused: {why}", session=session.id, client=session.client,
-                    original_dst=session.original_dst, reason=why, probe="proxy",
-                    **_who(session.info))
+        self._refusal(kind, session.client, session.original_dst, why, session.info,
+                      session=session.id)
+
+    def _refusal(self, kind: AlertType, client: tuple[str, int], dst: tuple[str, int],
+                 why: str, info: dict, **more: Any) -> None:
+        """The alert for a connection the proxy refused, naming who tried."""
+        self._alert(kind, f"connection to {dst[0]}:{dst[1]} refused: {why}", **more,
+                    client=client, original_dst=dst, reason=why, probe="proxy", **_who(info))
 
     def unrecorded(self, client: tuple[str, int], dst: tuple[str, int],
                    info: dict | None) -> None:
@@ -391,7 +395,8 @@ class Agent:
         Named first (the kernel's event, else /proc) off the accept path; a
         burst beyond MAX_NAMING at once goes unnamed rather than queue."""
         if info is not None or len(self._naming) >= MAX_NAMING:
-            self._refused_unrecorded(client, dst, info or {"error": "not named: too many at once"})
+            self._refusal(AlertType.PROXY_REFUSED, client, dst, STORE_FAILING,
+                          info or {"error": "not named: too many at once"})
             return
         task = asyncio.get_running_loop().create_task(self._name_unrecorded(client, dst))
         self._naming.add(task)
@@ -402,13 +407,7 @@ class Agent:
             info = await self._attribute(client, dst)
         except Exception as e:    # the refusal is evidence even unnamed
             info = {"error": f"not named: {e}"}
-        self._refused_unrecorded(client, dst, info)
-
-    def _refused_unrecorded(self, client: tuple[str, int], dst: tuple[str, int],
-                            info: dict) -> None:
-        why = "agent cannot record (store failing)"
-        self._alert(AlertType.PROXY_REFUSED, f"connection to {dst[0]}:{dst[1]} refused: {why}",
-                    client=client, original_dst=dst, reason=why, probe="proxy", **_who(info))
+        self._refusal(AlertType.PROXY_REFUSED, client, dst, STORE_FAILING, info)
 
     def store_failed(self, error: Exception) -> None:
         """Fail closed: refuse new sessions until the store takes appends again.

@@ -33,6 +33,8 @@ from agent.store.format import Kind
 
 log = logging.getLogger("tollgate.proxy")
 _LINGER_RST = struct.pack("ii", 1, 0)
+# Why a connection is refused while the store cannot take its records.
+STORE_FAILING = "agent cannot record (store failing)"
 # Chunks at least this big are recorded off the event loop (see above).
 OFFLOAD_BYTES = 32 << 10
 
@@ -134,7 +136,7 @@ class Proxy:
         return session
 
     def refusal(self, dst: tuple[str, int]) -> str | None:
-        why = None if self.accepting else "agent cannot record (store failing)"
+        why = None if self.accepting else STORE_FAILING
         return why or self.policy.refuse(*dst)
 
     async def attribute(self, session: Session) -> None:
