@@ -257,9 +257,7 @@ class CrossCheck:
                 proof = "conntrack"
         if proof == "port" and now - conn.opened.ts_ns < UNBOUND_PROOF_PATIENCE_S * 1e9:
             self._count("tcp_port_proof_waits")
-            with self._lock:           # the proxy's table must know it: judged again
-                self._live.setdefault(conn.opened.sk, conn)
-                self._schedule(conn, now)
+            self._judge_again(conn, now)   # the proxy's table must know it
             return
         matched = in_table or proof in ("socket", "conntrack")
         self._remember(t, matched)
@@ -285,10 +283,15 @@ class CrossCheck:
             self._count("tcp_unbound")
             return
         self._count("tcp_port_waits")
+        conn.parked = True
+        self._judge_again(conn, conn.opened.ts_ns + int(PORT_PATIENCE_S * 1e9))
+
+    def _judge_again(self, conn: _Conn, ts_ns: int) -> None:
+        """Back among the live sockets (its events still count), judged a
+        window after ts_ns, or sooner if an event reschedules it."""
         with self._lock:
-            conn.parked = True
             self._live.setdefault(conn.opened.sk, conn)
-            self._schedule(conn, conn.opened.ts_ns + int(PORT_PATIENCE_S * 1e9))
+            self._schedule(conn, ts_ns)
 
     def _remember(self, t: Tuple4, matched: bool) -> None:
         with self._lock:

@@ -26,7 +26,7 @@ from agent.witness.crosscheck import CrossCheck, SessionLookup
 from agent.witness.events import Event
 from agent.witness.loader import Probes
 from agent.witness.procs import ProcessTable
-from agent.witness.sweep import Sweep
+from agent.witness.sweep import Sweep, netns_of
 
 log = logging.getLogger("tollgate.witness")
 
@@ -55,7 +55,7 @@ class Witness:
                                 proxy_listen=frozenset(config.proxy.listen),
                                 flows=functools.partial(conntrack.flow_of,
                                                         proxy_port=config.proxy.port),
-                                own_netns=os.stat("/proc/self/ns/net").st_ino)
+                                own_netns=netns_of(os.getpid()))
         self._listeners: list[Callable[[Event], None]] = []
         self.probes = Probes(uids, pages=wc.perf_pages, guard=wc.guard,
                              on_event=self._dispatch, all_tcp_states=wc.all_tcp_states,
