@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from agent.demo.sandbox import BASTION_V4, CORP_V4, Sandbox, wait_for, which
-from bench.table import Results, ratio, render
+from bench.table import POLLING, Results, ratio, render
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -395,9 +395,8 @@ def _latency(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
     conntrack costs any relay. Then all of it again with the guest's halt
     polling on, where this host has it off (see guest_halt_polling)."""
     t = _latency_rounds(sb, work, b, root, relays, paths, "rtt")
-    for col in t.rtt:
-        if col in t.cpu:
-            res.put("cpu_rtt", col, t.cpu_per_trip(col))
+    for col in t.cpu:
+        res.put("cpu_rtt", col, t.cpu_per_trip(col))
     _put_latency(res, t, "")
     with guest_halt_polling(HALT_POLL_NS) as polling:
         if polling:
@@ -466,7 +465,6 @@ def _cpu_under_ruleset(t: _Trips) -> str:
 # (200 us), the same for every path, and the knob put back.
 HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 HALT_POLL_NS = 200_000
-POLLING = "_poll"
 
 
 @contextlib.contextmanager

@@ -15,9 +15,10 @@ ROWS = ("bulk 1 conn", "bulk 8 conns", "latency p50", "latency p99",
 
 # The ping-pong as the host is, then again with the guest's halt polling on
 # (bench/run.py, guest_halt_polling): the same target for both.
+POLLING = "_poll"   # the halt-polling rounds' row keys: rtt_p50 + POLLING
 LATENCY_ROWS = (("rtt_p50", "latency p50"), ("rtt_p99", "latency p99"),
-                ("rtt_p50_poll", "latency p50, guest halt polling"),
-                ("rtt_p99_poll", "latency p99, guest halt polling"))
+                ("rtt_p50" + POLLING, "latency p50, guest halt polling"),
+                ("rtt_p99" + POLLING, "latency p99, guest halt polling"))
 
 
 @dataclass
@@ -88,7 +89,8 @@ def rows(res: Results) -> list[list[str]]:
                         ">= 1.0x socat" if write else "-",
                         _verdict(r, 1.0, True) if write else "-"])
     for key, label in LATENCY_ROWS:
-        if key not in f and key.endswith("_poll"):
+        polled = key.endswith(POLLING)
+        if key not in f and polled:
             out.append([f"{label}, us", "-", "-", "-", "n/a: the host polls already, or has "
                         "no haltpoll knob", "-", "<= 1.0x", "n/a"])
             continue
@@ -102,7 +104,7 @@ def rows(res: Results) -> list[list[str]]:
             # haproxy no slower than direct (noise at p99): no ratio to speak of
             r = ratio(added, h_added) if h_added is not None and h_added > 0 else None
             shown = f"{_num(r)}x" if r is not None else "n/a:"
-            out.append([f"{label}, us" + ("" if key.endswith("_poll") else " (1-byte RTT)"),
+            out.append([f"{label}, us" + ("" if polled else " (1-byte RTT)"),
                         *base(key),
                         f"{col}: {_num(v)} ({_signed(added)})",
                         f"{shown} haproxy's added ({_signed(h_added)})",
