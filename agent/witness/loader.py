@@ -211,8 +211,10 @@ class Probes:
             self.handler_errors += 1
             log.exception("witness event handling failed")
 
-    def poll(self, timeout_ms: int) -> None:
-        self._ring.poll(timeout_ms)
+    def poll(self, timeout_ms: int) -> bool:
+        """Wait up to timeout_ms for the ring buffer and read it; False if
+        the wait timed out with nothing to read."""
+        return self._ring.poll(timeout_ms)
 
     def drain(self) -> bool:
         """Hand what the ring buffer holds now to on_event, in the calling
@@ -338,11 +340,12 @@ class _RingReader:
         self._waiter = select.poll()
         self._waiter.register(libbpf.lib().ring_buffer__epoll_fd(manager), select.POLLIN)
 
-    def poll(self, timeout_ms: int) -> None:
+    def poll(self, timeout_ms: int) -> bool:
         if not self._waiter.poll(timeout_ms):
-            return   # timed out: nothing to read
+            return False   # timed out: nothing to read
         with self._reading:
             self._consume(self._manager)
+        return True
 
     def drain(self) -> bool:
         """Read what the buffer holds now, from any thread; False (nothing

@@ -35,6 +35,10 @@ IDLE_POLL_MS = 250  # nothing pending: the ring buffer wakes the poll when event
 # while it holds any: a bypass is judged at most this long after its window
 # closes. With none held the poll sleeps IDLE_POLL_MS (the kernel wakes it
 # when it holds one): at 20 ms always, an idle agent woke 50 times a second.
+# After a wake-up the next turn sleeps UNPROVEN_POLL_MS without asking for
+# another: every subject connection is held for a moment (until the kernel
+# proves it), so re-arming at once woke the poll, and took the GIL from the
+# proxy's thread, once a connection on a busy host.
 UNPROVEN_POLL_MS = 20
 LOST_CHECK_S = 0.25
 DNS_PORT = 53
@@ -64,6 +68,7 @@ class Witness:
         self.check.kernel_pending = self.probes.pending
         self.sweep = Sweep(self.check, uids, self.probes.subject_pids)
         self._stop = threading.Event()
+        self._woken = False
         self._threads: list[threading.Thread] = []
         self.lost = 0
         self.errors = 0
@@ -112,8 +117,9 @@ class Witness:
     def _poll_once(self, next_lost: float) -> float:
         # Wake for the next verdict that falls due, not on a fixed beat:
         # an idle witness must not keep taking the relay's GIL.
-        idle_ms = UNPROVEN_POLL_MS if self.probes.holding() else IDLE_POLL_MS
-        self.probes.poll(self.check.ms_until_due(idle_ms))
+        short = self._woken or self.probes.holding()   # holding() arms the wake-up
+        idle_ms = UNPROVEN_POLL_MS if short else IDLE_POLL_MS
+        self._woken = self.probes.poll(self.check.ms_until_due(idle_ms))
         self._take_unproven()
         self.check.tick()
         if time.monotonic() >= next_lost:
