@@ -3,10 +3,11 @@
 Order: baselines first (direct, socat, haproxy: no nftables rules yet, the
 subject's client dials them), then one agent per tollgate variant (the
 subject dials the corp server and nftables redirects it into the proxy),
-then the latency rounds (every path in turn, each agent up only for its
-own turn, four times; then again with the guest's halt polling on, where
-the host has it off), then the witness and the store/verify/shipper
-figures. Nothing is retried; only the ping-pong is split into rounds.
+then the rounds (the ping-pong and the connection rate through every path
+in turn, each agent up only for its own turn, four times; then the
+ping-pong again with the guest's halt polling on, where the host has it
+off), then the witness and the store/verify/shipper figures. Nothing is
+retried; only the ping-pong and the connection rate are split into rounds.
 """
 
 from __future__ import annotations
@@ -242,10 +243,11 @@ class Bench:
         """{"n", "p50_us", "p99_us", "rtt_us": every trip's, sorted}."""
         return self._client("pingpong", host, str(port), str(trips or self.scale.trips), "all")
 
-    def connrate(self, host: str, port: int) -> dict:
+    def connrate(self, host: str, port: int, seconds: float | None = None) -> dict:
         """{"per_s", "done", "failed", "seconds"} of short connections."""
-        return self._client("connrate", host, str(port), str(self.scale.rate_s), "8",
-                            timeout=self.scale.rate_s + 120)
+        seconds = seconds or self.scale.rate_s
+        return self._client("connrate", host, str(port), str(seconds), "8",
+                            timeout=seconds + 120)
 
     def idle_rss(self, agent: Agent, host: str, port: int) -> dict:
         n = self.scale.idle
@@ -329,10 +331,9 @@ def _metered(pid: int | None, fn, *args):
     return out, cpu_seconds(pid) - before
 
 
-def _relay_figures(b: Bench, res: Results, col: str, host: str, port: int, pid: int | None,
-                   rate: bool) -> None:
-    """Bulk (1 and 8) and connection rate through one path; with the relay's
-    pid, also the CPU it spent per MB and per connection."""
+def _bulk(b: Bench, res: Results, col: str, host: str, port: int, pid: int | None) -> None:
+    """Bulk (1 and 8) through one path; with the relay's pid, also the CPU
+    it spent per MB."""
     # Each bulk run starts with no dirty page cache: earlier runs' GBs would
     # otherwise throttle this one's store writes to the disk's speed.
     os.sync()
@@ -342,17 +343,12 @@ def _relay_figures(b: Bench, res: Results, col: str, host: str, port: int, pid: 
         res.put("cpu_mb", col, cpu * 1e3 / (b.scale.bulk_bytes * 2 / 1e6))
     os.sync()
     res.put("bulk8", col, b.bulk(host, port, 8))
-    if not rate:
-        return
-    # Nor does this run while the bulk runs' GBs are written back: only a
-    # recording relay leaves any behind.
-    os.sync()
-    got, cpu = _metered(pid, b.connrate, host, port)
-    res.put("rate", col, got["per_s"])
-    if cpu is not None and got["done"]:
-        res.put("cpu_conn", col, cpu * 1e6 / got["done"])
 
 
+# The ping-pong and the connection rate go through every path in turn, this
+# many times: one run a path, minutes apart, moved with the host by more
+# than the gaps measured (direct's ping-pong 54-68 us within a minute;
+# tollgate's connection rate 1,161 and 3,869 conn/s four minutes apart).
 LATENCY_ROUNDS = 4
 # A ping-pong at once after an agent is ready ran slower than one 3 s later
 # (p50 81-95 against 77-79 us, four starts): the host is still busy with
@@ -384,17 +380,47 @@ class _Trips:
         return s[int(len(s) * q)]   # as loadgen: p50 = s[n/2], p99 = s[n*0.99]
 
 
-def _latency(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
-             relays: dict[str, int], paths: dict[str, tuple[str, int]]) -> None:
-    """The ping-pong through every path in LATENCY_ROUNDS interleaved rounds
-    (each agent started for its turn and stopped after), p50 and p99 over
-    all of a path's trips. One run a path, minutes apart, moved with the
-    host by more than the gaps it measured: direct alone 54-68 us within a
-    minute. haproxy also runs while the native agent's ruleset is loaded
-    (dialed by root, not redirected), for the note on what the redirect's
-    conntrack costs any relay. Then all of it again with the guest's halt
-    polling on, where this host has it off (see guest_halt_polling)."""
-    t = _latency_rounds(sb, work, b, root, relays, paths, "rtt")
+class _Conns:
+    """Short connections pooled per path over the rounds, and the CPU its
+    relay spent on them."""
+
+    def __init__(self) -> None:
+        self.done: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def run(self, col: str, b: Bench, host: str, port: int, seconds: float,
+            pid: int | None) -> None:
+        # Not while earlier runs' GBs are written back: only a recording
+        # relay leaves any behind.
+        os.sync()
+        got, cpu = _metered(pid, b.connrate, host, port, seconds)
+        self.done[col] = self.done.get(col, 0) + got["done"]
+        self.seconds[col] = self.seconds.get(col, 0.0) + got["seconds"]
+        if cpu is not None:
+            self.cpu[col] = self.cpu.get(col, 0.0) + cpu
+
+    def put(self, res: Results) -> None:
+        """Rows rate (all connections over all their seconds) and cpu_conn."""
+        for col, done in self.done.items():
+            res.put("rate", col, done / self.seconds[col])
+            if col in self.cpu and done:
+                res.put("cpu_conn", col, self.cpu[col] * 1e6 / done)
+
+
+def _rounds(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
+            relays: dict[str, int], paths: dict[str, tuple[str, int]]) -> None:
+    """The ping-pong and the connection rate through every path in
+    LATENCY_ROUNDS interleaved rounds (each agent started for its turn and
+    stopped after): p50 and p99 over all of a path's trips, the rate over
+    all its connections (rate_s in all, a slice a round). haproxy also runs
+    the ping-pong while the native agent's ruleset is loaded (dialed by
+    root, not redirected), for the note on what the redirect's conntrack
+    costs any relay. Then the ping-pong again with the guest's halt polling
+    on, where this host has it off (see guest_halt_polling)."""
+    conns = _Conns()
+    t = _latency_rounds(sb, work, b, root, relays, paths, "rtt", conns)
+    conns.put(res)
     for col in t.cpu:
         res.put("cpu_rtt", col, t.cpu_per_trip(col))
     _put_latency(res, t, "")
@@ -406,15 +432,22 @@ def _latency(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
 
 
 def _latency_rounds(sb: Sandbox, work: Path, b: Bench, root: Bench, relays: dict[str, int],
-                    paths: dict[str, tuple[str, int]], name: str) -> _Trips:
+                    paths: dict[str, tuple[str, int]], name: str,
+                    conns: _Conns | None = None) -> _Trips:
+    """One pass of the rounds; the connection rate too, given conns."""
     rounds = min(LATENCY_ROUNDS, b.scale.trips)
     per = max(b.scale.trips // rounds, 1)
+    slice_s = b.scale.rate_s / rounds
     settle = SETTLE_S if per >= 1000 else 0.0   # --quick has no time for it
     t = _Trips()
     for i in range(rounds):
         os.sync()
         for path, (host, port) in paths.items():
             t.run(path, b, host, port, per, relays.get(path))
+        # After every ping-pong: a burst of connections leaves the host busy
+        # closing them for a moment.
+        for path, (host, port) in paths.items() if conns is not None else ():
+            conns.run(path, b, host, port, slice_s, relays.get(path))
         for variant in b.scale.variants:
             if VARIANTS[variant][0] != "write":
                 continue
@@ -425,6 +458,8 @@ def _latency_rounds(sb: Sandbox, work: Path, b: Bench, root: Bench, relays: dict
                 t.run(COLUMN[variant], b, *paths["direct"], per, agent.proc.pid)
                 if variant == "native":
                     t.run(UNDER_RULES, root, *paths["haproxy"], per, relays.get("haproxy"))
+                if conns is not None:
+                    conns.run(COLUMN[variant], b, *paths["direct"], slice_s, agent.proc.pid)
             finally:
                 agent.stop()
     return t
@@ -514,9 +549,8 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
     paths = {"direct": srv, "socat": (BASTION_V4, SOCAT_PORT),
              "haproxy": (BASTION_V4, HAPROXY_PORT)}
     for name, (host, port) in paths.items():
-        _step(f"{name}: bulk, connection rate")
-        pid = relays.get(name)
-        _relay_figures(b, res, name, host, port, pid, rate=True)
+        _step(f"{name}: bulk")
+        _bulk(b, res, name, host, port, relays.get(name))
 
     for variant in scale.variants:
         col = COLUMN[variant]
@@ -525,7 +559,7 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
         # As shipped: the witness on (it also names each connection's process).
         agent = Agent(sb, work / f"agent-{variant}", variant=variant, witness=True).start()
         try:
-            _relay_figures(b, res, col, *srv, agent.proc.pid, rate=write)
+            _bulk(b, res, col, *srv, agent.proc.pid)
             if write:
                 m = b.idle_rss(agent, *srv)
                 res.put("rss", col, m["rss_mib"])
@@ -534,8 +568,8 @@ def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
         finally:
             agent.stop()
 
-    _step(f"latency: ping-pong, {LATENCY_ROUNDS} rounds through every path in turn")
-    _latency(sb, work, b, root, res, relays, paths)
+    _step(f"ping-pong and connection rate, {LATENCY_ROUNDS} rounds through every path in turn")
+    _rounds(sb, work, b, root, res, relays, paths)
 
     variant = next((v for v in scale.variants if VARIANTS[v][0] == "write"), "native")
     if witness_wired():
