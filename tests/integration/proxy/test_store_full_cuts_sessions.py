@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import small_disk
 from agent.demo.agent_process import AgentProcess
 from agent.demo.sandbox import CORP_V4, Sandbox, wait_for
 from agent.review.sessions import list_alerts
@@ -55,16 +56,16 @@ def agent_on_tmpfs(tmp_path: Path, size: str, **agent_kw) -> Iterator[tuple]:
     work = tmp_path / "agent"
     store = work / "store"
     store.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(store)],
-                   check=True)
-    agent = AgentProcess(sb, workdir=str(work), **agent_kw)
     try:
-        yield sb, agent, store
+        with small_disk.tmpfs(store, size):
+            agent = AgentProcess(sb, workdir=str(work), **agent_kw)
+            try:
+                yield sb, agent, store
+            finally:
+                agent.stop()
+                subprocess.run(["chattr", "-R", "-i", str(store)], capture_output=True)
+                assert verify(store).ok
     finally:
-        agent.stop()
-        subprocess.run(["chattr", "-R", "-i", str(store)], capture_output=True)
-        assert verify(store).ok
-        subprocess.run(["umount", "-l", str(store)], check=True)
         sb.down()
 
 
@@ -80,7 +81,7 @@ def test_store_full_resets_the_session_then_alerts(tmp_path, plane):
         # cut near 24 MiB (plus what socket buffers hold), not after 256 MiB
         assert out["error"] is not None and out["sent"] < 64 << 20, out
 
-        subprocess.run(["mount", "-o", "remount,size=512m", str(store)], check=True)
+        small_disk.resize(store, "512m")
         # The agent probes the store each second; new connections are refused until then.
         wait_for(lambda: json.loads(agent.cli("status", "--json").stdout).get("store_healthy"),
                  20, what="store healthy again")

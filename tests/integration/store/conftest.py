@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import small_disk
 from agent.store.immutable import set_immutable
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -38,9 +39,8 @@ def open_dir(root_only):
 @pytest.fixture
 def small_tmpfs(root_only):
     d = Path(tempfile.mkdtemp(prefix="tollgate-tmpfs-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], check=True)
-    yield d
-    subprocess.run(["umount", "-l", str(d)], check=True)
+    with small_disk.tmpfs(d, "1m"):
+        yield d
     d.rmdir()
 
 

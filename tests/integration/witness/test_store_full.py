@@ -4,14 +4,14 @@ alert's StoreError ended the witness's poll thread for good."""
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
+import small_disk
 from agent.demo.sandbox import wait_for
-from agent.store import Direction, StoreError, StoreWriter
+from agent.store import StoreWriter
 
 from . import helpers
 from .conftest import running_witness, witness_config
@@ -23,15 +23,11 @@ PORT = 18461
 @pytest.fixture
 def full_store(netns_inode):
     d = Path(tempfile.mkdtemp(prefix="tollgate-witness-full-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], check=True)
-    w = StoreWriter(d / "store", segment_max_bytes=200_000, immutable=False)
-    for size in (3000, 100, 1):                 # down to the last byte
-        with pytest.raises(StoreError):
-            for i in range(100_000):
-                w.append_data(1, Direction.SERVER, bytes([i % 256]) * size)
-    yield d, w
-    w.close()
-    subprocess.run(["umount", "-l", str(d)], check=True)
+    with small_disk.tmpfs(d, "1m"):
+        w = StoreWriter(d / "store", segment_max_bytes=200_000, immutable=False)
+        small_disk.fill(w)
+        yield d, w
+        w.close()
     d.rmdir()
 
 
@@ -43,7 +39,7 @@ def test_a_bypass_while_the_store_is_full_is_kept_and_the_witness_goes_on(full_s
         first = helpers.run_subject(SUBJ_CONNECT, "127.0.0.1", str(PORT))
         wait_for(lambda: w.check.counts["alert_bypass"] >= 1, 10, what="the bypass")
         assert not store.healthy and w.errors == 0
-        subprocess.run(["mount", "-o", "remount,size=4m", str(mount)], check=True)
+        small_disk.resize(mount, "4m")
         assert store.probe()                      # the kept alert is written now
         helpers.wait_alert(mount / "store", type="bypass", sport=first["sport"])
         second = helpers.run_subject(SUBJ_CONNECT, "127.0.0.1", str(PORT))
