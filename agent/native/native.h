@@ -38,6 +38,10 @@ typedef struct {
     /* the window's offset and length; faulted in up to map_ready, unmapped below map_done */
     unsigned long long map_off, map_len, map_ready, map_done;
     unsigned long long file_end;  /* the segment's size: seg_bytes, then preallocated zeros */
+    /* the page cache is to hold the segment up to warm_to, and does up to
+     * warmed (Chain.warm); warm_gen changes when the segment or its size does */
+    unsigned long long warm_to, warmed;
+    unsigned warm_gen;
     int healthy;               /* 0: relay appends fail until Python recovers the store */
     int wake_fd;               /* eventfd: upkeep (rotation, seal) is due */
     int wake_sent;

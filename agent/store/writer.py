@@ -630,6 +630,7 @@ class StoreWriter:
                     self.maintain()
                 except StoreError:
                     pass  # healthy is off and last_error says why; the caller watches those
+                self._chain.warm()   # a new window asks for the next one (chain.c)
         self._thread = threading.Thread(target=loop, name="tollgate-store", daemon=True)
         self._thread.start()
 

@@ -4,6 +4,8 @@ computes it), for every payload size class and both versions it writes."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 
 import psutil
@@ -98,6 +100,61 @@ def test_small_frames_are_copied_large_ones_written_without_mapping_for_strays(t
 
 def _mapped_rss(path) -> int:
     return sum(m.rss for m in psutil.Process().memory_maps(grouped=False) if m.path == str(path))
+
+
+WINDOW = 2 << 20
+
+
+def _resident(path, start: int, length: int) -> int:
+    """Bytes of the file's range [start, start + length) in the page cache."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = os.sysconf("SC_PAGESIZE")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        vec = ctypes.create_string_buffer(length // page)
+        assert libc.mincore(addr, length, vec) == 0
+        libc.munmap(addr, length)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw) * page
+
+
+def test_the_segment_ahead_of_the_window_is_read_into_the_page_cache(tmp_path):
+    """warm() (the upkeep thread's, off the chain's lock) puts the next
+    window's pages in the page cache before the records reach them: the
+    first fault of a fresh file range cost ~1 ms under the lock. It only
+    reads (zeros past the records); trim cuts the segment back as before."""
+    path = tmp_path / "seg"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    chain = Chain()
+    chain.fd = fd
+    try:
+        _appends(chain, [100] * 20)                  # maps the first window
+        assert chain.windows == 1 and chain.warmed == 0
+        assert path.stat().st_size == WINDOW         # nothing ahead of the window yet
+        chain.warm()
+        assert chain.warmed == 2 * WINDOW
+        assert path.stat().st_size == 2 * WINDOW
+        assert _resident(path, WINDOW, WINDOW) == WINDOW
+        with open(path, "rb") as f:
+            f.seek(chain.seg_bytes)
+            assert f.read() == bytes(2 * WINDOW - chain.seg_bytes)
+        chain.warm()                                 # nothing more asked for: no change
+        assert chain.warmed == 2 * WINDOW
+        _appends(chain, [100] * 20)
+        with chain:
+            chain.trim()
+        assert chain.warmed == 0                     # forgotten with the file's tail
+    finally:
+        os.close(fd)
+    assert path.stat().st_size == chain.seg_bytes
 
 
 def test_the_window_is_faulted_in_ahead_of_the_records_and_let_go_behind(tmp_path):

@@ -158,6 +158,27 @@ def test_an_idle_store_upkeep_sleeps_for_the_seal_interval(tmp_path):
     assert woke <= 4, f"{woke} wake-ups in 2 s"
 
 
+def test_upkeep_reads_the_segment_ahead_of_a_relay_threads_window(tmp_path):
+    """A relay thread's small records map a window; the upkeep thread, woken
+    by it, reads the next window's pages into the page cache (chain.warm),
+    across a rotation too; closing leaves every segment its records' size."""
+    w = StoreWriter(tmp_path / "s", immutable=False, segment_max_bytes=3 << 20,
+                    maintain_interval_s=1.0)
+    for _ in range(20):
+        _relay_append(w, b"x" * 100)
+    deadline = time.monotonic() + 5
+    while w.chain.warmed < 4 << 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert w.chain.warmed == 4 << 20    # the window [0, 2 MiB) asked for [2, 4) MiB
+    for _ in range(60_000):             # ~4 MiB: past a window and a rotation
+        _relay_append(w, b"x" * 100)
+    w.close()
+    report = verify(tmp_path / "s")
+    assert report.ok and len(report.segments) >= 2
+    for seg in report.segments:
+        assert (tmp_path / "s" / seg.name).stat().st_size == seg.bytes
+
+
 def test_json_records_read_back(tmp_path):
     w = StoreWriter(tmp_path, immutable=False)
     seq = w.append_json(Kind.ALERT, {"type": "bypass"})
