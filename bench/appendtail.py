@@ -29,7 +29,7 @@ def measure(directory: str, records: int, size: int) -> dict:
             t = clock()
             w.append_data(1, Direction.CLIENT, payload)
             took.append(clock() - t)
-        windows = w._chain.windows
+        windows = w.chain.windows
     finally:
         w.close()
         shutil.rmtree(d)
