@@ -19,9 +19,10 @@
  * forwards nothing.  Ended sessions are queued for Python, which writes
  * SESSION_CLOSE.
  *
- * A direction sends through its own dup of the peer's socket, so each worker
- * registers only descriptors of its own; the originals are closed (with
- * SO_LINGER 0 when resetting) only once both directions have let go.
+ * A direction sends through the peer's socket, or through its own dup of it
+ * when both directions share a worker (one epoll instance holds a descriptor
+ * once); the originals are closed (with SO_LINGER 0 when resetting) only once
+ * both directions have let go.
  */
 #include "native.h"
 
@@ -49,9 +50,10 @@ typedef struct Dir {
     Sess *s;
     Worker *w;
     int from;                  /* the side read; the other side is sent to */
-    int rfd, wfd;              /* the side's socket; a dup of the other's, for sends */
+    int rfd, wfd;              /* the side's socket; the other's (or a dup of it), for sends */
     uint32_t rmask, wmask;     /* registered interest, or UNREGISTERED */
     uint8_t eof, adopted, retired;  /* worker-local: registered; let go of the session */
+    uint8_t wfd_dup;           /* wfd is a dup, closed when this direction lets go */
     char *pend;                /* what the other side could not take yet */
     size_t pend_len, pend_off;
     struct Dir *next, *prev;   /* inbox, then the worker's live list */
@@ -178,7 +180,7 @@ static void retire(Worker *w, Dir *d) {
     d->retired = 1;
     unregister(w, d->rfd, &d->rmask);
     unregister(w, d->wfd, &d->wmask);
-    close(d->wfd);
+    if (d->wfd_dup) close(d->wfd);
     free(d->pend);
     d->pend = NULL;
     d->pend_len = 0;
@@ -430,7 +432,7 @@ static void bury(Worker *w) {
 
 /* -- connecting upstream ---------------------------------------------------------- */
 
-static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd);
+static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home);
 
 static uint64_t mono_ns(void) {
     struct timespec ts;
@@ -455,7 +457,7 @@ static void dial_fail(Worker *w, Dial *d, const char *prefix, const char *why) {
 }
 
 static void dial_connected(Worker *w, Dial *d) {
-    int err = start_relay(w->pump, d->sid, d->cfd, d->sfd);
+    int err = start_relay(w->pump, d->sid, d->cfd, d->sfd, w);
     if (err) {
         dial_fail(w, d, "relay failed", strerror(err));
         return;
@@ -674,17 +676,28 @@ static Worker *next_worker(Pump *p) {
     return &p->workers[i % (unsigned)p->nworkers];
 }
 
-/* Relay two connected sockets: 0, or an errno (nothing taken over). */
-static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd) {
+/* Relay two connected sockets: 0, or an errno (nothing taken over). The
+ * client's direction goes to `home` (the worker that dialed, calling from its
+ * own thread: adopted there and then, no hand-over) or else the next worker;
+ * the server's direction to another worker, where there is one. Per short
+ * connection that saves a dup, a close and a wake-up each side. */
+static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home) {
+    Worker *to[2];
+    to[CLIENT] = home ? home : next_worker(p);
+    to[SERVER] = &p->workers[(to[CLIENT] - p->workers + 1) % p->nworkers];
+    int shared = to[CLIENT] == to[SERVER];
     Sess *s = calloc(1, sizeof *s);
     if (s == NULL) return ENOMEM;
-    /* each direction sends through its own descriptor of the other side */
-    int wfd[2] = {fcntl(sfd, F_DUPFD_CLOEXEC, 0), fcntl(cfd, F_DUPFD_CLOEXEC, 0)};
-    if (wfd[0] < 0 || wfd[1] < 0) {
-        int err = errno;
-        for (int i = 0; i < 2; i++) if (wfd[i] >= 0) close(wfd[i]);
-        free(s);
-        return err;
+    int wfd[2] = {sfd, cfd};
+    if (shared) {   /* one worker: each direction its own descriptor of the other side */
+        wfd[0] = fcntl(sfd, F_DUPFD_CLOEXEC, 0);
+        wfd[1] = fcntl(cfd, F_DUPFD_CLOEXEC, 0);
+        if (wfd[0] < 0 || wfd[1] < 0) {
+            int err = errno;
+            for (int i = 0; i < 2; i++) if (wfd[i] >= 0) close(wfd[i]);
+            free(s);
+            return err;
+        }
     }
     pthread_mutex_init(&s->mu, NULL);
     s->sid = sid;
@@ -698,11 +711,17 @@ static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd) {
         d->from = i;
         d->rfd = s->fd[i];
         d->wfd = wfd[i];
+        d->wfd_dup = (uint8_t)shared;
         d->rmask = d->wmask = UNREGISTERED;
-        d->w = next_worker(p);
+        d->w = to[i];
     }
-    for (int i = 0; i < 2; i++) {
+    /* The other worker's first: a cut by the one adopted here finds it on its way. */
+    for (int i = SERVER; i >= CLIENT; i--) {
         Worker *w = s->d[i].w;
+        if (w == home) {
+            adopt(w, &s->d[i]);
+            continue;
+        }
         pthread_mutex_lock(&w->mu);
         s->d[i].next = w->inbox;
         w->inbox = &s->d[i];
@@ -731,7 +750,7 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
     int cfd, sfd;
     if (!PyArg_ParseTuple(args, "Kii", &sid, &cfd, &sfd) || check_open(p) < 0) return NULL;
     count_live(p, 1);
-    int err = start_relay(p, sid, cfd, sfd);
+    int err = start_relay(p, sid, cfd, sfd, NULL);
     if (err) {
         count_live(p, -1);
         errno = err;
