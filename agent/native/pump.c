@@ -680,7 +680,7 @@ static Worker *next_worker(Pump *p) {
  * client's direction goes to `home` (the worker that dialed, calling from its
  * own thread: adopted there and then, no hand-over) or else the next worker;
  * the server's direction to another worker, where there is one. Per short
- * connection that saves a dup, a close and a wake-up each side. */
+ * connection that saves two dups, their two closes and a wake-up. */
 static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home) {
     Worker *to[2];
     to[CLIENT] = home ? home : next_worker(p);
