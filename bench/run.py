@@ -419,7 +419,7 @@ def _rounds(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
     costs any relay. Then the ping-pong again with the guest's halt polling
     on, where this host has it off (see guest_halt_polling)."""
     conns = _Conns()
-    t = _latency_rounds(sb, work, b, root, relays, paths, "rtt", conns)
+    t = _one_pass(sb, work, b, root, relays, paths, "rtt", conns)
     conns.put(res)
     for col in t.cpu:
         res.put("cpu_rtt", col, t.cpu_per_trip(col))
@@ -427,13 +427,13 @@ def _rounds(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
     with guest_halt_polling(HALT_POLL_NS) as polling:
         if polling:
             _step(f"latency again, guest halt polling {HALT_POLL_NS // 1000} us")
-            _put_latency(res, _latency_rounds(sb, work, b, root, relays, paths, "rtt-poll"),
+            _put_latency(res, _one_pass(sb, work, b, root, relays, paths, "rtt-poll"),
                          POLLING)
 
 
-def _latency_rounds(sb: Sandbox, work: Path, b: Bench, root: Bench, relays: dict[str, int],
-                    paths: dict[str, tuple[str, int]], name: str,
-                    conns: _Conns | None = None) -> _Trips:
+def _one_pass(sb: Sandbox, work: Path, b: Bench, root: Bench, relays: dict[str, int],
+              paths: dict[str, tuple[str, int]], name: str,
+              conns: _Conns | None = None) -> _Trips:
     """One pass of the rounds; the connection rate too, given conns."""
     rounds = min(LATENCY_ROUNDS, b.scale.trips)
     per = max(b.scale.trips // rounds, 1)
