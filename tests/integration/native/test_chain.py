@@ -4,8 +4,6 @@ computes it), for every payload size class and both versions it writes."""
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 
 import psutil
@@ -13,6 +11,7 @@ import pytest
 
 from agent.native import Chain
 from agent.store.format import ZERO_HASH, encode_header, frame_digest
+from page_cache import cached_bytes
 
 # Small ones are copied into the mapped window, large ones written into it;
 # the last past the window's end, where a write appends to the file.
@@ -105,27 +104,6 @@ def _mapped_rss(path) -> int:
 WINDOW = 2 << 20
 
 
-def _resident(path, start: int, length: int) -> int:
-    """Bytes of the file's range [start, start + length) in the page cache."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    page = os.sysconf("SC_PAGESIZE")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-        vec = ctypes.create_string_buffer(length // page)
-        assert libc.mincore(addr, length, vec) == 0
-        libc.munmap(addr, length)
-    finally:
-        os.close(fd)
-    return sum(b & 1 for b in vec.raw) * page
-
-
 def test_the_segment_ahead_of_the_window_is_read_into_the_page_cache(tmp_path):
     """warm() (the upkeep thread's, off the chain's lock) puts the next
     window's pages in the page cache before the records reach them: the
@@ -139,10 +117,11 @@ def test_the_segment_ahead_of_the_window_is_read_into_the_page_cache(tmp_path):
         _appends(chain, [100] * 20)                  # maps the first window
         assert chain.windows == 1 and chain.warmed == 0
         assert path.stat().st_size == WINDOW         # nothing ahead of the window yet
+        cached = cached_bytes(path)
         chain.warm()
         assert chain.warmed == 2 * WINDOW
         assert path.stat().st_size == 2 * WINDOW
-        assert _resident(path, WINDOW, WINDOW) == WINDOW
+        assert cached_bytes(path) - cached == WINDOW  # all of [WINDOW, 2 * WINDOW)
         with open(path, "rb") as f:
             f.seek(chain.seg_bytes)
             assert f.read() == bytes(2 * WINDOW - chain.seg_bytes)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import resource
 import signal
-import subprocess
 import threading
 import time
 
@@ -14,6 +13,7 @@ import pytest
 
 from agent.store import Direction, Kind, SealKey, StoreError, StoreWriter, init_key, verify
 from agent.store.reader import iter_records, segment_paths
+from page_cache import cached_bytes
 from store_forge import segments
 
 
@@ -30,13 +30,6 @@ def test_rotation_by_size_links_segments(tmp_path):
     assert verify(tmp_path).ok
 
 
-def _cached_bytes(path) -> int:
-    """How much of a file the page cache holds (util-linux fincore)."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.strip())
-
-
 def test_finished_segments_leave_the_page_cache(tmp_path):
     """Once a finished segment is on disk its pages go, so a busy store
     does not grow the page cache by every byte it records."""
@@ -44,7 +37,7 @@ def test_finished_segments_leave_the_page_cache(tmp_path):
     for _ in range(60):
         w.append_data(1, Direction.CLIENT, b"z" * (64 << 10))
     w.close()
-    cached = [_cached_bytes(p) for p in segment_paths(tmp_path)]
+    cached = [cached_bytes(p) for p in segment_paths(tmp_path)]
     assert len(cached) >= 3
     assert cached[:-1] == [0] * (len(cached) - 1)  # finished: on disk, dropped
     assert cached[-1] > 0  # the active one was not finished, only closed
