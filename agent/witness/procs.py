@@ -49,10 +49,17 @@ class ProcessTable:
         # Processes read from /proc (the login above a subject, or one older
         # than the witness): asked for on every connection, so kept briefly.
         self._read: ReadCache[int, Proc | None] = ReadCache(READ_TTL_S, MAX_PROCESSES)
+        # Chains already built, by (table generation, pid): a client makes
+        # many connections, and building its chain again each time was a
+        # tenth of the proxy's Python per connection. Any change to the
+        # table starts a new generation; reads of /proc stand READ_TTL_S.
+        self._chains: ReadCache[tuple[int, int], list[dict]] = ReadCache(READ_TTL_S, 4096)
+        self._generation = 0
         self._lock = threading.Lock()
 
     def _put(self, proc: Proc) -> None:
         with self._lock:
+            self._generation += 1
             self._procs[proc.pid] = proc
             self._procs.move_to_end(proc.pid)
             self._subjects.add(proc.pid)
@@ -90,6 +97,7 @@ class ProcessTable:
                     live.argv)
         with self._lock:
             if proc.pid in self._procs:
+                self._generation += 1
                 self._procs[proc.pid] = full
         return full
 
@@ -98,7 +106,14 @@ class ProcessTable:
 
     def chain(self, pid: int) -> list[dict]:
         """The process and its ancestors up to the subject's login (first subject
-        process whose parent is not one), nearest first."""
+        process whose parent is not one), nearest first. Shared between
+        callers: not to be changed."""
+        # The generation is read before the build: a change meanwhile makes
+        # the next call build again.
+        return self._chains.get((self._generation, pid), self._build_chain)
+
+    def _build_chain(self, key: tuple[int, int]) -> list[dict]:
+        pid = key[1]
         out: list[dict] = []
         proc = self.get(pid)
         while proc is not None and len(out) < MAX_DEPTH:

@@ -60,3 +60,13 @@ def test_a_running_process_is_completed_from_proc():
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_chain_is_built_once_until_the_table_changes():
+    t = table_with(exec_record(GONE, b"/usr/bin/psql", [b"psql", b"-h", b"db"]))
+    first = t.chain(GONE)
+    assert t.chain(GONE) is first            # a client's next connection: no rebuild
+    again = exec_record(GONE, b"/usr/bin/ssh", [b"ssh", b"bastion"])
+    t.on_exec(events.decode(again, len(again)))
+    [proc] = t.chain(GONE)                    # the same pid exec'd anew: built again
+    assert proc["exe"] == "/usr/bin/ssh" and proc["argv"] == ["ssh", "bastion"]
