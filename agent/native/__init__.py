@@ -1,12 +1,13 @@
 """The native data plane, compiled from the C beside this file (setup.py).
 
 Chain: the store's append point (frame, SHA-256 chain, crc, the write into the segment) and the
-store writer's lock. Pump: relay threads that read a session's sockets,
-append each chunk to the chain and send it on, without the GIL.
+store writer's lock; its append_many takes APPEND_MANY_MAX records at most.
+Pump: relay threads that read a session's sockets, append each chunk to the
+chain and send it on, without the GIL.
 accept_redirected, original_dst: accepting redirected connections with
 their destination before the redirect (accept.c).
 """
 
-from agent.native._native import Chain, Pump, accept_redirected, original_dst
+from agent.native._native import APPEND_MANY_MAX, Chain, Pump, accept_redirected, original_dst
 
-__all__ = ["Chain", "Pump", "accept_redirected", "original_dst"]
+__all__ = ["APPEND_MANY_MAX", "Chain", "Pump", "accept_redirected", "original_dst"]

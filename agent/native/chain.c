@@ -66,7 +66,6 @@ static uint64_t now_ns(void) {
  * for the odd small frame between them halved the store's rate (measured:
  * 256 KiB frames with a 100-byte one between each, 1,880 -> 551 MB/s). */
 #define MAP_AFTER_SMALL 16
-#define MANY_MAX 8                 /* frames in one append_many */
 /* The upkeep thread reads the segment's pages up to this far past the
  * window's start into the page cache (Chain.warm: readahead of the zeros
  * ahead of the records), off the chain's lock. The first fault of a fresh

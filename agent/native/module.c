@@ -14,7 +14,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_INCREF(&ChainType);
     Py_INCREF(&PumpType);
     if (PyModule_AddObject(m, "Chain", (PyObject *)&ChainType) < 0
-        || PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0) {
+        || PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0
+        || PyModule_AddIntConstant(m, "APPEND_MANY_MAX", MANY_MAX) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -130,14 +130,16 @@ class Handoff:
 
     def _reap(self) -> None:
         proxy = self.proxy
+        ended = []
         for sid, reason, client_bytes, server_bytes, store_errno in self.pump.finished():
-            session = self.relayed.pop(sid)
             if reason.startswith("upstream failed"):
                 proxy.stats["upstream_failed"] += 1
             if store_errno:
                 proxy.stats["store_errors"] += 1
                 proxy.hooks.store_failed(proxy.store.failed_in_relay(store_errno))
-            proxy.close_record(session, reason, client_bytes, server_bytes)
+            ended.append((self.relayed.pop(sid), reason, client_bytes, server_bytes))
+        if ended:
+            proxy.close_records(ended)
 
 
 def reset_fd(fd: int) -> None:

@@ -23,7 +23,7 @@ import logging
 import socket
 import struct
 import time
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol, Sequence
 
 from agent.proxy.origdst import NotRedirected, original_dst, plain_ip
 from agent.proxy.policy import Policy
@@ -43,6 +43,8 @@ class Store(Protocol):
     def append_json(self, kind: Kind, obj: dict, ts_ns: int | None = None) -> int: ...
     def append_json_pair(self, kind: Kind, obj: dict, then: Kind,
                          make_then: Callable[[int], dict], ts_ns: int) -> int: ...
+    def append_json_many(self, kind: Kind, objs: Sequence[dict],
+                         ts_ns: int | None = None) -> None: ...
     def append_data(self, session_id: int, direction, data: bytes) -> int: ...
     def failed_in_relay(self, err: int) -> Exception: ...
 
@@ -148,12 +150,20 @@ class Proxy:
 
     def close_record(self, session: Session, reason: str, client_bytes: int,
                      server_bytes: int) -> None:
-        self.sessions.close(session)
+        self.close_records(((session, reason, client_bytes, server_bytes),))
+
+    def close_records(self, ended: Sequence[tuple[Session, str, int, int]]) -> None:
+        """SESSION_CLOSE of each (session, reason, client bytes, server
+        bytes), written together: the relay reports ends in batches."""
+        now = time.time_ns()
+        closes = []
+        for session, reason, client_bytes, server_bytes in ended:
+            self.sessions.close(session)
+            closes.append({"session": session.id, "reason": reason,
+                           "client_bytes": client_bytes, "server_bytes": server_bytes,
+                           "duration_ms": round((now - session.started_ns) / 1e6, 3)})
         try:
-            self.store.append_json(Kind.SESSION_CLOSE, {
-                "session": session.id, "reason": reason,
-                "client_bytes": client_bytes, "server_bytes": server_bytes,
-                "duration_ms": round((time.time_ns() - session.started_ns) / 1e6, 3)})
+            self.store.append_json_many(Kind.SESSION_CLOSE, closes, now)
         except Exception as e:
             self.hooks.store_failed(e)
 

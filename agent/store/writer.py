@@ -26,11 +26,11 @@ import select
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import orjson
 
-from agent.native import Chain
+from agent.native import APPEND_MANY_MAX, Chain
 from agent.store import seal as sealing
 from agent.store.format import (
     MAX_PAYLOAD, PAYLOAD_HASH_VERSION, ZERO_HASH, Direction, Kind, Record, data_payload_head,
@@ -412,12 +412,27 @@ class StoreWriter:
         with self._lock:
             self._before_append(ts_ns)
             seq = self._chain.next_seq
-            records = ((kind, orjson.dumps(obj)), (then, orjson.dumps(make_then(seq))))
-            for _, payload in records:
-                _check_length(len(payload))
-            self._guard(self._chain.append_many, records, ts_ns)
-            self._after_append()
+            self._append_many_locked(
+                ((kind, orjson.dumps(obj)), (then, orjson.dumps(make_then(seq)))), ts_ns)
             return seq
+
+    def append_json_many(self, kind: Kind, objs: Sequence[dict],
+                         ts_ns: int | None = None) -> None:
+        """Records of one kind, APPEND_MANY_MAX to a write (each write all or
+        none). For the sessions the relay reports ended together: one call
+        and one write for several, not one each."""
+        ts = ts_ns if ts_ns is not None else time.time_ns()
+        with self._lock:
+            for i in range(0, len(objs), APPEND_MANY_MAX):
+                self._before_append(ts)
+                self._append_many_locked(
+                    [(kind, orjson.dumps(o)) for o in objs[i:i + APPEND_MANY_MAX]], ts)
+
+    def _append_many_locked(self, records: Sequence[tuple[Kind, bytes]], ts: int) -> None:
+        for _, payload in records:
+            _check_length(len(payload))
+        self._guard(self._chain.append_many, records, ts)
+        self._after_append()
 
     def _before_append(self, ts: int) -> None:
         # Per record: the checks that are nearly always false come first.

@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from agent.native import APPEND_MANY_MAX
 from agent.store import Direction, Kind, SealKey, StoreError, StoreWriter, init_key, verify
 from agent.store.reader import iter_records, segment_paths
 from page_cache import cached_bytes
@@ -206,6 +207,22 @@ def test_a_json_pair_is_two_chained_records_in_one_copy(tmp_path):
     assert recs[sid].kind == Kind.SESSION_OPEN and recs[sid + 1].kind == Kind.SESSION_INFO
     assert recs[sid + 1].json() == {"session": sid, "uid": 7}
     assert recs[sid].ts_ns == recs[sid + 1].ts_ns == 1_700_000_000_000_000_000
+    assert verify(tmp_path).ok
+
+
+def test_many_records_of_a_kind_go_in_batches_past_the_native_limit(tmp_path):
+    """Sessions that ended together: their closes are written in order, in
+    writes of at most APPEND_MANY_MAX (more than that in one call)."""
+    w = StoreWriter(tmp_path, immutable=False)
+    first = w.append_json(Kind.EVENT, {"before": 1}) + 1
+    closes = [{"session": n, "reason": "eof"} for n in range(APPEND_MANY_MAX * 2 + 3)]
+    w.append_json_many(Kind.SESSION_CLOSE, closes, 1_700_000_000_000_000_000)
+    w.append_json_many(Kind.SESSION_CLOSE, [])
+    after = w.append_json(Kind.EVENT, {"after": 1})
+    w.close()
+    recs = [r for r in iter_records(tmp_path) if first <= r.seq < after]
+    assert [r.json() for r in recs] == closes and after == first + len(closes)
+    assert {(r.kind, r.ts_ns) for r in recs} == {(Kind.SESSION_CLOSE, 1_700_000_000_000_000_000)}
     assert verify(tmp_path).ok
 
 
