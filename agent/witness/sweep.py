@@ -1,12 +1,15 @@
 """The sweep: what the event path cannot see or may have missed.
 
-Every sweep_interval_s, list the established TCP sockets of every subject
+Every sweep_interval_s, list the connected TCP sockets of every subject
 process (sock_diag through pyroute2, in each network namespace a subject
 lives in; inode -> process through /proc/<pid>/fd) and ask the proxy about
-each one the event path does not already know. The first sweep finds what
-was open before the witness started (`preexisting_socket`); later sweeps
-find what the events missed (`bypass`, probe "sock_diag sweep"). Accepted
-sockets of a subject's own listeners are inbound, not egress, and skipped.
+each one the event path does not already know: every state a payload can
+still cross in, not only ESTABLISHED (a socket whose peer has closed,
+CLOSE_WAIT, still sends; one that has shut its side, FIN_WAIT*, still
+receives). The first sweep finds what was open before the witness started
+(`preexisting_socket`); later sweeps find what the events missed (`bypass`,
+probe "sock_diag sweep"). Accepted sockets of a subject's own listeners are
+inbound, not egress, and skipped.
 """
 
 from __future__ import annotations
@@ -28,7 +31,13 @@ from agent.witness.events import AF_INET, AF_INET6, Header
 
 PROBE = "sock_diag sweep"
 _CLONE_NEWNET = 0x40000000
-_ESTABLISHED, _LISTEN = 1, 10
+_LISTEN = 10
+# The kernel's TCP states (include/net/tcp_states.h) in which a socket has a
+# peer and a payload may cross; SYN_SENT (nothing sent yet but a SYN, which
+# the event path judges) and TIME_WAIT (no owner left) are not among them.
+CONNECTED = {1: "established", 4: "fin_wait1", 5: "fin_wait2", 8: "close_wait",
+             9: "last_ack", 11: "closing"}
+_STATES = sum(1 << s for s in (*CONNECTED, _LISTEN))
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -41,26 +50,28 @@ class DiagSock:
     dport: int
     inode: int
     cgroup_id: int
+    state: str                 # a CONNECTED name
 
 
 def _diag(family: int) -> tuple[list[DiagSock], set[int]]:
-    """(established sockets, listening ports) of one family in this thread's netns."""
+    """(connected sockets, listening ports) of one family in this thread's netns."""
     with DiagSocket() as ds:
         ds.bind()
-        msgs = ds.get_sock_stats(family=family, states=(1 << _ESTABLISHED) | (1 << _LISTEN))
-    est, listening = [], set()
+        msgs = ds.get_sock_stats(family=family, states=_STATES)
+    conn, listening = [], set()
     for m in msgs:
         if m["idiag_state"] == _LISTEN:
             listening.add(m["idiag_sport"])
         else:
             cg = dict(m["attrs"]).get("INET_DIAG_CGROUP_ID", 0)
-            est.append(DiagSock(family, m["idiag_src"], m["idiag_sport"], m["idiag_dst"],
-                                m["idiag_dport"], m["idiag_inode"], cg))
-    return est, listening
+            conn.append(DiagSock(family, m["idiag_src"], m["idiag_sport"], m["idiag_dst"],
+                                 m["idiag_dport"], m["idiag_inode"], cg,
+                                 CONNECTED[m["idiag_state"]]))
+    return conn, listening
 
 
 def diag_in_netns(pid: int) -> list[DiagSock]:
-    """Outbound established TCP sockets in pid's network namespace.
+    """Outbound connected TCP sockets in pid's network namespace.
 
     setns only moves the calling thread, so a short-lived thread does it and
     the caller's namespace never changes."""
@@ -73,8 +84,8 @@ def diag_in_netns(pid: int) -> list[DiagSock]:
                 if _libc.setns(f.fileno(), _CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), "setns")
             for fam in (socket.AF_INET, socket.AF_INET6):
-                est, listening = _diag(fam)
-                result.extend(s for s in est if s.sport not in listening)
+                conn, listening = _diag(fam)
+                result.extend(s for s in conn if s.sport not in listening)
         except BaseException as e:  # carried to the caller's thread
             errors.append(e)
 
@@ -165,7 +176,8 @@ class Sweep:
         fam = AF_INET if s.family == socket.AF_INET else AF_INET6
         self.check.alert(type_, f"{who.comm} (pid {pid}) has a connection to "
                          f"{s.dst}:{s.dport} the proxy does not know ({what})",
-                         who, PROBE, **tuple_evidence(fam, t), socket_inode=s.inode)
+                         who, PROBE, **tuple_evidence(fam, t), socket_inode=s.inode,
+                         tcp_state=s.state)
 
 
 def _comm(pid: int) -> str:

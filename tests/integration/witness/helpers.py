@@ -79,9 +79,11 @@ def delete_netns(name: str = NETNS) -> None:
     subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-def start_server(port: int, netns: str = NETNS, addrs: tuple[str, ...] = ()) -> subprocess.Popen:
-    """A root TCP server on port in netns, on addrs (default 127.0.0.1 and ::1)."""
-    p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", SERVER,
+def start_server(port: int, netns: str = NETNS, addrs: tuple[str, ...] = (),
+                 code: str = SERVER) -> subprocess.Popen:
+    """A root TCP server on port in netns, on addrs (default 127.0.0.1 and
+    ::1): SERVER, or code that prints "ready" as it does."""
+    p = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", code,
                           str(port), *addrs], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     return p

@@ -18,6 +18,7 @@ from .conftest import running_witness, witness_config
 PORT = 18431
 BURST_PORT = 18432
 MATCH_PORT = 18433
+CLOSING_PORT = 18434   # its server closes each connection at once: the client is half-open
 PROXY_PORT = witness_config().proxy.port    # no proxy runs: a plain server takes its port
 WINDOW_S = witness_config().witness.match_window_ms / 1000
 SUBJ_CONNECT = r"""
@@ -28,9 +29,19 @@ print(json.dumps({"pid": os.getpid(), "sport": s.getsockname()[1]}))
 """
 
 
+CLOSING_SERVER = r"""
+import socket, sys
+s = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    s.accept()[0].close()
+"""
+
+
 @pytest.fixture(scope="module")
 def server(netns_inode):
     procs = [helpers.start_server(p) for p in (PORT, BURST_PORT, MATCH_PORT, PROXY_PORT)]
+    procs.append(helpers.start_server(CLOSING_PORT, code=CLOSING_SERVER))
     yield
     for p in procs:
         p.kill()
@@ -47,7 +58,18 @@ def preexisting(server):
 
 
 @pytest.fixture(scope="module")
-def witness(preexisting, store, sessions):
+def preexisting_half_open(server):
+    """Made before the witness starts, and its peer has closed (CLOSE_WAIT):
+    not ESTABLISHED, yet the subject can still send on it."""
+    code = ("import socket, time; s = socket.create_connection(('127.0.0.1', %d)); "
+            "assert s.recv(1) == b''; print(s.getsockname()[1], flush=True); "
+            "time.sleep(120)" % CLOSING_PORT)
+    with helpers.held_subject(code) as p:
+        yield int(p.stdout.readline())
+
+
+@pytest.fixture(scope="module")
+def witness(preexisting, preexisting_half_open, store, sessions):
     w = running_witness(witness_config(guard=True, perf_pages=64), store, sessions)
     seen: list = []
     w.subscribe(seen.append)
@@ -192,6 +214,11 @@ def test_sweep_finds_socket_opened_before_start(witness, store_dir, preexisting)
     pid, sport = preexisting
     a = helpers.wait_alert(store_dir, type="preexisting_socket", sport=sport)
     assert a["evidence"]["dport"] == PORT and a["evidence"]["probe"] == "sock_diag sweep"
+
+
+def test_sweep_finds_a_half_open_socket(witness, store_dir, preexisting_half_open):
+    a = helpers.wait_alert(store_dir, type="preexisting_socket", sport=preexisting_half_open)
+    assert a["evidence"]["dport"] == CLOSING_PORT and a["evidence"]["tcp_state"] == "close_wait"
 
 
 def test_burst_of_known_connections_has_no_false_bypass(witness, store_dir, sessions):
