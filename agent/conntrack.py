@@ -69,6 +69,11 @@ class Flow:
     local rule leaves no entry)."""
     proxied_as: tuple[str, int] | None   # the client the proxy accepts; None: not redirected
 
+    @property
+    def redirected(self) -> bool:
+        """conntrack redirected it into the proxy."""
+        return self.proxied_as is not None
+
 
 def flow_of(src: tuple[str, int], dst: tuple[str, int], proxy_port: int) -> Flow | None:
     """The flow of the subject socket src -> dst, and whether conntrack

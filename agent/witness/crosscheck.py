@@ -209,7 +209,7 @@ class CrossCheck:
     def redirected(self, netns: int, t: Tuple4) -> bool:
         """conntrack redirected this socket's flow into the proxy."""
         flow = self._flow(netns, t)
-        return flow is not None and flow.proxied_as is not None
+        return flow is not None and flow.redirected
 
     def _schedule(self, conn: _Conn, ts_ns: int) -> None:
         conn.deadline_ns = ts_ns + self.window_ns
@@ -253,7 +253,7 @@ class CrossCheck:
         flow = None
         if not in_table and proof != "socket":
             flow = self._flow(conn.opened.netns, t)
-            if flow is not None and flow.proxied_as is not None:
+            if flow is not None and flow.redirected:
                 proof = "conntrack"
         if proof == "port" and now - conn.opened.ts_ns < UNBOUND_PROOF_PATIENCE_S * 1e9:
             self._count("tcp_port_proof_waits")
