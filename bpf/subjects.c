@@ -65,12 +65,15 @@ static __always_inline int tg_stash_get(int nr, struct tg_stash *out)
     return 1;
 }
 
-/* tg_stash_get, then forget the entry: for syscall exits. */
+/* tg_stash_get, then forget the entry: for syscall exits. Most threads
+ * (every one not a subject's) have none, and a delete takes the bucket's
+ * lock even to find nothing: it runs only on an entry. */
 static __always_inline int tg_stash_take(int nr, struct tg_stash *out)
 {
     u32 pid = (u32)bpf_get_current_pid_tgid();
     int found = tg_stash_get(nr, out);
-    stash.delete(&pid);
+    if (found || stash.lookup(&pid))
+        stash.delete(&pid);
     return found;
 }
 
