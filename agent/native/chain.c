@@ -202,7 +202,7 @@ static int copy_frames(Chain *c, const struct iovec *iov, int n, size_t total) {
  * only as its bytes are copied. Into preallocated zeros, the first byte
  * goes last, in a write of its own. */
 static int pwrite_frames(Chain *c, const struct iovec *iov, int n, size_t total) {
-    struct iovec rest[4 * MANY_MAX];
+    struct iovec rest[4 * TG_MANY_MAX];
     off_t at = (off_t)c->seg_bytes;
     int appending = (unsigned long long)at >= c->file_end;
     ssize_t w, want = (ssize_t)total;
@@ -463,12 +463,12 @@ static PyObject *Chain_append(Chain *c, PyObject *args, PyObject *kw) {
 }
 
 /* Records a caller has together (a session's opening and its process)
- * cost one write, not one each (MANY_MAX, above). */
+ * cost one write, not one each (TG_MANY_MAX, native.h). */
 
 static int append_many_locked(Chain *c, Py_buffer *pay, int *kinds, int n, uint64_t ts,
                               uint64_t *first) {
-    Frame f[MANY_MAX];
-    struct iovec iov[4 * MANY_MAX];
+    Frame f[TG_MANY_MAX];
+    struct iovec iov[4 * TG_MANY_MAX];
     size_t total = 0;
     int k = 0, err;
     for (int i = 0; i < n; i++) {
@@ -498,12 +498,12 @@ static PyObject *Chain_append_many(Chain *c, PyObject *args) {
     PyObject *seq_of = PySequence_Fast(records, "records must be a sequence");
     if (seq_of == NULL) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq_of);
-    if (n < 1 || n > MANY_MAX) {
+    if (n < 1 || n > TG_MANY_MAX) {
         Py_DECREF(seq_of);
-        return PyErr_Format(PyExc_ValueError, "append_many takes 1 to %d records", MANY_MAX);
+        return PyErr_Format(PyExc_ValueError, "append_many takes 1 to %d records", TG_MANY_MAX);
     }
-    Py_buffer pay[MANY_MAX];
-    int kinds[MANY_MAX], got = 0;
+    Py_buffer pay[TG_MANY_MAX];
+    int kinds[TG_MANY_MAX], got = 0;
     for (; got < n; got++) {
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq_of, got), "iy*", &kinds[got],
                               &pay[got]))

@@ -15,7 +15,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_INCREF(&PumpType);
     if (PyModule_AddObject(m, "Chain", (PyObject *)&ChainType) < 0
         || PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0
-        || PyModule_AddIntConstant(m, "APPEND_MANY_MAX", MANY_MAX) < 0) {
+        || PyModule_AddIntConstant(m, "APPEND_MANY_MAX", TG_MANY_MAX) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -23,7 +23,7 @@
 #define TG_FORMAT_SHA256 2    /* hash = SHA-256(header || SHA-256(payload)): FIPS-approved only */
 #define TG_KIND_DATA 3
 #define TG_DATA_HEAD_SIZE 9   /* DATA_HEAD = ">QB": session id, direction */
-#define MANY_MAX 8            /* frames in one Chain.append_many (APPEND_MANY_MAX) */
+#define TG_MANY_MAX 8         /* frames in one Chain.append_many (APPEND_MANY_MAX) */
 
 typedef struct {
     PyObject_HEAD
