@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from agent.store.format import (
     CRC, HEADER, HEADER_SIZE, MAGIC, UNWRITTEN, MAX_PAYLOAD, READABLE_VERSIONS, ZERO_HASH,
-    Kind, Record, frame_digest,
+    Kind, Record, frame_hash,
 )
+
+_KINDS = frozenset(int(k) for k in Kind)
 
 
 class StoreCorrupt(Exception):
@@ -42,30 +45,51 @@ def unwritten(buf: memoryview, off: int) -> bool:
     return bytes(rest).count(0) == len(rest)
 
 
-def _read_frame(buf: memoryview, off: int, name: str) -> tuple[Record | None, str | None]:
-    """Parse one frame at off. (record, None), or (None, why it is not whole)."""
+class Frame(NamedTuple):
+    """One whole frame, as check_frame found it in a buffer."""
+    ver: int
+    kind: int
+    seq: int
+    ts_ns: int
+    prev: bytes
+    header: memoryview
+    payload: memoryview
+    end: int            # just past its crc: where the next frame starts
+
+    def hash(self) -> bytes:
+        return frame_hash(self.header, self.payload)
+
+
+def check_frame(buf: memoryview, off: int) -> Frame | str:
+    """The frame at off if it is whole (magic, version, length, crc32, a
+    known kind), else why not: the first check it fails."""
     if len(buf) - off < HEADER_SIZE:
-        return None, "short header"
+        return "short header"
     if buf[off] == UNWRITTEN:
-        return None, "no header"
+        return "no header"
     magic, ver, kind, length, seq, ts, prev = HEADER.unpack_from(buf, off)
     if magic != MAGIC or ver not in READABLE_VERSIONS:
-        return None, "bad magic"
+        return "bad magic or version"
     if length > MAX_PAYLOAD:
-        return None, "length out of range"
+        return "length out of range"
     end = off + HEADER_SIZE + length
     if end + CRC.size > len(buf):
-        return None, "short payload"
-    header = bytes(buf[off:off + HEADER_SIZE])
-    payload = bytes(buf[off + HEADER_SIZE:end])
-    digest, crc = frame_digest(header, payload)
-    if crc != bytes(buf[end:end + CRC.size]):
-        return None, "crc mismatch"
-    try:
-        kind = Kind(kind)
-    except ValueError:
-        return None, f"unknown kind {kind}"
-    return Record(seq, ts, kind, prev, payload, digest, name, off, ver), None
+        return "short payload"
+    if zlib.crc32(buf[off:end]) != CRC.unpack_from(buf, end)[0]:
+        return "crc mismatch"
+    if kind not in _KINDS:
+        return f"unknown kind {kind}"
+    return Frame(ver, kind, seq, ts, prev, buf[off:off + HEADER_SIZE],
+                 buf[off + HEADER_SIZE:end], end + CRC.size)
+
+
+def read_frame(buf: memoryview, off: int, name: str) -> tuple[Record | None, str | None]:
+    """The record at off: (record, None), or (None, why it is not whole)."""
+    f = check_frame(buf, off)
+    if isinstance(f, str):
+        return None, f
+    return Record(f.seq, f.ts_ns, Kind(f.kind), f.prev, bytes(f.payload), f.hash(), name, off,
+                  f.ver), None
 
 
 def written_end(path: Path, start: int = 0) -> int:
@@ -96,7 +120,7 @@ def scan_segment(path: Path, prev_hash: bytes | None = None,
     off, last_seq, last_hash = 0, -1, prev_hash or ZERO_HASH
     torn = None
     while off < len(buf):
-        rec, why = _read_frame(buf, off, path.name)
+        rec, why = read_frame(buf, off, path.name)
         if rec is None:
             torn = None if unwritten(buf, off) else why
             break

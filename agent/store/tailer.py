@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.store.format import CRC, HEADER_SIZE, Record
-from agent.store.reader import _read_frame, segment_paths
+from agent.store.reader import read_frame, segment_paths
 
 __all__ = ["Tailer"]
 
@@ -53,7 +53,7 @@ class Tailer:
             return []
         view, at, out = memoryview(data), 0, []
         while at < len(data):
-            rec, _why = _read_frame(view, at, self.segment)
+            rec, _why = read_frame(view, at, self.segment)
             if rec is None:
                 break  # a frame still being written
             out.append(rec)

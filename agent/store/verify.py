@@ -19,23 +19,18 @@ from __future__ import annotations
 import os
 import re
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import orjson
 
 from agent.store import seal as sealing
-from agent.store.format import (
-    CRC, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD, UNWRITTEN, READABLE_VERSIONS, ZERO_HASH, Kind,
-    frame_hash, segment_name,
-)
+from agent.store.format import ZERO_HASH, Kind, segment_name
 from agent.store.immutable import is_immutable
 from agent.store.keys import Ratchet
-from agent.store.reader import unwritten
+from agent.store.reader import check_frame, unwritten
 
 _SEGMENT_NAME = re.compile(r"^\d{20}\.seg$")
-_KINDS = frozenset(int(k) for k in Kind)
 _SHORT = ("short header", "short payload", "no header")  # a frame being written
 
 
@@ -177,47 +172,30 @@ class _Verifier:
     def _frame(self, buf: memoryview, off: int, name: str, last: bool):
         """Check one frame; (seq, kind, payload, end), end None for a tolerated torn tail."""
         expect = self.expect_seq
-        why = None
-        if len(buf) - off < HEADER_SIZE:
-            why = "short header"
-        else:
-            magic, ver, kind, length, seq, ts, prev = HEADER.unpack_from(buf, off)
-            end = off + HEADER_SIZE + length
-            if buf[off] == UNWRITTEN:
-                why = "no header"
-            elif magic != MAGIC or ver not in READABLE_VERSIONS:
-                why = "bad magic or version"
-            elif length > MAX_PAYLOAD:
-                why = "length out of range"
-            elif end + CRC.size > len(buf):
-                why = "short payload"
-            elif zlib.crc32(buf[off:end]) != CRC.unpack_from(buf, end)[0]:
-                why = "crc mismatch"
-            elif kind not in _KINDS:
-                why = f"unknown kind {kind}"
-        if why is not None:
+        f = check_frame(buf, off)
+        if isinstance(f, str):
             if last and unwritten(buf, off):
                 return None, None, None, None  # preallocated, the records end here
-            if last and why in _SHORT and self.allow_torn_tail:
+            if last and f in _SHORT and self.allow_torn_tail:
                 # the partial frame, not the preallocated zeros after it
                 self.report.torn_tail = len(bytes(buf[off:]).rstrip(b"\0"))
                 return None, None, None, None
-            self.fail(name, off, expect, why)
-        if expect is not None and seq != expect:
-            self.fail(name, off, expect, f"sequence: expected {expect}, found {seq}")
-        if expect is not None and prev != self.prev_hash and off > 0:
-            self._chain_broken(name, off, seq)
+            self.fail(name, off, expect, f)
+        if expect is not None and f.seq != expect:
+            self.fail(name, off, expect, f"sequence: expected {expect}, found {f.seq}")
+        if expect is not None and f.prev != self.prev_hash and off > 0:
+            self._chain_broken(name, off, f.seq)
         # at a segment's start the link is checked after its store id and name,
         # which say more precisely what happened
-        self.linked = expect is None or prev == self.prev_hash
-        self.prev_hash = frame_hash(buf[off:off + HEADER_SIZE], buf[off + HEADER_SIZE:end])
-        self.frame_ts, self.frame_prev = ts, prev
+        self.linked = expect is None or f.prev == self.prev_hash
+        self.prev_hash = f.hash()
+        self.frame_ts, self.frame_prev = f.ts_ns, f.prev
         r = self.report
         if r.first_seq < 0:
-            r.first_seq = seq
-        r.last_seq, r.records = seq, r.records + 1
-        self.expect_seq = seq + 1
-        return seq, kind, buf[off + HEADER_SIZE:end], end + CRC.size
+            r.first_seq = f.seq
+        r.last_seq, r.records = f.seq, r.records + 1
+        self.expect_seq = f.seq + 1
+        return f.seq, f.kind, f.payload, f.end
 
     def _segment_start(self, name: str, seq: int, kind: int, payload: memoryview) -> None:
         if kind != Kind.SEGMENT_START:
