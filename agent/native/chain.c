@@ -222,13 +222,14 @@ static int pwrite_frames(Chain *c, const struct iovec *iov, int n, size_t total)
 /* Write whole frames at seg_bytes. A failed write leaves no partial frame:
  * the segment is cut back to the last whole record, now or before the next. */
 static int write_frame(Chain *c, struct iovec *iov, int n, size_t total) {
-    int err = ENODEV, small = total < MAPPED_BELOW;
+    int err = 0, copied = 0, small = total < MAPPED_BELOW;
     c->small_run = small ? c->small_run + 1 : 0;
     if (!c->no_map && small && (in_window(c, total) || c->small_run >= MAP_AFTER_SMALL)) {
         err = copy_frames(c, iov, n, total);
-        if (err == EOPNOTSUPP || err == ENODEV) c->no_map = 1;   /* said by stats */
+        copied = err != EOPNOTSUPP && err != ENODEV;
+        if (!copied) c->no_map = 1;   /* this filesystem maps nothing: said by stats */
     }
-    if (err == EOPNOTSUPP || err == ENODEV) err = pwrite_frames(c, iov, n, total);
+    if (!copied) err = pwrite_frames(c, iov, n, total);
     if (err && cut_to_records(c) != 0) c->dirty = 1;
     return err;
 }
