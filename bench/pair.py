@@ -9,7 +9,12 @@ one checkout, in a fresh sandbox with the bench's server, measured with the
 bench's own load: short connections (connection rate), or with --latency
 the 1-byte ping-pong after the bench's settle; the checkouts take turns.
 Each checkout must be built (`setup.py build_ext --inplace`). Prints one
-JSON line per run and the means.
+JSON line per run and the means: the rate (or p50/p99), the agent's CPU a
+connection (or round trip), and the same split by thread (`main`: the
+daemon's event loop, where the Python of each connection runs; `relay`: the
+pump's threads; `other`: the witness's poll thread and the rest) with each
+group's context switches: where a change moved the time, which the rate
+alone cannot resolve on a noisy host.
 """
 
 from __future__ import annotations
@@ -31,6 +36,20 @@ from pathlib import Path
 from bench.run import (CORP_V4, SERVER_PORT, Agent, Bench, Sandbox, Scale, _port_open,
                        compile_loadgen, cpu_seconds, tune_namespaces, wait_for)
 work = Path(sys.argv[1]); seconds = float(sys.argv[2]); trips = int(sys.argv[3])
+GROUPS = ("main", "relay", "other")
+def by_thread(pid):   # {group: (CPU ns, context switches)} of the agent's threads now
+    out = dict.fromkeys(GROUPS, (0, 0))
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            comm = (task / "comm").read_text().strip()
+            ns = int((task / "schedstat").read_text().split()[0])
+            sw = sum(int(line.split()[1]) for line in (task / "status").read_text().splitlines()
+                     if "ctxt_switches:" in line)
+        except (OSError, ValueError, IndexError):
+            continue    # a thread that ended meanwhile
+        group = "main" if task.name == str(pid) else "relay" if comm == "tollgate-relay" else "other"
+        out[group] = (out[group][0] + ns, out[group][1] + sw)
+    return out
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 lg = compile_loadgen(work)
@@ -42,7 +61,7 @@ with Sandbox(prefix="tgpair", subject="tgbench") as sb:
     try:
         bench = Bench(sb, lg, Scale(0, trips, seconds, 0, 0, 0, ("native",)))
         idle0 = int(open("/proc/stat").readline().split()[4])
-        cpu0 = cpu_seconds(agent.proc.pid)
+        cpu0, threads0 = cpu_seconds(agent.proc.pid), by_thread(agent.proc.pid)
         if trips:
             time.sleep(3.0)  # the bench's settle: BCC's compile leaves the host busy
             r = bench.pingpong(CORP_V4, SERVER_PORT)
@@ -50,13 +69,17 @@ with Sandbox(prefix="tgpair", subject="tgbench") as sb:
         else:
             r = bench.connrate(CORP_V4, SERVER_PORT)
             out = {"per_s": r["per_s"]}
-        cpu = cpu_seconds(agent.proc.pid) - cpu0
+        cpu, threads1 = cpu_seconds(agent.proc.pid) - cpu0, by_thread(agent.proc.pid)
         idle = int(open("/proc/stat").readline().split()[4]) - idle0
     finally:
         agent.stop()
-per = r["n"] if trips else r["done"]
-print(json.dumps({**out, "cpu_us_per_" + ("trip" if trips else "conn"):
-                  round(cpu * 1e6 / max(per, 1), 1), "idle_ticks": idle}))
+per = max(r["n"] if trips else r["done"], 1)
+unit = "trip" if trips else "conn"
+out[f"cpu_us_per_{unit}"] = round(cpu * 1e6 / per, 1)
+for g in GROUPS:
+    out[f"{g}_us_per_{unit}"] = round((threads1[g][0] - threads0[g][0]) / 1e3 / per, 1)
+    out[f"{g}_switches_per_{unit}"] = round((threads1[g][1] - threads0[g][1]) / per, 2)
+print(json.dumps({**out, "idle_ticks": idle}))
 """
 
 
@@ -87,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[name].append(r)
             print(json.dumps({"round": i + 1, "build": name, **r}), flush=True)
     for name, rs in runs.items():
-        mean = {k: round(sum(r[k] for r in rs) / len(rs), 1) for k in rs[0]}
+        mean = {k: round(sum(r[k] for r in rs) / len(rs), 2) for k in rs[0]}
         print(json.dumps({"build": name, "mean": mean}), flush=True)
     return 0
 

@@ -46,11 +46,14 @@ def test_quick_bench_prints_every_row():
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode, figures", [
-    ([], ("per_s", "cpu_us_per_conn")),
-    (["--latency", "--trips", "500"], ("p50_us", "p99_us", "cpu_us_per_trip")),
+    ([], ("per_s", "cpu_us_per_conn", "main_us_per_conn", "relay_us_per_conn")),
+    (["--latency", "--trips", "500"],
+     ("p50_us", "p99_us", "cpu_us_per_trip", "main_us_per_trip", "relay_us_per_trip")),
 ], ids=["connection-rate", "latency"])
 def test_paired_runs_measure_both_checkouts(mode, figures):
-    """bench.pair against this checkout twice: one run each, with figures."""
+    """bench.pair against this checkout twice: one run each, with figures
+    (the agent's CPU split by thread among them: its main thread accepts
+    every connection, its relay threads carry every byte)."""
     r = subprocess.run([sys.executable, "-m", "bench.pair", str(ROOT), str(ROOT),
                         "--rounds", "1", "--seconds", "1", *mode], cwd=ROOT,
                        capture_output=True, text=True, timeout=590)
