@@ -6,8 +6,14 @@ Pump: relay threads that read a session's sockets, append each chunk to the
 chain and send it on, without the GIL.
 accept_redirected, original_dst: accepting redirected connections with
 their destination before the redirect (accept.c).
+Opener: accepting too, and opening in C the sessions whose every judgement
+Python has already made (opening.c); KERNEL_PROBE is the evidence's "probe"
+it writes.
 """
 
-from agent.native._native import APPEND_MANY_MAX, Chain, Pump, accept_redirected, original_dst
+from agent.native._native import (
+    APPEND_MANY_MAX, KERNEL_PROBE, Chain, Opener, Pump, accept_redirected, original_dst,
+)
 
-__all__ = ["APPEND_MANY_MAX", "Chain", "Pump", "accept_redirected", "original_dst"]
+__all__ = ["APPEND_MANY_MAX", "KERNEL_PROBE", "Chain", "Opener", "Pump", "accept_redirected",
+           "original_dst"]

@@ -24,20 +24,25 @@ static int v4_mapped(const struct sockaddr *sa) {
         && IN6_IS_ADDR_V4MAPPED(&((const struct sockaddr_in6 *)sa)->sin6_addr);
 }
 
-/* (ip, port) of a socket address, IPv4-mapped IPv6 as plain IPv4. */
-static PyObject *address(const struct sockaddr *sa) {
-    char text[INET6_ADDRSTRLEN] = "";
-    unsigned port;
+void address_text(const struct sockaddr *sa, char *text, unsigned *port) {
+    text[0] = 0;
     if (sa->sa_family == AF_INET) {
         const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-        inet_ntop(AF_INET, &in->sin_addr, text, sizeof text);
-        port = ntohs(in->sin_port);
+        inet_ntop(AF_INET, &in->sin_addr, text, INET6_ADDRSTRLEN);
+        *port = ntohs(in->sin_port);
     } else {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-        if (v4_mapped(sa)) inet_ntop(AF_INET, &in6->sin6_addr.s6_addr[12], text, sizeof text);
-        else inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof text);
-        port = ntohs(in6->sin6_port);
+        if (v4_mapped(sa)) inet_ntop(AF_INET, &in6->sin6_addr.s6_addr[12], text, INET6_ADDRSTRLEN);
+        else inet_ntop(AF_INET6, &in6->sin6_addr, text, INET6_ADDRSTRLEN);
+        *port = ntohs(in6->sin6_port);
     }
+}
+
+/* (ip, port) of a socket address, IPv4-mapped IPv6 as plain IPv4. */
+static PyObject *address(const struct sockaddr *sa) {
+    char text[INET6_ADDRSTRLEN];
+    unsigned port;
+    address_text(sa, text, &port);
     return Py_BuildValue("(sI)", text, port);
 }
 
@@ -83,14 +88,7 @@ static void close_all(PyObject *list) {
     Py_DECREF(list);
 }
 
-/* accept_redirected(listen_fd, most) -> ([(fd, client, original_dst)],
- * not_redirected, errno): up to `most` connections, non-blocking and
- * close-on-exec, until the backlog is empty (errno 0) or accept fails
- * otherwise (EMFILE and the like: the backlog keeps them).  Connections
- * without a NAT record are closed and counted. */
-static PyObject *py_accept_redirected(PyObject *self, PyObject *args) {
-    int lfd, most;
-    if (!PyArg_ParseTuple(args, "ii", &lfd, &most)) return NULL;
+PyObject *accept_batch(int lfd, int most, accept_take take, void *ctx) {
     PyObject *out = PyList_New(0);
     if (out == NULL) return NULL;
     int skipped = 0, err = 0;
@@ -108,6 +106,7 @@ static PyObject *py_accept_redirected(PyObject *self, PyObject *args) {
             skipped++;
             continue;
         }
+        if (take && take(ctx, fd, (struct sockaddr *)&peer, (struct sockaddr *)&dst)) continue;
         PyObject *item = accepted(fd, (struct sockaddr *)&peer, (struct sockaddr *)&dst);
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
@@ -118,6 +117,17 @@ static PyObject *py_accept_redirected(PyObject *self, PyObject *args) {
         Py_DECREF(item);
     }
     return Py_BuildValue("(Nii)", out, skipped, err);
+}
+
+/* accept_redirected(listen_fd, most) -> ([(fd, client, original_dst)],
+ * not_redirected, errno): up to `most` connections, non-blocking and
+ * close-on-exec, until the backlog is empty (errno 0) or accept fails
+ * otherwise (EMFILE and the like: the backlog keeps them).  Connections
+ * without a NAT record are closed and counted. */
+static PyObject *py_accept_redirected(PyObject *self, PyObject *args) {
+    int lfd, most;
+    if (!PyArg_ParseTuple(args, "ii", &lfd, &most)) return NULL;
+    return accept_batch(lfd, most, NULL, NULL);
 }
 
 PyMethodDef accept_methods[] = {

@@ -466,28 +466,44 @@ static PyObject *Chain_append(Chain *c, PyObject *args, PyObject *kw) {
 /* Records a caller has together (a session's opening and its process)
  * cost one write, not one each (TG_MANY_MAX, native.h). */
 
-static int append_many_locked(Chain *c, Py_buffer *pay, int *kinds, int n, uint64_t ts,
-                              uint64_t *first) {
+static int append_many_locked(Chain *c, const struct iovec *pay, const int *kinds, int n,
+                              uint64_t ts, uint64_t *first) {
     Frame f[TG_MANY_MAX];
     struct iovec iov[4 * TG_MANY_MAX];
     size_t total = 0;
     int k = 0, err;
     for (int i = 0; i < n; i++) {
         uint8_t pdigest[32];
-        if ((err = payload_digest(c->version, c->md, NULL, 0, pay[i].buf, (size_t)pay[i].len,
+        if ((err = payload_digest(c->version, c->md, NULL, 0, pay[i].iov_base, pay[i].iov_len,
                                   pdigest)))
             return err;
         if ((err = build_frame(c, &f[i], c->next_seq + (uint64_t)i,
                                i ? f[i - 1].digest : c->head, kinds[i], ts, NULL, 0,
-                               pay[i].buf, (size_t)pay[i].len, pdigest)))
+                               pay[i].iov_base, pay[i].iov_len, pdigest)))
             return err;
-        k += frame_iov(iov + k, &f[i], NULL, 0, pay[i].buf, (size_t)pay[i].len);
+        k += frame_iov(iov + k, &f[i], NULL, 0, pay[i].iov_base, pay[i].iov_len);
         total += f[i].size;
     }
     if ((err = ready_to_write(c)) || (err = write_frame(c, iov, k, total))) return err;
     *first = c->next_seq;
     for (int i = 0; i < n; i++) commit_frame(c, &f[i]);
     return 0;
+}
+
+int chain_append_records(Chain *c, int gil_held, struct iovec *pay, const int *kinds, int n,
+                         uint64_t ts, chain_fill fill, void *ctx, uint64_t *first) {
+    if (n < 1 || n > TG_MANY_MAX) return EINVAL;
+    if (gil_held) lock_gil_free(&c->mu);
+    else pthread_mutex_lock(&c->mu);
+    if (fill && c->healthy) fill(ctx, c->next_seq, pay);
+    int err = c->healthy ? append_many_locked(c, pay, kinds, n, ts, first) : EIO;
+    if (err) {
+        if (err != EMSGSIZE) c->healthy = 0;  /* as a relay's failed append: fail closed */
+    } else if (c->seg_bytes >= c->seg_max || c->seal_bytes >= c->seal_every) {
+        wake_upkeep(c);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return err;
 }
 
 /* append_many(((kind, payload), ...), ts_ns) -> the first one's seq; all
@@ -504,14 +520,16 @@ static PyObject *Chain_append_many(Chain *c, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "append_many takes 1 to %d records", TG_MANY_MAX);
     }
     Py_buffer pay[TG_MANY_MAX];
+    struct iovec iov[TG_MANY_MAX];
     int kinds[TG_MANY_MAX], got = 0;
     for (; got < n; got++) {
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq_of, got), "iy*", &kinds[got],
                               &pay[got]))
             break;
+        iov[got] = (struct iovec){pay[got].buf, (size_t)pay[got].len};
     }
     uint64_t first = 0;
-    int err = got == n ? append_many_locked(c, pay, kinds, (int)n, ts, &first) : 0;
+    int err = got == n ? append_many_locked(c, iov, kinds, (int)n, ts, &first) : 0;
     for (int i = 0; i < got; i++) PyBuffer_Release(&pay[i]);
     Py_DECREF(seq_of);
     if (got != n) return NULL;

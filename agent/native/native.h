@@ -14,6 +14,8 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <openssl/evp.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 
 /* format.py: HEADER = ">2sBBIQQ32s", CRC = ">I" */
 #define TG_HEADER_SIZE 56
@@ -21,8 +23,14 @@
 #define TG_MAX_PAYLOAD (16u << 20)
 #define TG_FORMAT_VERSION 3   /* hash = SHA-256(header || BLAKE3(payload)) */
 #define TG_FORMAT_SHA256 2    /* hash = SHA-256(header || SHA-256(payload)): FIPS-approved only */
+#define TG_KIND_SESSION_OPEN 2   /* format.py Kind */
 #define TG_KIND_DATA 3
+#define TG_KIND_SESSION_CLOSE 4
+#define TG_KIND_SESSION_INFO 5
 #define TG_DATA_HEAD_SIZE 9   /* DATA_HEAD = ">QB": session id, direction */
+/* SESSION_INFO's "probe" when the kernel's event named the process
+ * (agent/witness/connections.py KERNEL_PROBE writes the same) */
+#define TG_KERNEL_PROBE "ebpf:sock/inet_sock_set_state"
 #define TG_MANY_MAX 8         /* frames in one Chain.append_many (APPEND_MANY_MAX) */
 
 typedef struct {
@@ -63,7 +71,19 @@ static inline void lock_gil_free(pthread_mutex_t *mu) {
 
 extern PyTypeObject ChainType;
 extern PyTypeObject PumpType;
+extern PyTypeObject OpenerType;       /* opening.c */
 extern PyMethodDef accept_methods[];  /* accept.c */
+
+/* accept.c: a socket address as tollgate spells it (IPv4-mapped IPv6 as
+ * plain IPv4) into text[INET6_ADDRSTRLEN], and its port. */
+void address_text(const struct sockaddr *sa, char *text, unsigned *port);
+/* accept.c: one wake-up of a listening socket: accept4 and the original
+ * destination of up to `most` connections.  `take` (may be NULL) is offered
+ * each one first and returns 1 if it took the descriptor; the rest come back
+ * as accept_redirected's ([(fd, client, original_dst)], not_redirected, errno). */
+typedef int (*accept_take)(void *ctx, int fd, const struct sockaddr *peer,
+                           const struct sockaddr *dst);
+PyObject *accept_batch(int lfd, int most, accept_take take, void *ctx);
 
 /* The digest of prefix || payload into out[32] that frames of this version
  * chain: the part of a record's hash that needs no lock, so relay threads
@@ -78,9 +98,34 @@ int payload_digest(int version, EVP_MD_CTX *md, const void *prefix, size_t plen,
  * 0, or an errno (chain unchanged). */
 int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, size_t plen,
                         const void *payload, size_t len, const uint8_t *pdigest, uint64_t *seq);
+/* Called under the chain's lock just before the frames are built, with the
+ * sequence number the first record will get: a record that names another
+ * (SESSION_INFO names its SESSION_OPEN) is completed here. */
+typedef void (*chain_fill)(void *ctx, uint64_t first_seq, struct iovec *payloads);
+/* Records appended together in one write, all or none (1 to TG_MANY_MAX),
+ * from any thread (gil_held: the caller holds the GIL, and waits for the
+ * lock without it, see lock_gil_free): lock,
+ * append, signal upkeep when due, unlock; an unhealthy chain refuses (EIO).
+ * 0 and the first record's seq, or an errno (chain unchanged). */
+int chain_append_records(Chain *c, int gil_held, struct iovec *payloads, const int *kinds, int n,
+                         uint64_t ts_ns, chain_fill fill, void *ctx, uint64_t *first);
 /* The relay threads' append: lock, append, signal upkeep when due, unlock. */
 int chain_append_data(Chain *c, uint64_t session, int direction, const void *data, size_t len);
 /* A relay thread frees its SHA-256 context (if it made one) before it ends. */
 void chain_thread_exit(void);
+
+/* Sessions opened in C (opening.c) end in C: the pump hands their end to
+ * the opener that opened them, which writes SESSION_CLOSE. */
+typedef struct OpenSession OpenSession;
+/* From a thread without the GIL: 0, or the errno of a failed close record
+ * (the pump then tells Python). */
+int opener_ended(OpenSession *s, const char *reason, uint64_t client_bytes,
+                 uint64_t server_bytes);
+typedef struct Pump Pump;
+/* Pump.connect for C, with the GIL held: a worker connects to (family, addr,
+ * port), then relays; `opened` (may be NULL) is told the end instead of
+ * Python.  0, or an errno (nothing taken over). */
+int pump_dial(Pump *p, uint64_t sid, int cfd, int family, const unsigned char *addr, int port,
+              OpenSession *opened);
 
 #endif

@@ -2,7 +2,8 @@
  *
  * The Python proxy accepts, names the process and applies policy; then it
  * hands the subject's socket here with the destination (Pump.connect), or
- * two connected sockets (Pump.add).  A worker connects without blocking and
+ * two connected sockets (Pump.add); opening.c does the same in C (pump_dial)
+ * for what Python has judged before.  A worker connects without blocking and
  * ends the session "upstream failed: ..." with a reset to the subject when
  * that fails or outlasts the timeout.  Each direction of a session
  * (subject -> destination, destination -> subject) is owned by one worker
@@ -17,7 +18,8 @@
  * EOF is passed on as a half-close; both directions finished closes the
  * session; a lost side resets the other; a failed append resets both and
  * forwards nothing.  Ended sessions are queued for Python, which writes
- * SESSION_CLOSE.
+ * SESSION_CLOSE, unless opening.c opened them: then it writes that too, and
+ * Python hears of the session only if its close record failed.
  *
  * A direction sends through the peer's socket, or through its own dup of it
  * when both directions share a worker (one epoll instance holds a descriptor
@@ -63,6 +65,7 @@ typedef struct Dial {         /* an upstream connect in progress (Pump.connect) 
     uint64_t sid, deadline_ns;
     int cfd, sfd, family, port;
     unsigned char addr[16];
+    OpenSession *opened;       /* opened in C: the opener writes its end */
     struct Dial *next, *prev;  /* inbox, then the worker's list, oldest first */
 } Dial;
 
@@ -73,6 +76,7 @@ typedef struct Msg {           /* "look at this direction": its session was cut 
 
 struct Sess {
     uint64_t sid;
+    OpenSession *opened;       /* opened in C: the opener writes its end */
     int fd[2];
     pthread_mutex_t mu;        /* everything below */
     int refs;                  /* memory: live directions + messages in flight + batches */
@@ -161,6 +165,21 @@ static void push_done(Pump *p, uint64_t sid, const char *reason, uint64_t client
     if (first) (void)!write(p->done_fd, &one, sizeof one);
 }
 
+/* The opener writes the close record of a session it opened; Python is told
+ * only if that failed (a failing store is its to handle). */
+static void end_session(Pump *p, OpenSession *opened, uint64_t sid, const char *reason,
+                        uint64_t client_bytes, uint64_t server_bytes, int store_errno) {
+    if (opened) {
+        int err = opener_ended(opened, reason, client_bytes, server_bytes);
+        if (!err && !store_errno) {
+            __atomic_sub_fetch(&p->live_count, 1, __ATOMIC_RELAXED);
+            return;
+        }
+        if (!store_errno) store_errno = err;
+    }
+    push_done(p, sid, reason, client_bytes, server_bytes, store_errno);
+}
+
 static void close_side(Sess *s, int side) {
     if (s->reset[side]) {
         struct linger lg = {1, 0};  /* the peer sees a reset, not a FIN */
@@ -194,8 +213,8 @@ static void retire(Worker *w, Dir *d) {
     if (last) {
         close_side(s, CLIENT);
         close_side(s, SERVER);
-        push_done(w->pump, s->sid, s->reason, s->bytes[CLIENT], s->bytes[SERVER],
-                  s->store_errno);
+        end_session(w->pump, s->opened, s->sid, s->reason, s->bytes[CLIENT], s->bytes[SERVER],
+                    s->store_errno);
     }
     d->next = w->buried;  /* released after this batch: its events may still name d */
     w->buried = d;
@@ -432,7 +451,8 @@ static void bury(Worker *w) {
 
 /* -- connecting upstream ---------------------------------------------------------- */
 
-static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home);
+static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home,
+                       OpenSession *opened);
 
 static uint64_t mono_ns(void) {
     struct timespec ts;
@@ -446,7 +466,7 @@ static void dial_end(Worker *w, Dial *d, const char *reason) {
     setsockopt(d->cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     close(d->cfd);
     if (d->sfd >= 0) close(d->sfd);
-    push_done(w->pump, d->sid, reason, 0, 0, 0);
+    end_session(w->pump, d->opened, d->sid, reason, 0, 0, 0);
     free(d);
 }
 
@@ -457,7 +477,7 @@ static void dial_fail(Worker *w, Dial *d, const char *prefix, const char *why) {
 }
 
 static void dial_connected(Worker *w, Dial *d) {
-    int err = start_relay(w->pump, d->sid, d->cfd, d->sfd, w);
+    int err = start_relay(w->pump, d->sid, d->cfd, d->sfd, w, d->opened);
     if (err) {
         dial_fail(w, d, "relay failed", strerror(err));
         return;
@@ -681,7 +701,8 @@ static Worker *next_worker(Pump *p) {
  * own thread: adopted there and then, no hand-over) or else the next worker;
  * the server's direction to another worker, where there is one. Per short
  * connection that saves two dups, their two closes and a wake-up. */
-static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home) {
+static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home,
+                       OpenSession *opened) {
     Worker *to[2];
     to[CLIENT] = home ? home : next_worker(p);
     to[SERVER] = &p->workers[(to[CLIENT] - p->workers + 1) % p->nworkers];
@@ -701,6 +722,7 @@ static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home) {
     }
     pthread_mutex_init(&s->mu, NULL);
     s->sid = sid;
+    s->opened = opened;
     s->fd[CLIENT] = cfd;
     s->fd[SERVER] = sfd;
     s->refs = s->live_dirs = 2;
@@ -750,13 +772,36 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
     int cfd, sfd;
     if (!PyArg_ParseTuple(args, "Kii", &sid, &cfd, &sfd) || check_open(p) < 0) return NULL;
     count_live(p, 1);
-    int err = start_relay(p, sid, cfd, sfd, NULL);
+    int err = start_relay(p, sid, cfd, sfd, NULL, NULL);
     if (err) {
         count_live(p, -1);
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     Py_RETURN_NONE;
+}
+
+int pump_dial(Pump *p, uint64_t sid, int cfd, int family, const unsigned char *addr, int port,
+              OpenSession *opened) {
+    if (p->closed || !p->started) return ESHUTDOWN;
+    Dial *d = calloc(1, sizeof *d);
+    if (d == NULL) return ENOMEM;
+    d->sid = sid;
+    d->cfd = cfd;
+    d->sfd = -1;
+    d->family = family;
+    memcpy(d->addr, addr, family == AF_INET ? 4 : 16);
+    d->port = port;
+    d->opened = opened;
+    count_live(p, 1);
+    Worker *w = next_worker(p);
+    lock_gil_free(&w->mu);
+    d->next = w->dial_inbox;
+    w->dial_inbox = d;
+    int due = wake_due_locked(w);
+    pthread_mutex_unlock(&w->mu);
+    if (due) wake(w);
+    return 0;
 }
 
 /* connect(session_id, client_fd, host, port): a worker connects upstream,
@@ -768,27 +813,18 @@ static PyObject *Pump_connect(Pump *p, PyObject *args) {
     const char *host;
     if (!PyArg_ParseTuple(args, "Kisi", &sid, &cfd, &host, &port) || check_open(p) < 0)
         return NULL;
-    Dial *d = calloc(1, sizeof *d);
-    if (d == NULL) return PyErr_NoMemory();
-    d->family = inet_pton(AF_INET, host, d->addr) == 1 ? AF_INET
-              : inet_pton(AF_INET6, host, d->addr) == 1 ? AF_INET6 : 0;
-    if (!d->family || port < 1 || port > 65535) {
-        free(d);
+    unsigned char addr[16];
+    int family = inet_pton(AF_INET, host, addr) == 1 ? AF_INET
+               : inet_pton(AF_INET6, host, addr) == 1 ? AF_INET6 : 0;
+    if (!family || port < 1 || port > 65535) {
         PyErr_Format(PyExc_ValueError, "not an address and port: %s %d", host, port);
         return NULL;
     }
-    d->sid = sid;
-    d->cfd = cfd;
-    d->sfd = -1;
-    d->port = port;
-    count_live(p, 1);
-    Worker *w = next_worker(p);
-    lock_gil_free(&w->mu);
-    d->next = w->dial_inbox;
-    w->dial_inbox = d;
-    int due = wake_due_locked(w);
-    pthread_mutex_unlock(&w->mu);
-    if (due) wake(w);
+    int err = pump_dial(p, sid, cfd, family, addr, port, NULL);
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 

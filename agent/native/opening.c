@@ -1,0 +1,602 @@
+/* Opening sessions without Python, when every judgement is already made.
+ *
+ * A connection whose client the kernel proved went into the proxy (its
+ * ESTABLISHED event waits in the witness's BPF map `attributed`,
+ * bpf/tcp_connect.c), made by a process Python has already named in the
+ * process table's current generation, to a destination the policy let
+ * through before, needs nothing Python decides: here, in the accept call,
+ * SESSION_OPEN and SESSION_INFO are written (the same JSON the Python path
+ * writes, agent/proxy/handoff.py), the pump dials, and the pump's worker
+ * writes SESSION_CLOSE when the session ends.  Anything else (an unnamed
+ * process, a destination not yet judged, a comm that is not plain ASCII,
+ * a failing store) goes to Python as before; Python teaches the opener the
+ * names and destinations it judged.
+ *
+ * The opener also keeps the sessions it opened, open and for linger_s after
+ * they close, so that the witness's cross-check finds them (Opener.knows)
+ * as it finds Python's (agent/proxy/sessions.py).
+ */
+#include "native.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/bpf.h>
+#include <linux/types.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../../bpf/events.h"
+
+#define NAME_BUCKETS 1024
+#define NAMES_MAX 4096
+#define DEST_BUCKETS 1024
+#define DESTS_MAX 4096
+#define OPEN_BUCKETS 16384
+#define KEY_LEN 36                /* client address, port, destination address, port */
+
+typedef struct Name {          /* a process Python named: its chain as JSON */
+    uint32_t tgid;
+    uint64_t expires_ns;       /* CLOCK_MONOTONIC */
+    size_t len;
+    struct Name *next;
+    char json[];
+} Name;
+
+typedef struct Dest {          /* a destination the policy let through */
+    uint8_t key[18];
+    struct Dest *next;
+} Dest;
+
+typedef struct Opener Opener;
+
+struct OpenSession {           /* a session opened here, in the registry */
+    Opener *o;
+    uint8_t key[KEY_LEN];
+    uint64_t sid, opened_ns;   /* wall clock, as SESSION_OPEN's time_ns */
+    uint64_t closed_ns;        /* CLOCK_MONOTONIC; 0 while open */
+    OpenSession *next;         /* bucket */
+    OpenSession *later;        /* closed ones, oldest first */
+};
+
+struct Opener {
+    PyObject_HEAD
+    PyObject *pump, *chain;
+    int attributed_fd;         /* the witness's map, or -1: nothing is opened here */
+    pthread_mutex_t mu;        /* everything below */
+    uint64_t generation;
+    Name *names[NAME_BUCKETS];
+    size_t nnames;
+    Dest *dests[DEST_BUCKETS];
+    size_t ndests;
+    OpenSession *open[OPEN_BUCKETS];
+    OpenSession *closed, *closed_tail;
+    uint64_t linger_ns, name_ttl_ns;
+    uint64_t opened, open_now, upstream_failed, close_failed;
+};
+
+static uint64_t clock_ns(clockid_t id) {
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint32_t hash_bytes(const uint8_t *p, size_t n) {  /* FNV-1a */
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 16777619u;
+    return h;
+}
+
+/* An address as the kernel's maps hold it: IPv4 as ::ffff:a.b.c.d. */
+static void mapped(const struct sockaddr *sa, uint8_t out[16], uint16_t *port) {
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        memset(out, 0, 10);
+        out[10] = out[11] = 0xff;
+        memcpy(out + 12, &in->sin_addr, 4);
+        *port = ntohs(in->sin_port);
+    } else {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        memcpy(out, &in6->sin6_addr, 16);
+        *port = ntohs(in6->sin6_port);
+    }
+}
+
+static void session_key(const struct sockaddr *peer, const struct sockaddr *dst,
+                        uint8_t key[KEY_LEN]) {
+    uint16_t port;
+    mapped(peer, key, &port);
+    memcpy(key + 16, &port, 2);
+    mapped(dst, key + 18, &port);
+    memcpy(key + 34, &port, 2);
+}
+
+/* -- JSON ---------------------------------------------------------------------- */
+
+/* s as a JSON string into out (cap bytes); its length, or -1 when s has a
+ * byte outside ASCII (Python's text() decides those) or out is too small. */
+static int json_string(char *out, size_t cap, const char *s, size_t n) {
+    size_t k = 0;
+    if (cap < 2) return -1;
+    out[k++] = '"';
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch >= 0x80 || k + 7 >= cap) return -1;
+        if (ch == '"' || ch == '\\') {
+            out[k++] = '\\';
+            out[k++] = (char)ch;
+        } else if (ch < 0x20) {
+            k += (size_t)snprintf(out + k, cap - k, "\\u%04x", ch);
+        } else {
+            out[k++] = (char)ch;
+        }
+    }
+    out[k++] = '"';
+    return (int)k;
+}
+
+/* -- what Python taught: names and destinations --------------------------------- */
+
+static Name *find_name(Opener *o, uint32_t tgid, uint64_t now) {
+    for (Name *n = o->names[tgid % NAME_BUCKETS]; n; n = n->next)
+        if (n->tgid == tgid) return n->expires_ns > now ? n : NULL;
+    return NULL;
+}
+
+static void forget_names(Opener *o) {
+    for (int i = 0; i < NAME_BUCKETS; i++) {
+        while (o->names[i]) {
+            Name *n = o->names[i];
+            o->names[i] = n->next;
+            free(n);
+        }
+    }
+    o->nnames = 0;
+}
+
+static int allowed(Opener *o, const uint8_t key[18]) {
+    for (Dest *d = o->dests[hash_bytes(key, 18) % DEST_BUCKETS]; d; d = d->next)
+        if (memcmp(d->key, key, 18) == 0) return 1;
+    return 0;
+}
+
+/* -- the registry of sessions opened here ----------------------------------------- */
+
+static void expire_closed(Opener *o, uint64_t now) {
+    while (o->closed && o->closed->closed_ns + o->linger_ns < now) {
+        OpenSession *s = o->closed;
+        o->closed = s->later;
+        if (!o->closed) o->closed_tail = NULL;
+        OpenSession **pp = &o->open[hash_bytes(s->key, KEY_LEN) % OPEN_BUCKETS];
+        while (*pp != s) pp = &(*pp)->next;
+        *pp = s->next;
+        free(s);
+    }
+}
+
+static OpenSession *new_session(Opener *o, const uint8_t key[KEY_LEN]) {
+    OpenSession *s = calloc(1, sizeof *s);
+    if (s) {
+        s->o = o;
+        memcpy(s->key, key, KEY_LEN);
+    }
+    return s;
+}
+
+static void register_session(Opener *o, OpenSession *s, uint64_t sid, uint64_t opened_ns) {
+    s->sid = sid;
+    s->opened_ns = opened_ns;
+    uint32_t b = hash_bytes(s->key, KEY_LEN) % OPEN_BUCKETS;
+    lock_gil_free(&o->mu);
+    s->next = o->open[b];
+    o->open[b] = s;
+    o->opened++;
+    o->open_now++;
+    pthread_mutex_unlock(&o->mu);
+}
+
+static void mark_closed(Opener *o, OpenSession *s, int gil_held, int upstream_failed,
+                        int close_failed) {
+    uint64_t now = clock_ns(CLOCK_MONOTONIC);
+    if (gil_held) lock_gil_free(&o->mu);
+    else pthread_mutex_lock(&o->mu);
+    s->closed_ns = now ? now : 1;
+    if (o->closed_tail) o->closed_tail->later = s; else o->closed = s;
+    o->closed_tail = s;
+    o->open_now--;
+    o->upstream_failed += (uint64_t)upstream_failed;
+    o->close_failed += (uint64_t)close_failed;
+    expire_closed(o, now);
+    pthread_mutex_unlock(&o->mu);
+}
+
+/* -- the records -------------------------------------------------------------------- */
+
+static int end_opened(OpenSession *s, int gil_held, const char *reason, uint64_t client_bytes,
+                      uint64_t server_bytes) {
+    char why[420], json[640];
+    int wlen = json_string(why, sizeof why, reason, strlen(reason));
+    if (wlen < 0) wlen = snprintf(why, sizeof why, "\"%s\"", "closed (reason not ASCII)");
+    uint64_t now = clock_ns(CLOCK_REALTIME);
+    double ms = (double)(int64_t)(now - s->opened_ns) / 1e6;
+    int n = snprintf(json, sizeof json,
+                     "{\"session\":%llu,\"reason\":%.*s,\"client_bytes\":%llu,"
+                     "\"server_bytes\":%llu,\"duration_ms\":%.3f}",
+                     (unsigned long long)s->sid, wlen, why, (unsigned long long)client_bytes,
+                     (unsigned long long)server_bytes, ms);
+    struct iovec pay = {json, (size_t)n};
+    int kind = TG_KIND_SESSION_CLOSE;
+    uint64_t seq;
+    Opener *o = s->o;
+    int err = chain_append_records((Chain *)o->chain, gil_held, &pay, &kind, 1, now, NULL, NULL,
+                                   &seq);
+    mark_closed(o, s, gil_held, strncmp(reason, "upstream failed", 15) == 0, err != 0);
+    return err;
+}
+
+int opener_ended(OpenSession *s, const char *reason, uint64_t client_bytes,
+                 uint64_t server_bytes) {
+    return end_opened(s, 0, reason, client_bytes, server_bytes);
+}
+
+/* SESSION_INFO's payload: `{"session":<sid>` is put in front of the rest
+ * under the chain's lock, when the SESSION_OPEN's number is known. */
+#define SID_ROOM 32
+typedef struct {
+    char *info;                /* SID_ROOM bytes of room, then the rest */
+    size_t rest_len;
+} InfoFill;
+
+static void fill_sid(void *ctx, uint64_t first_seq, struct iovec *pay) {
+    InfoFill *f = ctx;
+    char head[SID_ROOM];
+    int n = snprintf(head, sizeof head, "{\"session\":%llu", (unsigned long long)first_seq);
+    memcpy(f->info + SID_ROOM - n, head, (size_t)n);
+    pay[1] = (struct iovec){f->info + SID_ROOM - n, (size_t)n + f->rest_len};
+}
+
+static long bpf_map(int cmd, int fd, const void *key, void *value) {
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.map_fd = (uint32_t)fd;
+    attr.key = (uint64_t)(uintptr_t)key;
+    attr.value = (uint64_t)(uintptr_t)value;
+    return syscall(__NR_bpf, cmd, &attr, sizeof attr);
+}
+
+/* The kernel's event for this client, if it proves the socket and names the
+ * same destination (connections.py's _from_kernel). */
+static int proven(Opener *o, const struct sockaddr *peer, const char *dst_text,
+                  unsigned dst_port, struct tg_peer *key, struct tg_tcp_event *ev) {
+    uint16_t port;
+    memset(key, 0, sizeof *key);
+    mapped(peer, key->addr, &port);
+    key->port = port;
+    if (bpf_map(BPF_MAP_LOOKUP_ELEM, o->attributed_fd, key, ev) != 0) return 0;
+    char text[INET6_ADDRSTRLEN] = "";
+    if (ev->family == AF_INET) inet_ntop(AF_INET, ev->daddr, text, sizeof text);
+    else if (ev->family == AF_INET6) inet_ntop(AF_INET6, ev->daddr, text, sizeof text);
+    return ev->dport == dst_port && strcmp(text, dst_text) == 0;
+}
+
+/* What Python's SESSION_INFO holds after the session number, from the event
+ * and the process's chain (JSON); -1 if it cannot be written here. */
+static int info_rest(char *out, size_t cap, const struct tg_tcp_event *ev, const char *chain,
+                     size_t chain_len) {
+    static const char probe[] = ",\"probe\":\"" TG_KERNEL_PROBE "\"}";
+    char comm[8 * TG_COMM_LEN];
+    int clen = json_string(comm, sizeof comm, ev->h.comm, strnlen(ev->h.comm, TG_COMM_LEN));
+    if (clen < 0) return -1;
+    int n = snprintf(out, cap,
+                     ",\"uid\":%u,\"pid\":%u,\"tid\":%u,\"comm\":%.*s,\"cgroup_id\":%llu,"
+                     "\"netns_inode\":%u,\"chain\":",
+                     ev->h.uid, ev->h.tgid, ev->h.pid, clen, comm,
+                     (unsigned long long)ev->h.cgroup_id, ev->h.netns);
+    if (n < 0 || (size_t)n + chain_len + sizeof probe > cap) return -1;
+    memcpy(out + n, chain, chain_len);
+    memcpy(out + n + chain_len, probe, sizeof probe - 1);
+    return n + (int)(chain_len + sizeof probe - 1);
+}
+
+/* The name's JSON, copied out under the lock, if the process is named and
+ * the destination judged; NULL otherwise. */
+static char *lookup(Opener *o, uint32_t tgid, const uint8_t dkey[18], size_t *len) {
+    char *copy = NULL;
+    uint64_t now = clock_ns(CLOCK_MONOTONIC);
+    lock_gil_free(&o->mu);
+    Name *n = allowed(o, dkey) ? find_name(o, tgid, now) : NULL;
+    if (n && (copy = malloc(n->len)) != NULL) {
+        memcpy(copy, n->json, n->len);
+        *len = n->len;
+    }
+    pthread_mutex_unlock(&o->mu);
+    return copy;
+}
+
+static void reset_fd(int fd) {
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
+
+/* accept_batch's `take`: 1 if the connection was opened here (the pump
+ * owns fd then), 0 to leave it to Python. */
+static int take(void *ctx, int fd, const struct sockaddr *peer, const struct sockaddr *dst) {
+    Opener *o = ctx;
+    char client[INET6_ADDRSTRLEN], to[INET6_ADDRSTRLEN];
+    unsigned cport, dport;
+    address_text(dst, to, &dport);
+    struct tg_peer key;
+    struct tg_tcp_event ev;
+    if (!proven(o, peer, to, dport, &key, &ev)) return 0;
+    uint8_t skey[KEY_LEN];
+    session_key(peer, dst, skey);
+    size_t clen = 0;
+    char *chain = lookup(o, ev.h.tgid, skey + 18, &clen);
+    if (chain == NULL) return 0;
+    size_t cap = clen + 512;
+    char *info = malloc(SID_ROOM + cap);
+    int rest = info ? info_rest(info + SID_ROOM, cap, &ev, chain, clen) : -1;
+    free(chain);
+    OpenSession *s = rest < 0 ? NULL : new_session(o, skey);
+    if (s == NULL) {
+        free(info);
+        return 0;
+    }
+    address_text(peer, client, &cport);
+    uint64_t now = clock_ns(CLOCK_REALTIME);
+    char open[256];
+    int olen = snprintf(open, sizeof open,
+                        "{\"client\":[\"%s\",%u],\"original_dst\":[\"%s\",%u],\"time_ns\":%llu}",
+                        client, cport, to, dport, (unsigned long long)now);
+    struct iovec pay[2] = {{open, (size_t)olen}, {NULL, 0}};
+    int kinds[2] = {TG_KIND_SESSION_OPEN, TG_KIND_SESSION_INFO};
+    InfoFill fill = {info, (size_t)rest};
+    uint64_t sid;
+    int err = chain_append_records((Chain *)o->chain, 1, pay, kinds, 2, now, fill_sid, &fill,
+                                   &sid);
+    free(info);
+    if (err) {
+        free(s);
+        return 0;  /* Python's path meets the failing store and handles it */
+    }
+    bpf_map(BPF_MAP_DELETE_ELEM, o->attributed_fd, &key, NULL);  /* consumed, as Python's take */
+    register_session(o, s, sid, now);
+    unsigned char addr[16];
+    int family = dst->sa_family == AF_INET6 && !IN6_IS_ADDR_V4MAPPED(
+        &((const struct sockaddr_in6 *)dst)->sin6_addr) ? AF_INET6 : AF_INET;
+    inet_pton(family, to, addr);
+    err = pump_dial((Pump *)o->pump, sid, fd, family, addr, (int)dport, s);
+    if (err) {
+        char why[200];
+        snprintf(why, sizeof why, "relay failed: %s", strerror(err));
+        reset_fd(fd);
+        end_opened(s, 1, why, 0, 0);
+    }
+    return 1;
+}
+
+/* -- the Python type --------------------------------------------------------------- */
+
+static int Opener_init(Opener *o, PyObject *args, PyObject *kw) {
+    static char *names[] = {"pump", "chain", "linger_s", "name_ttl_s", NULL};
+    PyObject *pump, *chain;
+    double linger_s = 30.0, ttl_s = 2.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!|dd", names, &PumpType, &pump, &ChainType,
+                                     &chain, &linger_s, &ttl_s))
+        return -1;
+    if (o->pump) {
+        PyErr_SetString(PyExc_RuntimeError, "Opener is already made");
+        return -1;
+    }
+    Py_INCREF(pump);
+    Py_INCREF(chain);
+    o->pump = pump;
+    o->chain = chain;
+    o->linger_ns = (uint64_t)(linger_s * 1e9);
+    o->name_ttl_ns = (uint64_t)(ttl_s * 1e9);
+    return 0;
+}
+
+static PyObject *Opener_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    Opener *o = (Opener *)type->tp_alloc(type, 0);
+    if (o) {
+        o->attributed_fd = -1;
+        pthread_mutex_init(&o->mu, NULL);
+    }
+    return (PyObject *)o;
+}
+
+static void Opener_dealloc(Opener *o) {
+    /* The pump's workers end sessions through their OpenSession: stop them first. */
+    if (o->pump) {
+        PyObject *r = PyObject_CallMethod(o->pump, "close", "s", "opener released");
+        if (r == NULL) PyErr_Clear();
+        Py_XDECREF(r);
+    }
+    forget_names(o);
+    for (int i = 0; i < DEST_BUCKETS; i++) {
+        while (o->dests[i]) {
+            Dest *d = o->dests[i];
+            o->dests[i] = d->next;
+            free(d);
+        }
+    }
+    for (int i = 0; i < OPEN_BUCKETS; i++) {
+        while (o->open[i]) {
+            OpenSession *s = o->open[i];
+            o->open[i] = s->next;
+            free(s);
+        }
+    }
+    pthread_mutex_destroy(&o->mu);
+    Py_XDECREF(o->pump);
+    Py_XDECREF(o->chain);
+    Py_TYPE(o)->tp_free((PyObject *)o);
+}
+
+/* accept(listen_fd, most, open_here) -> accept_redirected's tuple, less the
+ * connections opened here (open_here false: none are). */
+static PyObject *Opener_accept(Opener *o, PyObject *args) {
+    int lfd, most, here;
+    if (!PyArg_ParseTuple(args, "iip", &lfd, &most, &here)) return NULL;
+    return accept_batch(lfd, most, here && o->attributed_fd >= 0 ? take : NULL, o);
+}
+
+/* name(tgid, chain_json, generation): the process's chain as Python wrote it
+ * in that generation of the process table; ignored if that is not the
+ * current one (the table changed while Python built it). */
+static PyObject *Opener_name(Opener *o, PyObject *args) {
+    unsigned int tgid;
+    unsigned long long gen;
+    Py_buffer json;
+    if (!PyArg_ParseTuple(args, "Iy*K", &tgid, &json, &gen)) return NULL;
+    Name *n = malloc(sizeof *n + (size_t)json.len);
+    if (n == NULL) {
+        PyBuffer_Release(&json);
+        return PyErr_NoMemory();
+    }
+    n->tgid = tgid;
+    n->len = (size_t)json.len;
+    memcpy(n->json, json.buf, n->len);
+    PyBuffer_Release(&json);
+    n->expires_ns = clock_ns(CLOCK_MONOTONIC) + o->name_ttl_ns;
+    lock_gil_free(&o->mu);
+    Name **pp = &o->names[tgid % NAME_BUCKETS];
+    while (*pp && (*pp)->tgid != tgid) pp = &(*pp)->next;
+    if (gen != o->generation || (!*pp && o->nnames >= NAMES_MAX)) {
+        free(n);
+    } else if (*pp) {
+        Name *old = *pp;
+        n->next = old->next;
+        *pp = n;
+        free(old);
+    } else {
+        n->next = NULL;
+        *pp = n;
+        o->nnames++;
+    }
+    pthread_mutex_unlock(&o->mu);
+    Py_RETURN_NONE;
+}
+
+/* new_generation(g): the process table changed; every name is forgotten. */
+static PyObject *Opener_new_generation(Opener *o, PyObject *args) {
+    unsigned long long gen;
+    if (!PyArg_ParseTuple(args, "K", &gen)) return NULL;
+    lock_gil_free(&o->mu);
+    o->generation = gen;
+    forget_names(o);
+    pthread_mutex_unlock(&o->mu);
+    Py_RETURN_NONE;
+}
+
+static int parse_mapped(const char *ip, uint8_t out[16]) {
+    uint8_t v4[4];
+    if (inet_pton(AF_INET, ip, v4) == 1) {
+        memset(out, 0, 10);
+        out[10] = out[11] = 0xff;
+        memcpy(out + 12, v4, 4);
+        return 0;
+    }
+    return inet_pton(AF_INET6, ip, out) == 1 ? 0 : -1;
+}
+
+/* allow(ip, port): Python's policy let this destination through. */
+static PyObject *Opener_allow(Opener *o, PyObject *args) {
+    const char *ip;
+    unsigned short port;
+    if (!PyArg_ParseTuple(args, "sH", &ip, &port)) return NULL;
+    uint8_t key[18];   /* as a session key's destination half: mapped address, port */
+    if (parse_mapped(ip, key) != 0) return PyErr_Format(PyExc_ValueError, "not an address: %s", ip);
+    memcpy(key + 16, &port, 2);
+    lock_gil_free(&o->mu);
+    uint32_t b = hash_bytes(key, 18) % DEST_BUCKETS;
+    Dest *d = allowed(o, key) || o->ndests >= DESTS_MAX ? NULL : malloc(sizeof *d);
+    if (d) {
+        memcpy(d->key, key, 18);
+        d->next = o->dests[b];
+        o->dests[b] = d;
+        o->ndests++;
+    }
+    pthread_mutex_unlock(&o->mu);
+    Py_RETURN_NONE;
+}
+
+/* knows(client_ip, client_port, dst_ip, dst_port) -> whether a session opened
+ * here has this 4-tuple, open or closed less than linger_s ago. */
+static PyObject *Opener_knows(Opener *o, PyObject *args) {
+    const char *cip, *dip;
+    unsigned short cport, dport;
+    if (!PyArg_ParseTuple(args, "sHsH", &cip, &cport, &dip, &dport)) return NULL;
+    uint8_t key[KEY_LEN];
+    if (parse_mapped(cip, key) != 0 || parse_mapped(dip, key + 18) != 0) Py_RETURN_FALSE;
+    memcpy(key + 16, &cport, 2);
+    memcpy(key + 34, &dport, 2);
+    int found = 0;
+    lock_gil_free(&o->mu);
+    expire_closed(o, clock_ns(CLOCK_MONOTONIC));
+    for (OpenSession *s = o->open[hash_bytes(key, KEY_LEN) % OPEN_BUCKETS]; s && !found; s = s->next)
+        found = memcmp(s->key, key, KEY_LEN) == 0;
+    pthread_mutex_unlock(&o->mu);
+    return PyBool_FromLong(found);
+}
+
+static PyObject *Opener_statistics(Opener *o, PyObject *unused) {
+    lock_gil_free(&o->mu);
+    uint64_t opened = o->opened, open_now = o->open_now, failed = o->upstream_failed,
+             close_failed = o->close_failed, names = o->nnames, dests = o->ndests;
+    pthread_mutex_unlock(&o->mu);
+    return Py_BuildValue("{sKsKsKsKsKsK}", "opened", opened, "open", open_now,
+                         "upstream_failed", failed, "close_failed", close_failed,
+                         "names", names, "destinations", dests);
+}
+
+static PyObject *Opener_get_attributed_fd(Opener *o, void *unused) {
+    return PyLong_FromLong(o->attributed_fd);
+}
+
+static int Opener_set_attributed_fd(Opener *o, PyObject *v, void *unused) {
+    long fd = v ? PyLong_AsLong(v) : -1;
+    if (fd == -1 && PyErr_Occurred()) return -1;
+    o->attributed_fd = (int)fd;
+    return 0;
+}
+
+static PyMethodDef Opener_methods[] = {
+    {"accept", (PyCFunction)Opener_accept, METH_VARARGS,
+     "accept(listen_fd, most, open_here) -> ([(fd, client, original_dst)], not_redirected, "
+     "errno): the connections not opened here"},
+    {"name", (PyCFunction)Opener_name, METH_VARARGS,
+     "name(tgid, chain_json, generation): a process named in that generation"},
+    {"new_generation", (PyCFunction)Opener_new_generation, METH_VARARGS,
+     "new_generation(g): the process table changed; names are forgotten"},
+    {"allow", (PyCFunction)Opener_allow, METH_VARARGS,
+     "allow(ip, port): a destination the policy let through"},
+    {"knows", (PyCFunction)Opener_knows, METH_VARARGS,
+     "knows(client_ip, client_port, dst_ip, dst_port): a session opened here, open or lingering"},
+    {"statistics", (PyCFunction)Opener_statistics, METH_NOARGS, "counters"},
+    {NULL},
+};
+
+static PyGetSetDef Opener_getset[] = {
+    {"attributed_fd", (getter)Opener_get_attributed_fd, (setter)Opener_set_attributed_fd,
+     "the witness's `attributed` map (-1: open nothing here)", NULL},
+    {NULL},
+};
+
+PyTypeObject OpenerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent.native._native.Opener",
+    .tp_doc = "Opener(pump, chain, linger_s=30, name_ttl_s=2): sessions opened in C.",
+    .tp_basicsize = sizeof(Opener),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Opener_new,
+    .tp_init = (initproc)Opener_init,
+    .tp_dealloc = (destructor)Opener_dealloc,
+    .tp_methods = Opener_methods,
+    .tp_getset = Opener_getset,
+};
