@@ -32,6 +32,7 @@ from agent.proxy.policy import Policy
 from agent.proxy.handoff import Handoff
 from agent.proxy.server import STORE_FAILING, Proxy
 from agent.proxy.sessions import Session, SessionTable
+from agent.readcache import READ_TTL_S
 from agent.store import Kind, StoreWriter
 
 if TYPE_CHECKING:
@@ -173,10 +174,13 @@ class Agent:
         if cfg.store.durability == "fsync":
             raise StartError(f'{cfg.source}: proxy.data_plane: "native" cannot wait for fsync'
                              f' per chunk; use "auto" or "python" with store.durability "fsync"')
-        from agent.native import Pump
+        from agent.native import Opener, Pump
         threads = cfg.proxy.relay_threads or min(os.cpu_count() or 1, 4)
-        return Handoff(self.proxy, Pump(self.store.chain, threads, cfg.proxy.buffer_bytes,
-                                        cfg.proxy.connect_timeout_s))
+        pump = Pump(self.store.chain, threads, cfg.proxy.buffer_bytes, cfg.proxy.connect_timeout_s)
+        opener = Opener(pump, self.store.chain, linger_s=self.sessions.linger_s,
+                        name_ttl_s=READ_TTL_S)
+        self.sessions.also = opener.knows   # the cross-check asks about its sessions too
+        return Handoff(self.proxy, pump, opener)
 
     def _start_witness(self):
         """The kernel's own view; without it a bypass would go unseen, so an
@@ -194,6 +198,8 @@ class Agent:
         from agent.witness.connections import ConnectTable
         self.connects = ConnectTable(w.procs, kernel=w.probes.attributed)
         w.subscribe(self.connects.on_event)
+        if self.handoff is not None and w.probes.attributed_fd >= 0:
+            self.handoff.open_in_c(w.probes.attributed_fd, w.procs)
         self._event("witness_attached", **{k: v for k, v in w.statistics().items()
                                            if k in ("attached", "guard")})
         return w

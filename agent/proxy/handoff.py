@@ -12,6 +12,14 @@ callback, without a task, and SESSION_OPEN and SESSION_INFO are one write.
 The pump reports each ended session; SESSION_CLOSE is written here, after
 every DATA record of it.
 
+Once a process is named and a destination judged here, the next connection
+of that process to that destination is opened without Python at all (the
+native opener, agent/native/opening.c, inside the accept call: the same
+records, the pump's worker writing SESSION_CLOSE); only the connections it
+cannot open come here. What it needs is taught after each connection
+opened here: the process's chain (in the process table's generation it was
+built in) and the destination the policy let through.
+
 Used with durability "write"; "fsync" needs group commit before each
 forward, which the asyncio relay (server.py) does.
 """
@@ -22,8 +30,11 @@ import asyncio
 import logging
 import os
 import socket
+from typing import Callable, Protocol
 
-from agent.native import Pump, accept_redirected
+import orjson
+
+from agent.native import KERNEL_PROBE, Opener, Pump
 from agent.proxy.server import Proxy, _listening_socket, _why, reset_socket
 from agent.proxy.sessions import Session
 
@@ -32,9 +43,17 @@ log = logging.getLogger("tollgate.proxy")
 ACCEPT_BATCH = 64
 
 
+class Generations(Protocol):
+    """The witness's process table, as far as naming in C needs it."""
+    @property
+    def generation(self) -> int: ...
+    def on_new_generation(self, listener: Callable[[int], None]) -> None: ...
+
+
 class Handoff:
-    def __init__(self, proxy: Proxy, pump: Pump) -> None:
-        self.proxy, self.pump = proxy, pump
+    def __init__(self, proxy: Proxy, pump: Pump, opener: Opener) -> None:
+        self.proxy, self.pump, self.opener = proxy, pump, opener
+        self.procs: Generations | None = None   # set by open_in_c
         self.listeners: list[socket.socket] = []
         self.relayed: dict[int, Session] = {}
         self.opening: set[asyncio.Task] = set()
@@ -63,15 +82,28 @@ class Handoff:
         loop.remove_reader(self.pump.done_fd)
         self._reap()
 
+    def open_in_c(self, attributed_fd: int, procs: Generations) -> None:
+        """Let the opener open sessions whose client the kernel proved (the
+        witness's `attributed` map) and whose process procs named."""
+        procs.on_new_generation(self.opener.new_generation)
+        self.opener.new_generation(procs.generation)
+        self.procs = procs
+        self.opener.attributed_fd = attributed_fd
+
     def statistics(self) -> dict:
-        return {"open": self.pump.live + len(self.opening), "opening": len(self.opening)}
+        c = self.opener.statistics()
+        stats = self.proxy.stats
+        return {"open": self.pump.live + len(self.opening), "opening": len(self.opening),
+                "accepted": stats["accepted"] + c["opened"], "opened_in_c": c["opened"],
+                "upstream_failed": stats["upstream_failed"] + c["upstream_failed"]}
 
     # -- accepting -------------------------------------------------------------
 
     def _accept(self, lsock: socket.socket) -> None:
         # One native call per wake-up: accept4 and the original destination of
         # each, without a Python socket object per connection.
-        accepted, not_redirected, err = accept_redirected(lsock.fileno(), ACCEPT_BATCH)
+        accepted, not_redirected, err = self.opener.accept(lsock.fileno(), ACCEPT_BATCH,
+                                                           self.proxy.accepting)
         self.proxy.stats["not_redirected"] += not_redirected
         if err:  # EMFILE and the like: the backlog keeps them
             log.warning("accept failed: %s", os.strerror(err))
@@ -80,6 +112,8 @@ class Handoff:
 
     def _accepted(self, fd: int, client: tuple[str, int], dst: tuple[str, int]) -> None:
         proxy = self.proxy
+        # Read before naming: a change of the table meanwhile voids the lesson.
+        generation = self.procs.generation if self.procs is not None else -1
         # The witness was first (nearly always): SESSION_OPEN and SESSION_INFO
         # in one write, and no task.
         info = proxy.hooks.attribute_now(client, dst)
@@ -88,7 +122,8 @@ class Handoff:
             reset_fd(fd)
             return
         if info is not None:
-            self._relay(fd, session)
+            if self._relay(fd, session):
+                self._teach(info, dst, generation)
             return
         task = asyncio.get_running_loop().create_task(self._open(fd, session))
         self.opening.add(task)
@@ -104,23 +139,32 @@ class Handoff:
             return
         self._relay(client, session)
 
-    def _relay(self, client: int, session: Session) -> None:
+    def _relay(self, client: int, session: Session) -> bool:
         """Apply policy, then hand the socket to the pump, which connects
-        upstream itself (off this thread) and relays."""
+        upstream itself (off this thread) and relays. Whether it did."""
         proxy = self.proxy
         why = proxy.refusal(session.original_dst)
         if why:
             proxy.stats["refused"] += 1
             proxy.hooks.refused(session, why)  # named first: a refusal is evidence too
             self._fail(client, session, f"refused: {why}")
-            return
+            return False
         try:
             self.pump.connect(session.id, client, *session.original_dst)  # the pump owns it now
         except (OSError, RuntimeError, ValueError) as e:
             reset_fd(client)
             proxy.close_record(session, f"relay failed: {_why(e)}", 0, 0)
-            return
+            return False
         self.relayed[session.id] = session
+        return True
+
+    def _teach(self, info: dict, dst: tuple[str, int], generation: int) -> None:
+        """What the opener needs to open this process's next connection to
+        dst itself: the destination (policy let it through) and, when the
+        kernel's event named the process, its chain as of `generation`."""
+        self.opener.allow(*dst)
+        if generation >= 0 and info.get("probe") == KERNEL_PROBE:
+            self.opener.name(info["pid"], orjson.dumps(info["chain"]), generation)
 
     def _fail(self, client: int, session: Session, error: str) -> None:
         reset_fd(client)
@@ -132,12 +176,14 @@ class Handoff:
         proxy = self.proxy
         ended = []
         for sid, reason, client_bytes, server_bytes, store_errno in self.pump.finished():
-            if reason.startswith("upstream failed"):
+            session = self.relayed.pop(sid, None)   # None: opened in C, which wrote its close
+            if reason.startswith("upstream failed") and session is not None:
                 proxy.stats["upstream_failed"] += 1
             if store_errno:
                 proxy.stats["store_errors"] += 1
                 proxy.hooks.store_failed(proxy.store.failed_in_relay(store_errno))
-            ended.append((self.relayed.pop(sid), reason, client_bytes, server_bytes))
+            if session is not None:
+                ended.append((session, reason, client_bytes, server_bytes))
         if ended:
             proxy.close_records(ended)
 

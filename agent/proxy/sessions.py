@@ -3,6 +3,8 @@
 The witness asks it whether a subject socket it saw in the kernel went
 through the proxy; closed sessions stay findable for `linger_s` because the
 kernel may report a short connection after the proxy has finished it.
+Sessions opened in C (agent/native/opening.c) are kept there, asked through
+`also`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 Key = tuple[str, int, str, int]  # client ip, client port, original dst ip, port
@@ -39,6 +42,8 @@ class SessionTable:
         self._lock = threading.Lock()
         self.linger_s = linger_s
         self.opened = 0
+        # Another table's match (the native opener's sessions), or None.
+        self.also: Callable[[str, int, str, int], bool] | None = None
 
     def add(self, s: Session) -> None:
         with self._lock:
@@ -64,7 +69,9 @@ class SessionTable:
     def match(self, client_ip: str, client_port: int, dst_ip: str, dst_port: int) -> bool:
         key = (client_ip, client_port, dst_ip, dst_port)
         with self._lock:
-            return key in self._open or key in self._closed
+            if key in self._open or key in self._closed:
+                return True
+        return self.also is not None and self.also(*key)
 
     def statistics(self) -> dict:
         with self._lock:

@@ -22,6 +22,10 @@ from agent.witness.events import Event, TcpEvent
 
 Key = tuple[str, int, str, int]
 KERNEL_RECHECK_S = 0.002
+# The evidence's "probe" when the kernel's event named the process; the
+# native opener writes the same (agent.native.KERNEL_PROBE, opening.c), and
+# the proxy's tests hold the two equal.
+KERNEL_PROBE = "ebpf:sock/inet_sock_set_state"
 
 
 class ConnectTable:
@@ -110,7 +114,7 @@ class ConnectTable:
     def _evidence(self, ev: TcpEvent) -> dict:
         return {"uid": ev.uid, "pid": ev.tgid, "tid": ev.pid, "comm": ev.comm,
                 "cgroup_id": ev.cgroup_id, "netns_inode": ev.netns,
-                "chain": self._procs.chain(ev.tgid), "probe": "ebpf:sock/inet_sock_set_state"}
+                "chain": self._procs.chain(ev.tgid), "probe": KERNEL_PROBE}
 
 
 def _resolve(fut: asyncio.Future, ev: TcpEvent | None) -> None:

@@ -304,6 +304,12 @@ class Probes:
             return None
         return decode(raw.raw, TCP_EVENT_SIZE)
 
+    @property
+    def attributed_fd(self) -> int:
+        """The `attributed` map's descriptor, for the native opener; -1 if
+        the kernel proves nothing (not quiet, or not loaded)."""
+        return self._fds["attributed"] if self.quiet and self._bpf is not None else -1
+
     def proven(self) -> int:
         """Subject connections the kernel saw go into the proxy (no event sent)."""
         return sum(self._bpf[b"proven"][ct.c_int(0)]) if self.quiet and self._bpf else 0

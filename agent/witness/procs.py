@@ -55,11 +55,29 @@ class ProcessTable:
         # table starts a new generation; reads of /proc stand READ_TTL_S.
         self._chains: ReadCache[tuple[int, int], list[dict]] = ReadCache(READ_TTL_S, 4096)
         self._generation = 0
+        self._listeners: list[Callable[[int], None]] = []
         self._lock = threading.Lock()
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a process is added or completed: what was built
+        from the table before (a chain) may be out of date."""
+        return self._generation
+
+    def on_new_generation(self, listener: Callable[[int], None]) -> None:
+        """listener(generation) after each change, in order (under the table's
+        lock: it must be quick and must not use the table)."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    def _changed_locked(self) -> None:
+        self._generation += 1
+        for listener in self._listeners:
+            listener(self._generation)
 
     def _put(self, proc: Proc) -> None:
         with self._lock:
-            self._generation += 1
+            self._changed_locked()
             self._procs[proc.pid] = proc
             self._procs.move_to_end(proc.pid)
             self._subjects.add(proc.pid)
@@ -97,7 +115,7 @@ class ProcessTable:
                     live.argv)
         with self._lock:
             if proc.pid in self._procs:
-                self._generation += 1
+                self._changed_locked()
                 self._procs[proc.pid] = full
         return full
 

@@ -38,3 +38,15 @@ def test_a_closed_session_is_not_kept_whole_while_it_lingers():
     t.close(s)
     assert sys.getrefcount(s) == alone
     assert t.match("10.0.0.5", 40000, "192.0.2.1", 5432)
+
+
+def test_another_tables_sessions_match_too():
+    # The native opener keeps the sessions it opened; the witness asks here.
+    t = SessionTable()
+    asked = []
+    t.also = lambda *key: asked.append(key) or key[1] == 40005
+    assert t.match("10.0.0.5", 40005, "192.0.2.1", 5432)
+    assert not t.match("10.0.0.5", 40006, "192.0.2.1", 5432)
+    t.add(session(1, 40007))
+    assert t.match("10.0.0.5", 40007, "192.0.2.1", 5432)      # its own, without asking
+    assert asked == [("10.0.0.5", 40005, "192.0.2.1", 5432), ("10.0.0.5", 40006, "192.0.2.1", 5432)]

@@ -70,3 +70,16 @@ def test_a_chain_is_built_once_until_the_table_changes():
     t.on_exec(events.decode(again, len(again)))
     [proc] = t.chain(GONE)                    # the same pid exec'd anew: built again
     assert proc["exe"] == "/usr/bin/ssh" and proc["argv"] == ["ssh", "bastion"]
+
+
+def test_listeners_hear_every_new_generation_in_order():
+    # The native opener forgets its names on each: a chain built before a
+    # change must not name a connection after it.
+    t = table_with(exec_record(GONE, b"/usr/bin/psql", [b"psql"]))
+    heard: list[int] = []
+    t.on_new_generation(heard.append)
+    start = t.generation
+    for path in (b"/usr/bin/ssh", b"/usr/bin/curl"):
+        rec = exec_record(GONE, path, [path.rsplit(b"/", 1)[1]])
+        t.on_exec(events.decode(rec, len(rec)))
+    assert heard == [start + 1, start + 2] and t.generation == start + 2
