@@ -1,9 +1,10 @@
 /* Accepting redirected connections: accept4, then where each was going
  * before nftables redirected it (conntrack's NAT record, SO_ORIGINAL_DST or
- * IP6T_SO_ORIGINAL_DST), for a whole wake-up of a listening socket in one
- * call.  In Python the same took a socket object per connection (with its
- * enum conversions), getpeername, an ipaddress parse and a getsockopt: about
- * a sixth of the proxy thread's time per short connection.
+ * IP6T_SO_ORIGINAL_DST), for a whole wake-up of a listening socket, in the
+ * relay worker the wake-up woke (opening.c).  In Python the same took a
+ * socket object per connection (with its enum conversions), getpeername,
+ * an ipaddress parse and a getsockopt: about a sixth of the proxy thread's
+ * time per short connection, and a wake-up of that thread for each.
  *
  * Addresses come out spelled as the rest of tollgate spells them: an IPv4
  * client on a dual-stack listener (::ffff:a.b.c.d) as plain a.b.c.d.
@@ -46,10 +47,9 @@ static PyObject *address(const struct sockaddr *sa) {
     return Py_BuildValue("(sI)", text, port);
 }
 
-/* The destination before the redirect, or errno (conntrack has no NAT
- * record: the connection was not redirected).  An IPv4 client on a
- * dual-stack listener has an IPv4 record, so it is asked with the v4 option. */
-static int original_dst(int fd, const struct sockaddr *peer, struct sockaddr_storage *dst) {
+/* An IPv4 client on a dual-stack listener has an IPv4 NAT record, so it is
+ * asked with the v4 option. */
+int original_dst(int fd, const struct sockaddr *peer, struct sockaddr_storage *dst) {
     socklen_t len = sizeof *dst;
     int v6 = peer->sa_family == AF_INET6 && !v4_mapped(peer);
     int rc = v6 ? getsockopt(fd, IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, dst, &len)
@@ -57,7 +57,35 @@ static int original_dst(int fd, const struct sockaddr *peer, struct sockaddr_sto
     return rc == 0 ? 0 : errno;
 }
 
-/* original_dst(fd) -> (ip, port); OSError if the connection was not redirected. */
+PyObject *accepted_tuple(int fd, const struct sockaddr *peer, const struct sockaddr *dst) {
+    PyObject *client = address(peer), *to = client ? address(dst) : NULL;
+    PyObject *item = to ? Py_BuildValue("(iOO)", fd, client, to) : NULL;
+    Py_XDECREF(client);
+    Py_XDECREF(to);
+    return item;
+}
+
+int accept_redirected(int lfd, int most, accept_take take, void *ctx, int *not_redirected) {
+    for (int i = 0; i < most; i++) {
+        struct sockaddr_storage peer, dst;
+        socklen_t len = sizeof peer;
+        int fd = accept4(lfd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : errno;
+        }
+        if (original_dst(fd, (struct sockaddr *)&peer, &dst) != 0) {
+            close(fd);
+            (*not_redirected)++;
+            continue;
+        }
+        take(ctx, fd, (struct sockaddr *)&peer, (struct sockaddr *)&dst);
+    }
+    return 0;
+}
+
+/* original_dst(fd) -> (ip, port); OSError if the connection was not
+ * redirected (the asyncio relay's accept, agent/proxy/origdst.py). */
 static PyObject *py_original_dst(PyObject *self, PyObject *args) {
     int fd;
     if (!PyArg_ParseTuple(args, "i", &fd)) return NULL;
@@ -72,69 +100,8 @@ static PyObject *py_original_dst(PyObject *self, PyObject *args) {
     return address((struct sockaddr *)&dst);
 }
 
-/* One accepted connection as (fd, client, original destination), or NULL. */
-static PyObject *accepted(int fd, const struct sockaddr *peer, const struct sockaddr *dst) {
-    PyObject *client = address(peer), *to = client ? address(dst) : NULL;
-    PyObject *item = to ? Py_BuildValue("(iOO)", fd, client, to) : NULL;
-    Py_XDECREF(client);
-    Py_XDECREF(to);
-    return item;
-}
-
-/* Out of memory midway: the connections accepted so far are closed, not leaked. */
-static void close_all(PyObject *list) {
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++)
-        close((int)PyLong_AsLong(PyTuple_GET_ITEM(PyList_GET_ITEM(list, i), 0)));
-    Py_DECREF(list);
-}
-
-PyObject *accept_batch(int lfd, int most, accept_take take, void *ctx) {
-    PyObject *out = PyList_New(0);
-    if (out == NULL) return NULL;
-    int skipped = 0, err = 0;
-    for (int i = 0; i < most; i++) {
-        struct sockaddr_storage peer, dst;
-        socklen_t len = sizeof peer;
-        int fd = accept4(lfd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR) continue;
-            err = errno == EAGAIN || errno == EWOULDBLOCK ? 0 : errno;
-            break;
-        }
-        if (original_dst(fd, (struct sockaddr *)&peer, &dst) != 0) {
-            close(fd);
-            skipped++;
-            continue;
-        }
-        if (take && take(ctx, fd, (struct sockaddr *)&peer, (struct sockaddr *)&dst)) continue;
-        PyObject *item = accepted(fd, (struct sockaddr *)&peer, (struct sockaddr *)&dst);
-        if (item == NULL || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
-            close(fd);
-            close_all(out);
-            return NULL;
-        }
-        Py_DECREF(item);
-    }
-    return Py_BuildValue("(Nii)", out, skipped, err);
-}
-
-/* accept_redirected(listen_fd, most) -> ([(fd, client, original_dst)],
- * not_redirected, errno): up to `most` connections, non-blocking and
- * close-on-exec, until the backlog is empty (errno 0) or accept fails
- * otherwise (EMFILE and the like: the backlog keeps them).  Connections
- * without a NAT record are closed and counted. */
-static PyObject *py_accept_redirected(PyObject *self, PyObject *args) {
-    int lfd, most;
-    if (!PyArg_ParseTuple(args, "ii", &lfd, &most)) return NULL;
-    return accept_batch(lfd, most, NULL, NULL);
-}
-
 PyMethodDef accept_methods[] = {
     {"original_dst", py_original_dst, METH_VARARGS,
      "original_dst(fd) -> (ip, port) before the redirect; OSError if not redirected"},
-    {"accept_redirected", py_accept_redirected, METH_VARARGS,
-     "accept_redirected(listen_fd, most) -> ([(fd, client, original_dst)], "
-     "not_redirected, errno)"},
     {NULL, NULL, 0, NULL},
 };

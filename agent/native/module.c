@@ -1,11 +1,11 @@
-/* agent.native._native: the Chain, Pump and Opener types and accept.c's
- * functions (see native.h). */
+/* agent.native._native: the Chain, Pump and Opener types, and accept.c's
+ * original_dst() (see native.h). */
 #include "native.h"
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "agent.native._native",
     "The native data plane: the store's append point, the relay threads, and "
-    "accepting redirected connections, and opening sessions without Python.", -1,
+    "accepting redirected connections, opening in C what Python has judged before.", -1,
     accept_methods,
 };
 

@@ -12,7 +12,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
+#include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <openssl/evp.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -69,21 +71,62 @@ static inline void lock_gil_free(pthread_mutex_t *mu) {
     }
 }
 
+/* None, or OSError for err. */
+static inline PyObject *none_or_oserror(int err) {
+    if (!err) Py_RETURN_NONE;
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* What the relay threads hand Python in batches (ended sessions, connections
+ * left to it), under the owner's lock: the first of a batch wakes Python
+ * through the owner's eventfd, which then takes them all at once. */
+typedef struct {
+    void *items;
+    size_t n, cap;
+} Batch;
+
+/* Room for one more item of `size` bytes, or NULL (out of memory). */
+static inline void *batch_add(Batch *b, size_t size) {
+    if (b->n == b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 64;
+        void *items = realloc(b->items, cap * size);
+        if (items == NULL) return NULL;
+        b->items = items;
+        b->cap = cap;
+    }
+    return (char *)b->items + size * b->n++;
+}
+
+/* Everything added so far (the caller frees it), the batch emptied. */
+static inline void *batch_take(Batch *b, size_t *count) {
+    void *items = b->items;
+    *count = b->n;
+    *b = (Batch){0};
+    return items;
+}
+
 extern PyTypeObject ChainType;
 extern PyTypeObject PumpType;
 extern PyTypeObject OpenerType;       /* opening.c */
-extern PyMethodDef accept_methods[];  /* accept.c */
+extern PyMethodDef accept_methods[];  /* accept.c: original_dst() */
 
 /* accept.c: a socket address as tollgate spells it (IPv4-mapped IPv6 as
  * plain IPv4) into text[INET6_ADDRSTRLEN], and its port. */
 void address_text(const struct sockaddr *sa, char *text, unsigned *port);
-/* accept.c: one wake-up of a listening socket: accept4 and the original
- * destination of up to `most` connections.  `take` (may be NULL) is offered
- * each one first and returns 1 if it took the descriptor; the rest come back
- * as accept_redirected's ([(fd, client, original_dst)], not_redirected, errno). */
-typedef int (*accept_take)(void *ctx, int fd, const struct sockaddr *peer,
-                           const struct sockaddr *dst);
-PyObject *accept_batch(int lfd, int most, accept_take take, void *ctx);
+/* accept.c: where a redirected connection was going (conntrack's NAT
+ * record): 0, or errno (not redirected). */
+int original_dst(int fd, const struct sockaddr *peer, struct sockaddr_storage *dst);
+/* accept.c: (fd, client, original_dst) as accept_redirected gives each; NULL on error. */
+PyObject *accepted_tuple(int fd, const struct sockaddr *peer, const struct sockaddr *dst);
+/* accept.c: one wake-up of a listening socket, without the GIL: accept4
+ * and the original destination of up to `most` connections, each given to
+ * take (which owns the descriptor then); those without a NAT record are
+ * closed and counted in *not_redirected.  0 once the backlog is empty (or
+ * `most` were taken), else accept4's errno (EMFILE and the like). */
+typedef void (*accept_take)(void *ctx, int fd, const struct sockaddr *peer,
+                            const struct sockaddr *dst);
+int accept_redirected(int lfd, int most, accept_take take, void *ctx, int *not_redirected);
 
 /* The digest of prefix || payload into out[32] that frames of this version
  * chain: the part of a record's hash that needs no lock, so relay threads
@@ -122,10 +165,29 @@ typedef struct OpenSession OpenSession;
 int opener_ended(OpenSession *s, const char *reason, uint64_t client_bytes,
                  uint64_t server_bytes);
 typedef struct Pump Pump;
-/* Pump.connect for C, with the GIL held: a worker connects to (family, addr,
- * port), then relays; `opened` (may be NULL) is told the end instead of
- * Python.  0, or an errno (nothing taken over). */
-int pump_dial(Pump *p, uint64_t sid, int cfd, int family, const unsigned char *addr, int port,
-              OpenSession *opened);
+typedef struct Worker PumpWorker;
+/* Pump.connect for C: a worker connects to (family, addr, port), then
+ * relays; `opened` (may be NULL) is told the end instead of Python.  From a
+ * worker (home: that worker, in its own thread) the dial starts there and
+ * then; else (home NULL, the GIL held) it is handed to the next worker.  0,
+ * or an errno (nothing taken over). */
+int pump_dial(Pump *p, PumpWorker *home, uint64_t sid, int cfd, int family,
+              const unsigned char *addr, int port, OpenSession *opened);
+
+/* A listening socket the pump's workers accept on, for opening.c: every
+ * worker's epoll holds it (EPOLLEXCLUSIVE: one is woken a connection), and
+ * the woken one calls ready() in its thread, without the GIL.  ready()
+ * returns 0, or an errno that accept4 keeps giving (EMFILE and the like):
+ * then that worker leaves the socket alone for TG_ACCEPT_PAUSE_MS. */
+typedef struct PumpListener PumpListener;
+struct PumpListener {
+    int fd;
+    int (*ready)(PumpListener *l, PumpWorker *w);
+    void *ctx;
+};
+#define TG_LISTEN_MAX 8
+#define TG_ACCEPT_PAUSE_MS 100
+/* 0, or an errno (then no worker has it). The listener must outlive the workers. */
+int pump_listen(Pump *p, PumpListener *l);
 
 #endif

@@ -4,13 +4,16 @@
  * ESTABLISHED event waits in the witness's BPF map `attributed`,
  * bpf/tcp_connect.c), made by a process Python has already named in the
  * process table's current generation, to a destination the policy let
- * through before, needs nothing Python decides: here, in the accept call,
- * SESSION_OPEN and SESSION_INFO are written (the same JSON the Python path
- * writes, agent/proxy/handoff.py), the pump dials, and the pump's worker
- * writes SESSION_CLOSE when the session ends.  Anything else (an unnamed
- * process, a destination not yet judged, a comm that is not plain ASCII,
- * a failing store) goes to Python as before; Python teaches the opener the
- * names and destinations it judged.
+ * through before, needs nothing Python decides.  The pump's workers accept
+ * (the listening sockets are in their epolls); the one woken writes
+ * SESSION_OPEN and SESSION_INFO (the same JSON the Python path writes,
+ * agent/proxy/handoff.py), dials in its own thread, and writes
+ * SESSION_CLOSE through opener_ended when the session ends: such a
+ * connection never wakes the daemon's thread.  Anything else (an unnamed
+ * process, a destination not yet judged, a comm that is not plain ASCII, a
+ * failing store, open_here off) is queued for Python (Opener.left, woken by
+ * left_fd) as before; Python teaches the opener the names and destinations
+ * it judged.
  *
  * The opener also keeps the sessions it opened, open and for linger_s after
  * they close, so that the witness's cross-check finds them (Opener.knows)
@@ -25,6 +28,7 @@
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -62,11 +66,22 @@ struct OpenSession {           /* a session opened here, in the registry */
     OpenSession *later;        /* closed ones, oldest first */
 };
 
+typedef struct {               /* a connection for Python */
+    int fd;
+    struct sockaddr_storage peer, dst;
+} Left;
+
 struct Opener {
     PyObject_HEAD
     PyObject *pump, *chain;
     int attributed_fd;         /* the witness's map, or -1: nothing is opened here */
+    int open_here;             /* 0: every connection goes to Python (atomic) */
+    PumpListener listeners[TG_LISTEN_MAX];
+    int nlisteners;
+    int left_fd;               /* eventfd: Python has connections to take */
     pthread_mutex_t mu;        /* everything below */
+    Batch left;                /* of Left */
+    int not_redirected, accept_errno;
     uint64_t generation;
     Name *names[NAME_BUCKETS];
     size_t nnames;
@@ -190,7 +205,7 @@ static void register_session(Opener *o, OpenSession *s, uint64_t sid, uint64_t o
     s->sid = sid;
     s->opened_ns = opened_ns;
     uint32_t b = hash_bytes(s->key, KEY_LEN) % OPEN_BUCKETS;
-    lock_gil_free(&o->mu);
+    pthread_mutex_lock(&o->mu);
     s->next = o->open[b];
     o->open[b] = s;
     o->opened++;
@@ -198,11 +213,9 @@ static void register_session(Opener *o, OpenSession *s, uint64_t sid, uint64_t o
     pthread_mutex_unlock(&o->mu);
 }
 
-static void mark_closed(Opener *o, OpenSession *s, int gil_held, int upstream_failed,
-                        int close_failed) {
+static void mark_closed(Opener *o, OpenSession *s, int upstream_failed, int close_failed) {
     uint64_t now = clock_ns(CLOCK_MONOTONIC);
-    if (gil_held) lock_gil_free(&o->mu);
-    else pthread_mutex_lock(&o->mu);
+    pthread_mutex_lock(&o->mu);
     s->closed_ns = now ? now : 1;
     if (o->closed_tail) o->closed_tail->later = s; else o->closed = s;
     o->closed_tail = s;
@@ -215,8 +228,8 @@ static void mark_closed(Opener *o, OpenSession *s, int gil_held, int upstream_fa
 
 /* -- the records -------------------------------------------------------------------- */
 
-static int end_opened(OpenSession *s, int gil_held, const char *reason, uint64_t client_bytes,
-                      uint64_t server_bytes) {
+int opener_ended(OpenSession *s, const char *reason, uint64_t client_bytes,
+                 uint64_t server_bytes) {
     char why[420], json[640];
     int wlen = json_string(why, sizeof why, reason, strlen(reason));
     if (wlen < 0) wlen = snprintf(why, sizeof why, "\"%s\"", "closed (reason not ASCII)");
@@ -231,15 +244,9 @@ static int end_opened(OpenSession *s, int gil_held, const char *reason, uint64_t
     int kind = TG_KIND_SESSION_CLOSE;
     uint64_t seq;
     Opener *o = s->o;
-    int err = chain_append_records((Chain *)o->chain, gil_held, &pay, &kind, 1, now, NULL, NULL,
-                                   &seq);
-    mark_closed(o, s, gil_held, strncmp(reason, "upstream failed", 15) == 0, err != 0);
+    int err = chain_append_records((Chain *)o->chain, 0, &pay, &kind, 1, now, NULL, NULL, &seq);
+    mark_closed(o, s, strncmp(reason, "upstream failed", 15) == 0, err != 0);
     return err;
-}
-
-int opener_ended(OpenSession *s, const char *reason, uint64_t client_bytes,
-                 uint64_t server_bytes) {
-    return end_opened(s, 0, reason, client_bytes, server_bytes);
 }
 
 /* SESSION_INFO's payload: `{"session":<sid>` is put in front of the rest
@@ -306,7 +313,7 @@ static int info_rest(char *out, size_t cap, const struct tg_tcp_event *ev, const
 static char *lookup(Opener *o, uint32_t tgid, const uint8_t dkey[18], size_t *len) {
     char *copy = NULL;
     uint64_t now = clock_ns(CLOCK_MONOTONIC);
-    lock_gil_free(&o->mu);
+    pthread_mutex_lock(&o->mu);
     Name *n = allowed(o, dkey) ? find_name(o, tgid, now) : NULL;
     if (n && (copy = malloc(n->len)) != NULL) {
         memcpy(copy, n->json, n->len);
@@ -316,16 +323,10 @@ static char *lookup(Opener *o, uint32_t tgid, const uint8_t dkey[18], size_t *le
     return copy;
 }
 
-static void reset_fd(int fd) {
-    struct linger lg = {1, 0};
-    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-    close(fd);
-}
-
-/* accept_batch's `take`: 1 if the connection was opened here (the pump
- * owns fd then), 0 to leave it to Python. */
-static int take(void *ctx, int fd, const struct sockaddr *peer, const struct sockaddr *dst) {
-    Opener *o = ctx;
+/* 1 if the connection was opened here (the pump owns fd then), 0 to leave
+ * it to Python. In worker w's thread. */
+static int open_in_c(Opener *o, PumpWorker *w, int fd, const struct sockaddr *peer,
+                     const struct sockaddr *dst) {
     char client[INET6_ADDRSTRLEN], to[INET6_ADDRSTRLEN];
     unsigned cport, dport;
     address_text(dst, to, &dport);
@@ -356,7 +357,7 @@ static int take(void *ctx, int fd, const struct sockaddr *peer, const struct soc
     int kinds[2] = {TG_KIND_SESSION_OPEN, TG_KIND_SESSION_INFO};
     InfoFill fill = {info, (size_t)rest};
     uint64_t sid;
-    int err = chain_append_records((Chain *)o->chain, 1, pay, kinds, 2, now, fill_sid, &fill,
+    int err = chain_append_records((Chain *)o->chain, 0, pay, kinds, 2, now, fill_sid, &fill,
                                    &sid);
     free(info);
     if (err) {
@@ -369,14 +370,66 @@ static int take(void *ctx, int fd, const struct sockaddr *peer, const struct soc
     int family = dst->sa_family == AF_INET6 && !IN6_IS_ADDR_V4MAPPED(
         &((const struct sockaddr_in6 *)dst)->sin6_addr) ? AF_INET6 : AF_INET;
     inet_pton(family, to, addr);
-    err = pump_dial((Pump *)o->pump, sid, fd, family, addr, (int)dport, s);
-    if (err) {
-        char why[200];
-        snprintf(why, sizeof why, "relay failed: %s", strerror(err));
-        reset_fd(fd);
-        end_opened(s, 1, why, 0, 0);
-    }
+    pump_dial((Pump *)o->pump, w, sid, fd, family, addr, (int)dport, s);  /* dials here and now */
     return 1;
+}
+
+static void reset_fd(int fd) {
+    struct linger lg = {1, 0};   /* the peer sees a reset, not a FIN */
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
+
+/* Queue a connection for Python; the first of a batch wakes it. */
+static void leave(Opener *o, int fd, const struct sockaddr *peer, const struct sockaddr *dst) {
+    pthread_mutex_lock(&o->mu);
+    int first = o->left.n == 0;
+    Left *l = batch_add(&o->left, sizeof *l);
+    if (l == NULL) {   /* the subject sees a reset; nothing was recorded or relayed */
+        pthread_mutex_unlock(&o->mu);
+        reset_fd(fd);
+        return;
+    }
+    l->fd = fd;
+    memcpy(&l->peer, peer, peer->sa_family == AF_INET ? sizeof(struct sockaddr_in)
+                                                       : sizeof(struct sockaddr_in6));
+    memcpy(&l->dst, dst, dst->sa_family == AF_INET ? sizeof(struct sockaddr_in)
+                                                   : sizeof(struct sockaddr_in6));
+    pthread_mutex_unlock(&o->mu);
+    uint64_t one = 1;
+    if (first) (void)!write(o->left_fd, &one, sizeof one);
+}
+
+typedef struct {
+    Opener *o;
+    PumpWorker *w;
+} Taking;
+
+static void take(void *ctx, int fd, const struct sockaddr *peer, const struct sockaddr *dst) {
+    Taking *t = ctx;
+    Opener *o = t->o;
+    int here = __atomic_load_n(&o->open_here, __ATOMIC_RELAXED) && o->attributed_fd >= 0;
+    if (!here || !open_in_c(o, t->w, fd, peer, dst)) leave(o, fd, peer, dst);
+}
+
+#define ACCEPT_BATCH 64   /* a wake-up's accepts: the worker's sessions get their turn */
+
+/* PumpListener.ready: a listening socket is readable, in worker w. */
+static int ready(PumpListener *l, PumpWorker *w) {
+    Opener *o = l->ctx;
+    Taking t = {o, w};
+    int skipped = 0;
+    int err = accept_redirected(l->fd, ACCEPT_BATCH, take, &t, &skipped);
+    if (skipped || err) {
+        pthread_mutex_lock(&o->mu);
+        o->not_redirected += skipped;
+        if (err) o->accept_errno = err;
+        int first = o->left.n == 0;
+        pthread_mutex_unlock(&o->mu);
+        uint64_t one = 1;
+        if (first) (void)!write(o->left_fd, &one, sizeof one);  /* Python counts, logs */
+    }
+    return err;
 }
 
 /* -- the Python type --------------------------------------------------------------- */
@@ -403,9 +456,14 @@ static int Opener_init(Opener *o, PyObject *args, PyObject *kw) {
 
 static PyObject *Opener_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     Opener *o = (Opener *)type->tp_alloc(type, 0);
-    if (o) {
-        o->attributed_fd = -1;
-        pthread_mutex_init(&o->mu, NULL);
+    if (o == NULL) return NULL;
+    o->attributed_fd = -1;
+    o->open_here = 1;
+    pthread_mutex_init(&o->mu, NULL);
+    o->left_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (o->left_fd < 0) {
+        Py_DECREF(o);
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
     return (PyObject *)o;
 }
@@ -432,18 +490,57 @@ static void Opener_dealloc(Opener *o) {
             free(s);
         }
     }
+    for (size_t i = 0; i < o->left.n; i++) close(((Left *)o->left.items)[i].fd);
+    free(o->left.items);
+    if (o->left_fd >= 0) close(o->left_fd);
     pthread_mutex_destroy(&o->mu);
     Py_XDECREF(o->pump);
     Py_XDECREF(o->chain);
     Py_TYPE(o)->tp_free((PyObject *)o);
 }
 
-/* accept(listen_fd, most, open_here) -> accept_redirected's tuple, less the
- * connections opened here (open_here false: none are). */
-static PyObject *Opener_accept(Opener *o, PyObject *args) {
-    int lfd, most, here;
-    if (!PyArg_ParseTuple(args, "iip", &lfd, &most, &here)) return NULL;
-    return accept_batch(lfd, most, here && o->attributed_fd >= 0 ? take : NULL, o);
+/* listen(fd): the pump's workers accept on this listening socket from now
+ * on; the socket must stay open until the pump is closed. */
+static PyObject *Opener_listen(Opener *o, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd)) return NULL;
+    if (o->pump == NULL || o->nlisteners == TG_LISTEN_MAX) {
+        PyErr_Format(PyExc_RuntimeError, "opener not made, or %d listeners already",
+                     TG_LISTEN_MAX);
+        return NULL;
+    }
+    PumpListener *l = &o->listeners[o->nlisteners];
+    *l = (PumpListener){.fd = fd, .ready = ready, .ctx = o};
+    int err = pump_listen((Pump *)o->pump, l);
+    if (!err) o->nlisteners++;
+    return none_or_oserror(err);
+}
+
+/* left() -> ([(fd, client, original_dst)], not_redirected, errno): the
+ * connections left to Python since the last call, those closed for having
+ * no NAT record, and the last error accept4 gave (0: none). */
+static PyObject *Opener_left(Opener *o, PyObject *unused) {
+    uint64_t n;
+    (void)!read(o->left_fd, &n, sizeof n);
+    size_t count;
+    lock_gil_free(&o->mu);
+    Left *left = batch_take(&o->left, &count);
+    int skipped = o->not_redirected, err = o->accept_errno;
+    o->not_redirected = o->accept_errno = 0;
+    pthread_mutex_unlock(&o->mu);
+    PyObject *out = PyList_New((Py_ssize_t)count);
+    for (size_t i = 0; i < count; i++) {
+        PyObject *t = out ? accepted_tuple(left[i].fd, (struct sockaddr *)&left[i].peer,
+                                           (struct sockaddr *)&left[i].dst) : NULL;
+        if (t == NULL) {   /* out of memory: the rest are reset, not leaked */
+            Py_CLEAR(out);
+            reset_fd(left[i].fd);
+            continue;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, t);
+    }
+    free(left);
+    return out ? Py_BuildValue("(Nii)", out, skipped, err) : NULL;
 }
 
 /* name(tgid, chain_json, generation): the process's chain as Python wrote it
@@ -567,9 +664,10 @@ static int Opener_set_attributed_fd(Opener *o, PyObject *v, void *unused) {
 }
 
 static PyMethodDef Opener_methods[] = {
-    {"accept", (PyCFunction)Opener_accept, METH_VARARGS,
-     "accept(listen_fd, most, open_here) -> ([(fd, client, original_dst)], not_redirected, "
-     "errno): the connections not opened here"},
+    {"listen", (PyCFunction)Opener_listen, METH_VARARGS,
+     "listen(fd): the pump's workers accept on this listening socket"},
+    {"left", (PyCFunction)Opener_left, METH_NOARGS,
+     "left() -> ([(fd, client, original_dst)], not_redirected, errno): what is Python's"},
     {"name", (PyCFunction)Opener_name, METH_VARARGS,
      "name(tgid, chain_json, generation): a process named in that generation"},
     {"new_generation", (PyCFunction)Opener_new_generation, METH_VARARGS,
@@ -582,9 +680,25 @@ static PyMethodDef Opener_methods[] = {
     {NULL},
 };
 
+static PyObject *Opener_get_open_here(Opener *o, void *unused) {
+    return PyBool_FromLong(__atomic_load_n(&o->open_here, __ATOMIC_RELAXED));
+}
+
+static int Opener_set_open_here(Opener *o, PyObject *v, void *unused) {
+    int here = v ? PyObject_IsTrue(v) : 0;
+    if (here < 0) return -1;
+    __atomic_store_n(&o->open_here, here, __ATOMIC_RELAXED);
+    return 0;
+}
+
+static PyObject *Opener_get_left_fd(Opener *o, void *unused) { return PyLong_FromLong(o->left_fd); }
+
 static PyGetSetDef Opener_getset[] = {
     {"attributed_fd", (getter)Opener_get_attributed_fd, (setter)Opener_set_attributed_fd,
      "the witness's `attributed` map (-1: open nothing here)", NULL},
+    {"open_here", (getter)Opener_get_open_here, (setter)Opener_set_open_here,
+     "False: every connection is left to Python (the proxy is not accepting)", NULL},
+    {"left_fd", (getter)Opener_get_left_fd, NULL, "readable when left() has something", NULL},
     {NULL},
 };
 

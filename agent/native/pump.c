@@ -108,6 +108,9 @@ struct Worker {
     Dir *buried;               /* retired this batch, released after it */
     Dial *dial_inbox;
     Dial *dialing, *dialing_tail;  /* one timeout for all: deadlines in order */
+    PumpListener *paused[TG_LISTEN_MAX];  /* out of this epoll until relisten_ns */
+    int npaused;
+    uint64_t relisten_ns;
     char *buf;
 };
 
@@ -120,13 +123,17 @@ typedef struct Pump {
     size_t buf_size;
     int done_fd;               /* eventfd: Python has ended sessions to read */
     pthread_mutex_t done_mu;
-    Done *done;
-    size_t ndone, cap;
+    Batch done;                /* of Done */
     volatile int stopping;
     char stop_reason[160];
     uint64_t live_count;       /* atomic: asked for and changed on every connection */
     uint64_t connect_timeout_ns;
 } Pump;
+
+/* epoll tags: 0 the inbox's eventfd; a Dir | 0 or 1 (its write side); a
+ * Dial | 2; a PumpListener | 3 (all at least 4-aligned). */
+#define TAG_DIAL 2u
+#define TAG_LISTENER 3u
 
 static int is_dead(Sess *s) { return __atomic_load_n(&s->dead, __ATOMIC_ACQUIRE); }
 
@@ -145,15 +152,9 @@ static void unref(Sess *s) {
 static void push_done(Pump *p, uint64_t sid, const char *reason, uint64_t client_bytes,
                       uint64_t server_bytes, int store_errno) {
     pthread_mutex_lock(&p->done_mu);
-    int first = p->ndone == 0;  /* later ones are taken by the same finished() */
-    if (p->ndone == p->cap) {
-        size_t cap = p->cap ? p->cap * 2 : 64;
-        Done *d = realloc(p->done, cap * sizeof *d);
-        if (d == NULL) abort();   /* losing a close record silently is not an option */
-        p->done = d;
-        p->cap = cap;
-    }
-    Done *d = &p->done[p->ndone++];
+    int first = p->done.n == 0;  /* later ones are taken by the same finished() */
+    Done *d = batch_add(&p->done, sizeof *d);
+    if (d == NULL) abort();      /* losing a close record silently is not an option */
     d->sid = sid;
     d->client_bytes = client_bytes;
     d->server_bytes = server_bytes;
@@ -515,7 +516,7 @@ static void dial_start(Worker *w, Dial *d) {
         dial_connected(w, d);
         return;
     }
-    struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = (uint64_t)(uintptr_t)d | 2};
+    struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = (uint64_t)(uintptr_t)d | TAG_DIAL};
     if (errno != EINPROGRESS || epoll_ctl(w->ep, EPOLL_CTL_ADD, d->sfd, &ev) != 0) {
         dial_fail(w, d, "upstream failed", strerror(errno));
         return;
@@ -537,7 +538,43 @@ static void on_dialed(Worker *w, Dial *d) {
     else dial_connected(w, d);
 }
 
-/* Ends connects past their deadline; returns epoll_wait's timeout (ms). */
+/* -- listening (for opening.c) ------------------------------------------------------ */
+
+static int watch_listener(Worker *w, PumpListener *l) {
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE,
+                             .data.u64 = (uint64_t)(uintptr_t)l | TAG_LISTENER};
+    return epoll_ctl(w->ep, EPOLL_CTL_ADD, l->fd, &ev) == 0 ? 0 : errno;
+}
+
+static void on_listener(Worker *w, PumpListener *l) {
+    if (l->ready(l, w) == 0 || w->npaused == TG_LISTEN_MAX) return;
+    /* accept4 keeps failing (out of descriptors...): a level-triggered
+     * listener would spin this thread; the backlog keeps the connections. */
+    epoll_ctl(w->ep, EPOLL_CTL_DEL, l->fd, NULL);
+    w->paused[w->npaused++] = l;
+    w->relisten_ns = mono_ns() + TG_ACCEPT_PAUSE_MS * 1000000ull;
+}
+
+int pump_listen(Pump *p, PumpListener *l) {
+    for (int i = 0; i < p->nworkers; i++) {
+        int err = watch_listener(&p->workers[i], l);
+        if (err) {
+            while (i-- > 0) epoll_ctl(p->workers[i].ep, EPOLL_CTL_DEL, l->fd, NULL);
+            return err;
+        }
+    }
+    return 0;
+}
+
+static uint64_t relisten(Worker *w, uint64_t now) {
+    if (w->npaused && w->relisten_ns <= now) {
+        while (w->npaused) watch_listener(w, w->paused[--w->npaused]);
+    }
+    return w->npaused ? w->relisten_ns : UINT64_MAX;
+}
+
+/* Ends connects past their deadline and lets paused listeners back in;
+ * returns epoll_wait's timeout (ms). */
 static int expire_dials(Worker *w) {
     uint64_t now = mono_ns();
     while (w->dialing && w->dialing->deadline_ns <= now) {
@@ -546,8 +583,10 @@ static int expire_dials(Worker *w) {
         dial_unlink(w, d);
         dial_fail(w, d, "upstream failed", "TimeoutError");  /* as the asyncio relay says it */
     }
-    if (!w->dialing) return -1;
-    return (int)((w->dialing->deadline_ns - now + 999999) / 1000000);
+    uint64_t next = relisten(w, now);
+    if (w->dialing && w->dialing->deadline_ns < next) next = w->dialing->deadline_ns;
+    if (next == UINT64_MAX) return -1;
+    return (int)((next - now + 999999) / 1000000);
 }
 
 static Dial *take_dials(Worker *w) {
@@ -587,7 +626,9 @@ static void *worker_main(void *arg) {
                     next = d->next;
                     dial_start(w, d);
                 }
-            } else if (t & 2) {
+            } else if ((t & 3) == TAG_LISTENER) {
+                on_listener(w, (PumpListener *)(uintptr_t)(t & ~3ull));
+            } else if (t & TAG_DIAL) {
                 on_dialed(w, (Dial *)(uintptr_t)(t & ~3ull));
             } else {
                 on_event(w, (Dir *)(uintptr_t)(t & ~1ull), (int)(t & 1), evs[i].events);
@@ -773,17 +814,13 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Kii", &sid, &cfd, &sfd) || check_open(p) < 0) return NULL;
     count_live(p, 1);
     int err = start_relay(p, sid, cfd, sfd, NULL, NULL);
-    if (err) {
-        count_live(p, -1);
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    if (err) count_live(p, -1);
+    return none_or_oserror(err);
 }
 
-int pump_dial(Pump *p, uint64_t sid, int cfd, int family, const unsigned char *addr, int port,
-              OpenSession *opened) {
-    if (p->closed || !p->started) return ESHUTDOWN;
+int pump_dial(Pump *p, PumpWorker *home, uint64_t sid, int cfd, int family,
+              const unsigned char *addr, int port, OpenSession *opened) {
+    if (!home && (p->closed || !p->started)) return ESHUTDOWN;
     Dial *d = calloc(1, sizeof *d);
     if (d == NULL) return ENOMEM;
     d->sid = sid;
@@ -794,6 +831,10 @@ int pump_dial(Pump *p, uint64_t sid, int cfd, int family, const unsigned char *a
     d->port = port;
     d->opened = opened;
     count_live(p, 1);
+    if (home) {            /* the worker that accepted: no hand-over, no wake-up */
+        dial_start(home, d);
+        return 0;
+    }
     Worker *w = next_worker(p);
     lock_gil_free(&w->mu);
     d->next = w->dial_inbox;
@@ -820,23 +861,17 @@ static PyObject *Pump_connect(Pump *p, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "not an address and port: %s %d", host, port);
         return NULL;
     }
-    int err = pump_dial(p, sid, cfd, family, addr, port, NULL);
-    if (err) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    int err = pump_dial(p, NULL, sid, cfd, family, addr, port, NULL);
+    return none_or_oserror(err);
 }
 
 /* finished() -> [(session_id, reason, client_bytes, server_bytes, store_errno)] */
 static PyObject *Pump_finished(Pump *p, PyObject *unused) {
     uint64_t n;
     (void)!read(p->done_fd, &n, sizeof n);
+    size_t count;
     pthread_mutex_lock(&p->done_mu);
-    Done *done = p->done;
-    size_t count = p->ndone;
-    p->done = NULL;
-    p->ndone = p->cap = 0;
+    Done *done = batch_take(&p->done, &count);
     pthread_mutex_unlock(&p->done_mu);
     PyObject *out = PyList_New((Py_ssize_t)count);
     for (size_t i = 0; out && i < count; i++) {
@@ -876,7 +911,7 @@ static void Pump_dealloc(Pump *p) {
         free(w->buf);
     }
     free(p->workers);
-    free(p->done);
+    free(p->done.items);
     if (p->done_fd >= 0) close(p->done_fd);
     Py_XDECREF(p->chain);
     Py_TYPE(p)->tp_free((PyObject *)p);

@@ -1,10 +1,11 @@
-"""The native data plane's Python half: accept, open, name, hand off.
+"""The native data plane's Python half: open, name, hand off what C cannot.
 
-Each wake-up of a listening socket is one native call (agent/native/accept.c:
-accept4 and the original destination of each connection). Python keeps what
-needs judgement per connection (SESSION_OPEN, naming the process, policy) and
-then gives the subject's socket to the pump (agent/native/pump.c), whose
-threads connect upstream, then relay and record every chunk without the GIL.
+The pump's relay threads accept (agent/native/accept.c: accept4 and the
+original destination of each connection). What they cannot open themselves
+(below) comes here: Python does what needs judgement per connection
+(SESSION_OPEN, naming the process, policy) and then gives the subject's
+socket to the pump (agent/native/pump.c), whose threads connect upstream,
+then relay and record every chunk without the GIL.
 Until the handoff nothing is read from the subject's socket, so its first
 bytes wait for attribution in the kernel's buffer; when the witness has
 already named the process (nearly always) that all happens in the accept
@@ -14,11 +15,13 @@ every DATA record of it.
 
 Once a process is named and a destination judged here, the next connection
 of that process to that destination is opened without Python at all (the
-native opener, agent/native/opening.c, inside the accept call: the same
-records, the pump's worker writing SESSION_CLOSE); only the connections it
-cannot open come here. What it needs is taught after each connection
-opened here: the process's chain (in the process table's generation it was
-built in) and the destination the policy let through.
+native opener, agent/native/opening.c, in the relay thread that accepted
+it: the same records, that thread writing SESSION_CLOSE too); only the
+connections it cannot open come here (Opener.left). What it needs is taught
+after each connection opened here: the process's chain (in the process
+table's generation it was built in) and the destination the policy let
+through. While the proxy is not accepting (the store fails, or it is
+closing) the opener opens nothing.
 
 Used with durability "write"; "fsync" needs group commit before each
 forward, which the asyncio relay (server.py) does.
@@ -39,9 +42,6 @@ from agent.proxy.server import Proxy, _listening_socket, _why, reset_socket
 from agent.proxy.sessions import Session
 
 log = logging.getLogger("tollgate.proxy")
-# Accepts per wake-up of a listening socket: others' turn comes after.
-ACCEPT_BATCH = 64
-
 
 class Generations(Protocol):
     """The witness's process table, as far as naming in C needs it."""
@@ -54,6 +54,7 @@ class Handoff:
     def __init__(self, proxy: Proxy, pump: Pump, opener: Opener) -> None:
         self.proxy, self.pump, self.opener = proxy, pump, opener
         self.procs: Generations | None = None   # set by open_in_c
+        proxy.on_accepting(self._accepting)
         self.listeners: list[socket.socket] = []
         self.relayed: dict[int, Session] = {}
         self.opening: set[asyncio.Task] = set()
@@ -64,21 +65,26 @@ class Handoff:
             sock = _listening_socket(addr, port)
             sock.listen(4096)
             self.listeners.append(sock)
-            loop.add_reader(sock.fileno(), self._accept, sock)
+        loop.add_reader(self.opener.left_fd, self._take_left)
         loop.add_reader(self.pump.done_fd, self._reap)
+        for sock in self.listeners:
+            self.opener.listen(sock.fileno())
 
     async def close(self, reason: str) -> None:
         """Reset what is relayed or still opening, each with its SESSION_CLOSE."""
         self.proxy.accepting = False
         loop = asyncio.get_running_loop()
-        for sock in self.listeners:
-            loop.remove_reader(sock.fileno())
-            sock.close()
+        loop.remove_reader(self.opener.left_fd)
         for task in self.opening:
             task.cancel(reason)
         if self.opening:
             await asyncio.wait(set(self.opening))
+        # The relay threads accept: the listening sockets close after them.
         await asyncio.to_thread(self.pump.close, reason)
+        for sock in self.listeners:
+            sock.close()
+        for fd, _, _ in self.opener.left()[0]:
+            reset_fd(fd)      # accepted meanwhile, never opened: as the backlog's are
         loop.remove_reader(self.pump.done_fd)
         self._reap()
 
@@ -99,11 +105,13 @@ class Handoff:
 
     # -- accepting -------------------------------------------------------------
 
-    def _accept(self, lsock: socket.socket) -> None:
-        # One native call per wake-up: accept4 and the original destination of
-        # each, without a Python socket object per connection.
-        accepted, not_redirected, err = self.opener.accept(lsock.fileno(), ACCEPT_BATCH,
-                                                           self.proxy.accepting)
+    def _accepting(self, accepting: bool) -> None:
+        self.opener.open_here = accepting
+
+    def _take_left(self) -> None:
+        # One native call per wake-up for what the relay threads accepted and
+        # could not open, without a Python socket object per connection.
+        accepted, not_redirected, err = self.opener.left()
         self.proxy.stats["not_redirected"] += not_redirected
         if err:  # EMFILE and the like: the backlog keeps them
             log.warning("accept failed: %s", os.strerror(err))

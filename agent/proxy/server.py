@@ -78,7 +78,7 @@ class Proxy:
         self.durable = durable
         self.buffer_bytes = buffer_bytes
         self.connect_timeout_s = connect_timeout_s
-        self.accepting = True
+        self._accepting, self._accepting_listeners = True, []
         self.servers: list[asyncio.base_events.Server] = []
         self.conns: set[Connection] = set()
         # One thread: appends it takes keep their order, as inline ones do.
@@ -86,6 +86,21 @@ class Proxy:
         self.recording: set[asyncio.Future] = set()
         self.stats = {"accepted": 0, "refused": 0, "not_redirected": 0,
                       "upstream_failed": 0, "store_errors": 0}
+
+    @property
+    def accepting(self) -> bool:
+        """False while new sessions are refused (the store fails; closing)."""
+        return self._accepting
+
+    @accepting.setter
+    def accepting(self, value: bool) -> None:
+        self._accepting = value
+        for listener in self._accepting_listeners:
+            listener(value)
+
+    def on_accepting(self, listener: Callable[[bool], None]) -> None:
+        """listener(accepting) at each change of it."""
+        self._accepting_listeners.append(listener)
 
     async def listen(self, addresses: tuple[str, ...], port: int) -> None:
         loop = asyncio.get_running_loop()

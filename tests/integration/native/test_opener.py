@@ -1,10 +1,11 @@
 """The native opener (agent/native/opening.c) on the real thing: a network
-namespace whose nftables redirect a client (uid 65534) into a listener, a
-real BPF hash map standing in for the witness's `attributed` map, a real
-store and pump. It opens a session only when everything Python would
-judge is already judged (the kernel's event for that client and
-destination, a name for its process in the current generation, a
-destination let through); otherwise the connection comes back to Python.
+namespace whose nftables redirect a client (uid 65534) into a listener the
+pump's threads accept on, a real BPF hash map standing in for the witness's
+`attributed` map, a real store and pump. It opens a session only when
+everything Python would judge is already judged (the kernel's event for
+that client and destination, a name for its process in the current
+generation, a destination let through); otherwise the connection is left
+to Python (Opener.left).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class Rig:
         self.opener.attributed_fd = self.attributed.fd
         self.listener = socket.create_server(("127.0.0.1", LISTEN))
         self.listener.setblocking(False)
+        self.opener.listen(self.listener.fileno())
         self.next_port = 40100
 
     def connect(self, dst_port: int, **event) -> tuple[subprocess.Popen, int]:
@@ -131,10 +133,11 @@ class Rig:
                                   user=CLIENT_UID, stdout=subprocess.PIPE, text=True)
         return client, port
 
-    def accept(self) -> list:
-        """One wake-up's accept: the connections left to Python."""
-        assert select.select([self.listener], [], [], 10)[0], "no connection came"
-        left, not_redirected, err = self.opener.accept(self.listener.fileno(), 64, True)
+    def left(self, timeout: float = 10) -> list:
+        """The connections left to Python, once there are any (else [])."""
+        if not select.select([self.opener.left_fd], [], [], timeout)[0]:
+            return []
+        left, not_redirected, err = self.opener.left()
         assert (not_redirected, err) == (0, 0)
         return left
 
@@ -179,7 +182,7 @@ def teach(rig: Rig, generation: int = 0) -> None:
 def test_unnamed_process_is_left_to_python(rig):
     rig.opener.allow("127.0.0.1", UPSTREAM)
     client, port = rig.connect(UPSTREAM, tgid=1234)
-    left = rig.accept()
+    left = rig.left()
     assert [(c, d) for _, c, d in left] == [(("127.0.0.1", port), ("127.0.0.1", UPSTREAM))]
     socket.socket(fileno=left[0][0]).close()
     client.wait(10)
@@ -190,8 +193,7 @@ def test_unnamed_process_is_left_to_python(rig):
 def test_named_process_to_a_judged_destination_is_opened_relayed_and_closed(rig):
     teach(rig)
     client, port = rig.connect(UPSTREAM)
-    assert rig.accept() == []                 # opened in C
-    assert serve_one(rig.upstream) == b"hello from the subject\n"
+    assert serve_one(rig.upstream) == b"hello from the subject\n"   # opened in C
     out, _ = client.communicate(timeout=10)
     assert out.strip() == "hello from the destination"
     assert not rig.attributed.has(port), "the event is consumed, as Python's path does"
@@ -216,6 +218,7 @@ def test_named_process_to_a_judged_destination_is_opened_relayed_and_closed(rig)
                     (sid, Direction.SERVER, b"hello from the destination\n")]
     assert (close["client_bytes"], close["server_bytes"]) == (23, 27)
     assert rig.pump.finished() == [], "Python hears nothing of a session C closed"
+    assert rig.left(timeout=0) == []
     assert verify(rig.writer.dir).ok
 
     # The cross-check finds it while it lingers, then not.
@@ -242,12 +245,10 @@ def test_anything_unjudged_is_left_to_python(rig, why):
         event["comm"] = "psql\u00e9".encode()
     # teach() let UPSTREAM through, not NOBODY_HOME.
     dst_port = NOBODY_HOME if why == "destination not judged" else UPSTREAM
-    client, port = rig.connect(dst_port, **event)
     if why == "not open_here":
-        assert select.select([rig.listener], [], [], 10)[0]
-        left, _, _ = rig.opener.accept(rig.listener.fileno(), 64, False)
-    else:
-        left = rig.accept()
+        rig.opener.open_here = False
+    client, port = rig.connect(dst_port, **event)
+    left = rig.left()
     assert len(left) == 1 and left[0][1] == ("127.0.0.1", port)
     socket.socket(fileno=left[0][0]).close()
     client.wait(10)
@@ -270,7 +271,6 @@ def test_refused_upstream_closes_with_the_reason_in_c(rig):
     rig.opener.name(4242, json.dumps(CHAIN).encode(), 0)
     rig.opener.allow("127.0.0.1", NOBODY_HOME)
     client, port = rig.connect(NOBODY_HOME)
-    assert rig.accept() == []
     out, _ = client.communicate(timeout=10)
     assert "ConnectionResetError" in out
     deadline = time.monotonic() + 10
@@ -280,16 +280,17 @@ def test_refused_upstream_closes_with_the_reason_in_c(rig):
     assert close["reason"] == "upstream failed: Connection refused"
     assert (close["client_bytes"], close["server_bytes"]) == (0, 0)
     assert rig.opener.statistics()["upstream_failed"] == 1
-    assert rig.pump.finished() == []
+    assert rig.pump.finished() == [] and rig.left(timeout=0) == []
 
 
 def test_a_failing_store_leaves_the_connection_to_python(rig):
     teach(rig)
     rig.writer.healthy = False      # as after a failed append: C must not write around it
     client, port = rig.connect(UPSTREAM)
-    left = rig.accept()
+    left = rig.left()
     assert len(left) == 1 and rig.attributed.has(port)
     socket.socket(fileno=left[0][0]).close()
     client.wait(10)
     rig.writer.healthy = True
     assert rig.records(Kind.SESSION_OPEN) == []
+
