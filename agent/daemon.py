@@ -348,6 +348,10 @@ class Agent:
 
     # -- hooks the proxy calls -------------------------------------------------------
 
+    def _opened_in_c(self) -> int:
+        """Sessions the native opener named from the kernel's event itself."""
+        return self.handoff.opener.statistics()["opened"] if self.handoff else 0
+
     def attribute_now(self, client: tuple[str, int], dst: tuple[str, int]) -> dict | None:
         """attribute() without waiting, when the witness already has the event."""
         if self.connects is None:
@@ -473,7 +477,7 @@ class Agent:
                           "data_plane": "native" if self.handoff else "python"},
                 "dns": [r.stats for r in self.dns],
                 "witness": self.witness.statistics() if self.witness else "disabled",
-                "attribution": ({"kernel_hits": self.connects.hits,
+                "attribution": ({"kernel_hits": self.connects.hits + self._opened_in_c(),
                                  "proc_fallbacks": self.connects.misses}
                                 if self.connects else "sock_diag"),
                 "ship": _safe(lambda: _plain(self.shipper.statistics())) if self.shipper

@@ -60,7 +60,8 @@ def test_the_probe_names_agree():
 
 @native_only
 def test_later_connections_are_opened_in_c_and_recorded_alike(agent, sandbox, servers):
-    opened_before = status(agent)["proxy"]["opened_in_c"]
+    st = status(agent)
+    opened_before, hits_before = st["proxy"]["opened_in_c"], st["attribution"]["kernel_hits"]
     before = {s.id for s in list_sessions(agent.store)}
     r = sandbox.subject_run([sys.executable, "-c", CLIENT], text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
@@ -69,7 +70,9 @@ def test_later_connections_are_opened_in_c_and_recorded_alike(agent, sandbox, se
         new = [s for s in list_sessions(agent.store) if s.id not in before]
         return new if len(new) == CONNECTIONS and all(s.close for s in new) else None
     sessions = wait_for(all_closed, 15, what="the client's sessions, closed")
-    in_c = status(agent)["proxy"]["opened_in_c"] - opened_before
+    st = status(agent)
+    in_c = st["proxy"]["opened_in_c"] - opened_before
+    assert st["attribution"]["kernel_hits"] - hits_before >= CONNECTIONS - 1   # named by the kernel
     # The first connection teaches the opener; a change of the process table
     # (the client's own exec arriving late) may cost another one.
     assert CONNECTIONS - 2 <= in_c <= CONNECTIONS - 1, in_c
