@@ -10,7 +10,9 @@ to Python (Opener.left).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
+import errno
 import json
 import os
 import select
@@ -294,3 +296,40 @@ def test_a_failing_store_leaves_the_connection_to_python(rig):
     rig.writer.healthy = True
     assert rig.records(Kind.SESSION_OPEN) == []
 
+
+
+def test_out_of_descriptors_pauses_accepting_then_it_resumes(rig):
+    """accept4 failing with EMFILE would spin a level-triggered listener:
+    the thread leaves it alone for a while, Python hears why, and once
+    descriptors are free again the waiting connection is accepted."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    client = socket.socket()
+    client.setblocking(False)
+    filler: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                filler.append(os.open("/dev/null", os.O_RDONLY))
+        client.connect_ex(("127.0.0.1", LISTEN))   # its descriptor was made before
+        assert select.select([rig.opener.left_fd], [], [], 10)[0], "Python is not told"
+        assert rig.opener.left() == ([], 0, errno.EMFILE)
+        before = time.process_time()       # every thread's; reading /proc needs a descriptor
+        time.sleep(1.0)
+        assert time.process_time() - before < 0.3, "the relay threads spin on the listener"
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    deadline = time.monotonic() + 5
+    got: list = []
+    while not got and time.monotonic() < deadline:
+        if select.select([rig.opener.left_fd], [], [], 0.5)[0]:
+            left, skipped, _ = rig.opener.left()
+            got = left or ([None] if skipped else [])
+    assert got, "the connection was never accepted after the pause"
+    for item in got:
+        if item is not None:
+            socket.socket(fileno=item[0]).close()
+    client.close()
