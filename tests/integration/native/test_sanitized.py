@@ -1,4 +1,4 @@
-"""The relay and chain tests again, against the extension built with
+"""The relay, opener and chain tests again, against the extension built with
 AddressSanitizer and with ThreadSanitizer: a use-after-free, overflow or data
 race in the C that the plain build happens to survive fails here."""
 
@@ -59,7 +59,8 @@ def test_relay_tests_pass_under_sanitizer(tmp_path, kind, options):
                              capture_output=True, text=True, check=True).stdout.strip()
     env = {**os.environ, **options, "LD_PRELOAD": runtime}
     r = subprocess.run([sys.executable, "-c", DRIVER, str(so), str(HERE / "test_pump.py"),
-                        str(HERE / "test_chain.py"), "--basetemp", str(tmp_path / "t")],
+                        str(HERE / "test_opener.py"), str(HERE / "test_chain.py"),
+                        "--basetemp", str(tmp_path / "t")],
                        capture_output=True, text=True, env=env, timeout=900,
                        cwd=str(HERE.parents[2]))
     assert "Sanitizer" not in r.stderr, r.stderr[-4000:]

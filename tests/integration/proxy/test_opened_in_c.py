@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from agent.demo.sandbox import CORP_V4, wait_for
+from agent.demo.sandbox import CORP_V4, CORP_V6, wait_for
 from agent.native import KERNEL_PROBE
 from agent.review.replay import raw_bytes
 from agent.review.sessions import list_sessions, session_records
@@ -21,11 +21,11 @@ from agent.witness.connections import KERNEL_PROBE as WITNESS_PROBE
 
 CONNECTIONS = 8
 # One process, one connection after another, each sending and reading a little.
-CLIENT = f"""
+CLIENT = """
 import socket, sys, time
-for i in range({CONNECTIONS}):
-    s = socket.create_connection(("{CORP_V4}", 8080))
-    s.sendall(b"GET /hello.txt HTTP/1.0\\r\\nX-Try: %d\\r\\n\\r\\n" % i)
+for i in range(%d):
+    s = socket.create_connection((sys.argv[1], 8080))
+    s.sendall(b"GET /hello.txt HTTP/1.0\\r\\nX-Try: %%d\\r\\n\\r\\n" %% i)
     got = b""
     while (chunk := s.recv(65536)):
         got += chunk
@@ -33,7 +33,7 @@ for i in range({CONNECTIONS}):
     s.close()
     time.sleep(0.05)   # the witness files each connection before the next one
 print("ok")
-"""
+""" % CONNECTIONS
 
 
 def status(agent) -> dict:
@@ -59,11 +59,12 @@ def test_the_probe_names_agree():
 
 
 @native_only
-def test_later_connections_are_opened_in_c_and_recorded_alike(agent, sandbox, servers):
+@pytest.mark.parametrize("host", [CORP_V4, CORP_V6])
+def test_later_connections_are_opened_in_c_and_recorded_alike(agent, sandbox, servers, host):
     st = status(agent)
     opened_before, hits_before = st["proxy"]["opened_in_c"], st["attribution"]["kernel_hits"]
     before = {s.id for s in list_sessions(agent.store)}
-    r = sandbox.subject_run([sys.executable, "-c", CLIENT], text=True, timeout=60)
+    r = sandbox.subject_run([sys.executable, "-c", CLIENT, host], text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
     def all_closed():
@@ -88,7 +89,7 @@ def test_later_connections_are_opened_in_c_and_recorded_alike(agent, sandbox, se
             {k: v for k, v in first.items() if k != "session"}
         assert info["session"] == s.id
         assert list(opening) == ["client", "original_dst", "time_ns"]
-        assert opening["original_dst"] == [CORP_V4, 8080]
+        assert opening["original_dst"] == [host, 8080]
         assert opening["client"][0] and 0 < opening["client"][1] < 65536
         up = b"".join(raw_bytes(session_records(agent.store, s.id), Direction.CLIENT))
         down = b"".join(raw_bytes(session_records(agent.store, s.id), Direction.SERVER))
