@@ -8,8 +8,9 @@ socket to the pump (agent/native/pump.c), whose threads connect upstream,
 then relay and record every chunk without the GIL.
 Until the handoff nothing is read from the subject's socket, so its first
 bytes wait for attribution in the kernel's buffer; when the witness has
-already named the process (nearly always) that all happens in the accept
-callback, without a task, and SESSION_OPEN and SESSION_INFO are one write.
+already named the process (nearly always) that all happens in the callback
+that takes them, without a task, and SESSION_OPEN and SESSION_INFO are one
+write.
 The pump reports each ended session; SESSION_CLOSE is written here, after
 every DATA record of it.
 
@@ -42,6 +43,7 @@ from agent.proxy.server import Proxy, _listening_socket, _why, reset_socket
 from agent.proxy.sessions import Session
 
 log = logging.getLogger("tollgate.proxy")
+
 
 class Generations(Protocol):
     """The witness's process table, as far as naming in C needs it."""

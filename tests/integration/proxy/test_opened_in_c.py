@@ -1,6 +1,6 @@
 """Sessions opened in C (agent/native/opening.c): once the proxy's Python has
 named a process and let a destination through, that process's next
-connections there are opened by the native opener inside the accept call.
+connections there are opened by the relay thread that accepts them.
 They must be recorded exactly as Python records them: the same SESSION_OPEN,
 SESSION_INFO and SESSION_CLOSE, payloads in between, the chain intact."""
 
