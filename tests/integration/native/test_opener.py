@@ -333,3 +333,20 @@ def test_out_of_descriptors_pauses_accepting_then_it_resumes(rig):
         if item is not None:
             socket.socket(fileno=item[0]).close()
     client.close()
+
+
+def test_a_process_name_made_to_break_json_is_recorded_as_it_is(rig):
+    # A subject names its own threads (prctl PR_SET_NAME): quotes, a
+    # backslash and control bytes must come out as the same text, not as
+    # records a reader cannot parse or that say something else.
+    teach(rig)
+    comm = b'x","uid":0,"\\\x01\x1f'
+    client, port = rig.connect(UPSTREAM, comm=comm)
+    serve_one(rig.upstream)
+    client.communicate(timeout=10)
+    deadline = time.monotonic() + 10
+    while not rig.records(Kind.SESSION_CLOSE) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    [info] = rig.records(Kind.SESSION_INFO)
+    assert info["comm"] == comm.decode() and info["uid"] == CLIENT_UID
+    assert rig.opener.statistics()["opened"] == 1     # opened in C, not left to Python
