@@ -33,8 +33,9 @@ log() { echo "build-deb: $*" >&2; }
 # A copy of the source: building in the checkout would leave build/ and
 # *.egg-info behind in a tree others work in.
 copy_source() {
-    mkdir -p "$WORK/src"
+    mkdir -p "$WORK/src/bpf"
     cp -r pyproject.toml setup.py agent "$WORK/src/"
+    cp bpf/events.h "$WORK/src/bpf/"  # the native opener reads the witness's events as declared
     find "$WORK/src" -name __pycache__ -type d -prune -exec rm -rf {} +
     find "$WORK/src" -name '*.so' -delete  # the wheel compiles its own native part
 }
