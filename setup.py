@@ -49,7 +49,8 @@ if __name__ == "__main__":
     setup(cmdclass={"build_ext": BuildExt}, ext_modules=[Extension(
         "agent.native._native",
         sources=["agent/native/module.c", "agent/native/chain.c", "agent/native/pump.c",
-                 "agent/native/accept.c", "agent/native/opening.c"],
+                 "agent/native/accept.c", "agent/native/opening.c",
+                 "agent/native/registry.c"],
         depends=["agent/native/native.h", "bpf/events.h"],
         libraries=["crypto", "isal"],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter",

@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 #include <openssl/evp.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -160,6 +161,41 @@ void chain_thread_exit(void);
 /* Sessions opened in C (opening.c) end in C: the pump hands their end to
  * the opener that opened them, which writes SESSION_CLOSE. */
 typedef struct OpenSession OpenSession;
+#define TG_SESSION_KEY 36   /* client address (IPv4 as ::ffff:a.b.c.d), port, destination, port */
+struct OpenSession {
+    void *opener;              /* opening.c's, which opened it */
+    uint64_t sid, opened_ns;   /* wall clock, as SESSION_OPEN's time_ns */
+    uint8_t key[TG_SESSION_KEY];
+    uint64_t closed_ns;        /* registry.c's from here: CLOCK_MONOTONIC, 0 while open */
+    OpenSession *next, *later; /* its bucket; the lingering, oldest first */
+};
+
+static inline uint64_t tg_clock_ns(clockid_t id) {
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* FNV-1a: the opener's and the registry's hash tables. */
+static inline uint32_t tg_hash(const uint8_t *p, size_t n) {
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 16777619u;
+    return h;
+}
+
+/* registry.c: the sessions opened in C by 4-tuple, open and for linger_ns
+ * after they close (the witness's cross-check asks), with their counts. */
+typedef struct Registry Registry;
+typedef struct {
+    uint64_t opened, open, upstream_failed, close_failed;
+} RegistryCounts;
+Registry *registry_new(uint64_t linger_ns);   /* NULL: out of memory */
+void registry_free(Registry *r);              /* and every session in it */
+void registry_add(Registry *r, OpenSession *s);   /* key and sid set; r owns s */
+void registry_closed(Registry *r, OpenSession *s, int upstream_failed, int close_failed);
+/* With the GIL held (Python asks): */
+int registry_knows(Registry *r, const uint8_t key[TG_SESSION_KEY]);
+RegistryCounts registry_counts(Registry *r);
 /* From a thread without the GIL: 0, or the errno of a failed close record
  * (the pump then tells Python). */
 int opener_ended(OpenSession *s, const char *reason, uint64_t client_bytes,

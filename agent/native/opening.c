@@ -15,9 +15,9 @@
  * left_fd) as before; Python teaches the opener the names and destinations
  * it judged.
  *
- * The opener also keeps the sessions it opened, open and for linger_s after
- * they close, so that the witness's cross-check finds them (Opener.knows)
- * as it finds Python's (agent/proxy/sessions.py).
+ * The sessions it opened are kept in registry.c, so that the witness's
+ * cross-check finds them (Opener.knows) as it finds Python's
+ * (agent/proxy/sessions.py).
  */
 #include "native.h"
 
@@ -39,8 +39,7 @@
 #define NAMES_MAX 4096
 #define DEST_BUCKETS 1024
 #define DESTS_MAX 4096
-#define OPEN_BUCKETS 16384
-#define KEY_LEN 36                /* client address, port, destination address, port */
+#define KEY_LEN TG_SESSION_KEY
 
 typedef struct Name {          /* a process Python named: its chain as JSON */
     uint32_t tgid;
@@ -56,15 +55,6 @@ typedef struct Dest {          /* a destination the policy let through */
 } Dest;
 
 typedef struct Opener Opener;
-
-struct OpenSession {           /* a session opened here, in the registry */
-    Opener *o;
-    uint8_t key[KEY_LEN];
-    uint64_t sid, opened_ns;   /* wall clock, as SESSION_OPEN's time_ns */
-    uint64_t closed_ns;        /* CLOCK_MONOTONIC; 0 while open */
-    OpenSession *next;         /* bucket */
-    OpenSession *later;        /* closed ones, oldest first */
-};
 
 typedef struct {               /* a connection for Python */
     int fd;
@@ -87,23 +77,9 @@ struct Opener {
     size_t nnames;
     Dest *dests[DEST_BUCKETS];
     size_t ndests;
-    OpenSession *open[OPEN_BUCKETS];
-    OpenSession *closed, *closed_tail;
-    uint64_t linger_ns, name_ttl_ns;
-    uint64_t opened, open_now, upstream_failed, close_failed;
+    uint64_t name_ttl_ns;
+    Registry *sessions;        /* what it opened (its own lock) */
 };
-
-static uint64_t clock_ns(clockid_t id) {
-    struct timespec ts;
-    clock_gettime(id, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static uint32_t hash_bytes(const uint8_t *p, size_t n) {  /* FNV-1a */
-    uint32_t h = 2166136261u;
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 16777619u;
-    return h;
-}
 
 /* An address as the kernel's maps hold it: IPv4 as ::ffff:a.b.c.d. */
 static void mapped(const struct sockaddr *sa, uint8_t out[16], uint16_t *port) {
@@ -173,57 +149,18 @@ static void forget_names(Opener *o) {
 }
 
 static int allowed(Opener *o, const uint8_t key[18]) {
-    for (Dest *d = o->dests[hash_bytes(key, 18) % DEST_BUCKETS]; d; d = d->next)
+    for (Dest *d = o->dests[tg_hash(key, 18) % DEST_BUCKETS]; d; d = d->next)
         if (memcmp(d->key, key, 18) == 0) return 1;
     return 0;
-}
-
-/* -- the registry of sessions opened here ----------------------------------------- */
-
-static void expire_closed(Opener *o, uint64_t now) {
-    while (o->closed && o->closed->closed_ns + o->linger_ns < now) {
-        OpenSession *s = o->closed;
-        o->closed = s->later;
-        if (!o->closed) o->closed_tail = NULL;
-        OpenSession **pp = &o->open[hash_bytes(s->key, KEY_LEN) % OPEN_BUCKETS];
-        while (*pp != s) pp = &(*pp)->next;
-        *pp = s->next;
-        free(s);
-    }
 }
 
 static OpenSession *new_session(Opener *o, const uint8_t key[KEY_LEN]) {
     OpenSession *s = calloc(1, sizeof *s);
     if (s) {
-        s->o = o;
+        s->opener = o;
         memcpy(s->key, key, KEY_LEN);
     }
     return s;
-}
-
-static void register_session(Opener *o, OpenSession *s, uint64_t sid, uint64_t opened_ns) {
-    s->sid = sid;
-    s->opened_ns = opened_ns;
-    uint32_t b = hash_bytes(s->key, KEY_LEN) % OPEN_BUCKETS;
-    pthread_mutex_lock(&o->mu);
-    s->next = o->open[b];
-    o->open[b] = s;
-    o->opened++;
-    o->open_now++;
-    pthread_mutex_unlock(&o->mu);
-}
-
-static void mark_closed(Opener *o, OpenSession *s, int upstream_failed, int close_failed) {
-    uint64_t now = clock_ns(CLOCK_MONOTONIC);
-    pthread_mutex_lock(&o->mu);
-    s->closed_ns = now ? now : 1;
-    if (o->closed_tail) o->closed_tail->later = s; else o->closed = s;
-    o->closed_tail = s;
-    o->open_now--;
-    o->upstream_failed += (uint64_t)upstream_failed;
-    o->close_failed += (uint64_t)close_failed;
-    expire_closed(o, now);
-    pthread_mutex_unlock(&o->mu);
 }
 
 /* -- the records -------------------------------------------------------------------- */
@@ -233,7 +170,7 @@ int opener_ended(OpenSession *s, const char *reason, uint64_t client_bytes,
     char why[420], json[640];
     int wlen = json_string(why, sizeof why, reason, strlen(reason));
     if (wlen < 0) wlen = snprintf(why, sizeof why, "\"%s\"", "closed (reason not ASCII)");
-    uint64_t now = clock_ns(CLOCK_REALTIME);
+    uint64_t now = tg_clock_ns(CLOCK_REALTIME);
     double ms = (double)(int64_t)(now - s->opened_ns) / 1e6;
     int n = snprintf(json, sizeof json,
                      "{\"session\":%llu,\"reason\":%.*s,\"client_bytes\":%llu,"
@@ -243,9 +180,9 @@ int opener_ended(OpenSession *s, const char *reason, uint64_t client_bytes,
     struct iovec pay = {json, (size_t)n};
     int kind = TG_KIND_SESSION_CLOSE;
     uint64_t seq;
-    Opener *o = s->o;
+    Opener *o = s->opener;
     int err = chain_append_records((Chain *)o->chain, 0, &pay, &kind, 1, now, NULL, NULL, &seq);
-    mark_closed(o, s, strncmp(reason, "upstream failed", 15) == 0, err != 0);
+    registry_closed(o->sessions, s, strncmp(reason, "upstream failed", 15) == 0, err != 0);
     return err;
 }
 
@@ -312,7 +249,7 @@ static int info_rest(char *out, size_t cap, const struct tg_tcp_event *ev, const
  * the destination judged; NULL otherwise. */
 static char *lookup(Opener *o, uint32_t tgid, const uint8_t dkey[18], size_t *len) {
     char *copy = NULL;
-    uint64_t now = clock_ns(CLOCK_MONOTONIC);
+    uint64_t now = tg_clock_ns(CLOCK_MONOTONIC);
     pthread_mutex_lock(&o->mu);
     Name *n = allowed(o, dkey) ? find_name(o, tgid, now) : NULL;
     if (n && (copy = malloc(n->len)) != NULL) {
@@ -348,7 +285,7 @@ static int open_in_c(Opener *o, PumpWorker *w, int fd, const struct sockaddr *pe
         return 0;
     }
     address_text(peer, client, &cport);
-    uint64_t now = clock_ns(CLOCK_REALTIME);
+    uint64_t now = tg_clock_ns(CLOCK_REALTIME);
     char open[256];
     int olen = snprintf(open, sizeof open,
                         "{\"client\":[\"%s\",%u],\"original_dst\":[\"%s\",%u],\"time_ns\":%llu}",
@@ -365,7 +302,9 @@ static int open_in_c(Opener *o, PumpWorker *w, int fd, const struct sockaddr *pe
         return 0;  /* Python's path meets the failing store and handles it */
     }
     bpf_map(BPF_MAP_DELETE_ELEM, o->attributed_fd, &key, NULL);  /* consumed, as Python's take */
-    register_session(o, s, sid, now);
+    s->sid = sid;
+    s->opened_ns = now;
+    registry_add(o->sessions, s);
     unsigned char addr[16];
     int family = dst->sa_family == AF_INET6 && !IN6_IS_ADDR_V4MAPPED(
         &((const struct sockaddr_in6 *)dst)->sin6_addr) ? AF_INET6 : AF_INET;
@@ -449,7 +388,11 @@ static int Opener_init(Opener *o, PyObject *args, PyObject *kw) {
     Py_INCREF(chain);
     o->pump = pump;
     o->chain = chain;
-    o->linger_ns = (uint64_t)(linger_s * 1e9);
+    o->sessions = registry_new((uint64_t)(linger_s * 1e9));
+    if (o->sessions == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
     o->name_ttl_ns = (uint64_t)(ttl_s * 1e9);
     return 0;
 }
@@ -483,13 +426,7 @@ static void Opener_dealloc(Opener *o) {
             free(d);
         }
     }
-    for (int i = 0; i < OPEN_BUCKETS; i++) {
-        while (o->open[i]) {
-            OpenSession *s = o->open[i];
-            o->open[i] = s->next;
-            free(s);
-        }
-    }
+    registry_free(o->sessions);
     for (size_t i = 0; i < o->left.n; i++) close(((Left *)o->left.items)[i].fd);
     free(o->left.items);
     if (o->left_fd >= 0) close(o->left_fd);
@@ -560,7 +497,7 @@ static PyObject *Opener_name(Opener *o, PyObject *args) {
     n->len = (size_t)json.len;
     memcpy(n->json, json.buf, n->len);
     PyBuffer_Release(&json);
-    n->expires_ns = clock_ns(CLOCK_MONOTONIC) + o->name_ttl_ns;
+    n->expires_ns = tg_clock_ns(CLOCK_MONOTONIC) + o->name_ttl_ns;
     lock_gil_free(&o->mu);
     Name **pp = &o->names[tgid % NAME_BUCKETS];
     while (*pp && (*pp)->tgid != tgid) pp = &(*pp)->next;
@@ -611,7 +548,7 @@ static PyObject *Opener_allow(Opener *o, PyObject *args) {
     if (parse_mapped(ip, key) != 0) return PyErr_Format(PyExc_ValueError, "not an address: %s", ip);
     memcpy(key + 16, &port, 2);
     lock_gil_free(&o->mu);
-    uint32_t b = hash_bytes(key, 18) % DEST_BUCKETS;
+    uint32_t b = tg_hash(key, 18) % DEST_BUCKETS;
     Dest *d = allowed(o, key) || o->ndests >= DESTS_MAX ? NULL : malloc(sizeof *d);
     if (d) {
         memcpy(d->key, key, 18);
@@ -633,22 +570,16 @@ static PyObject *Opener_knows(Opener *o, PyObject *args) {
     if (parse_mapped(cip, key) != 0 || parse_mapped(dip, key + 18) != 0) Py_RETURN_FALSE;
     memcpy(key + 16, &cport, 2);
     memcpy(key + 34, &dport, 2);
-    int found = 0;
-    lock_gil_free(&o->mu);
-    expire_closed(o, clock_ns(CLOCK_MONOTONIC));
-    for (OpenSession *s = o->open[hash_bytes(key, KEY_LEN) % OPEN_BUCKETS]; s && !found; s = s->next)
-        found = memcmp(s->key, key, KEY_LEN) == 0;
-    pthread_mutex_unlock(&o->mu);
-    return PyBool_FromLong(found);
+    return PyBool_FromLong(o->sessions && registry_knows(o->sessions, key));
 }
 
 static PyObject *Opener_statistics(Opener *o, PyObject *unused) {
+    RegistryCounts c = o->sessions ? registry_counts(o->sessions) : (RegistryCounts){0};
     lock_gil_free(&o->mu);
-    uint64_t opened = o->opened, open_now = o->open_now, failed = o->upstream_failed,
-             close_failed = o->close_failed, names = o->nnames, dests = o->ndests;
+    uint64_t names = o->nnames, dests = o->ndests;
     pthread_mutex_unlock(&o->mu);
-    return Py_BuildValue("{sKsKsKsKsKsK}", "opened", opened, "open", open_now,
-                         "upstream_failed", failed, "close_failed", close_failed,
+    return Py_BuildValue("{sKsKsKsKsKsK}", "opened", c.opened, "open", c.open,
+                         "upstream_failed", c.upstream_failed, "close_failed", c.close_failed,
                          "names", names, "destinations", dests);
 }
 
