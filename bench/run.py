@@ -386,6 +386,7 @@ class _Conns:
 
     def __init__(self) -> None:
         self.done: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
 
@@ -396,16 +397,21 @@ class _Conns:
         os.sync()
         got, cpu = _metered(pid, b.connrate, host, port, seconds)
         self.done[col] = self.done.get(col, 0) + got["done"]
+        self.failed[col] = self.failed.get(col, 0) + got["failed"]
         self.seconds[col] = self.seconds.get(col, 0.0) + got["seconds"]
         if cpu is not None:
             self.cpu[col] = self.cpu.get(col, 0.0) + cpu
 
     def put(self, res: Results) -> None:
-        """Rows rate (all connections over all their seconds) and cpu_conn."""
+        """Rows rate (all connections over all their seconds) and cpu_conn;
+        a note for a path where connections failed (not in its rate)."""
         for col, done in self.done.items():
             res.put("rate", col, done / self.seconds[col])
             if col in self.cpu and done:
                 res.put("cpu_conn", col, self.cpu[col] * 1e6 / done)
+            if self.failed[col]:
+                res.note(f"connection rate: {self.failed[col]:,} of "
+                         f"{done + self.failed[col]:,} connections through {col} failed")
 
 
 def _rounds(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
