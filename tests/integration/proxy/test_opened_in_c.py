@@ -7,6 +7,7 @@ SESSION_INFO and SESSION_CLOSE, payloads in between, the chain intact."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -120,3 +121,51 @@ def test_a_refused_destination_is_never_opened_in_c(agent, sandbox, servers):
     wait_for(lambda: status(agent)["proxy"]["refused"] >= refused_before + 4, 10,
              what="four refusals")
     assert status(agent)["proxy"]["opened_in_c"] == opened_before
+
+
+# Each connection's local port and the pid that made it, as the client saw them.
+NAMED_CLIENT = """
+import json, os, socket, sys
+for i in range(int(sys.argv[2])):
+    s = socket.create_connection((sys.argv[1], 8080))
+    print(json.dumps({"pid": os.getpid(), "port": s.getsockname()[1]}), flush=True)
+    s.sendall(b"GET /hello.txt HTTP/1.0\\r\\n\\r\\n")
+    while s.recv(65536):
+        pass
+    s.close()
+"""
+# Keeps the process table changing: every exec and fork is a new generation.
+CHURN = "for i in $(seq 400); do /bin/true; done"
+
+
+@native_only
+def test_concurrent_clients_each_named_as_themselves_while_the_table_churns(agent, sandbox,
+                                                                            servers):
+    """Four processes at once, and a shell forking all the while: a name
+    the opener learnt must never stick to another process's connection,
+    nor outlive the table it was built from."""
+    opened_before = status(agent)["proxy"]["opened_in_c"]
+    before = {s.id for s in list_sessions(agent.store)}
+    clients = [sandbox.spawn(sandbox.bastion, [sys.executable, "-c", NAMED_CLIENT, CORP_V4, "60"],
+                             user=sandbox.subject, stdout=subprocess.PIPE, text=True)
+               for _ in range(4)]
+    churn = sandbox.spawn(sandbox.bastion, ["sh", "-c", CHURN], user=sandbox.subject)
+    made = {}
+    for c in clients:
+        out, _ = c.communicate(timeout=120)
+        assert c.returncode == 0
+        made.update({(line["port"]): line["pid"] for line in map(json.loads, out.splitlines())})
+    churn.wait(timeout=120)
+    assert len(made) == 240
+
+    def all_named():
+        found = {s.client[1]: s for s in list_sessions(agent.store)
+                 if s.id not in before and s.original_dst == (CORP_V4, 8080) and s.close}
+        return found if len(found) == len(made) else None
+    sessions = wait_for(all_named, 20, what="the clients' sessions, closed")
+    assert set(sessions) == set(made)
+    for port, s in sessions.items():
+        assert s.info["pid"] == made[port], (port, s.info)
+        assert s.info["chain"][0]["pid"] == made[port]
+    in_c = status(agent)["proxy"]["opened_in_c"] - opened_before
+    assert in_c > 0, in_c
