@@ -48,12 +48,6 @@ static void put_be64(uint8_t *p, uint64_t v) {
     for (int i = 7; i >= 0; i--, v >>= 8) p[i] = (uint8_t)v;
 }
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 #define MAP_WINDOW (2ull << 20)    /* mapped at a time: the RSS the store costs */
 /* Faulted in at a time as the records reach it, and unmapped behind them:
  * a whole window at once stalled every relay behind the chain's lock for
@@ -364,7 +358,7 @@ int chain_append_data(Chain *c, uint64_t session, int direction, const void *dat
     head[8] = (uint8_t)direction;
     if (payload_digest(c->version, NULL, head, sizeof head, data, len, pdigest))  /* unlocked */
         return EIO;
-    uint64_t seq, ts = now_ns();
+    uint64_t seq, ts = tg_clock_ns(CLOCK_REALTIME);
     pthread_mutex_lock(&c->mu);
     int err = c->healthy ? chain_append_locked(c, TG_KIND_DATA, ts, head, sizeof head,
                                                data, len, pdigest, &seq) : EIO;

@@ -455,12 +455,6 @@ static void bury(Worker *w) {
 static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home,
                        OpenSession *opened);
 
-static uint64_t mono_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 /* The subject sees a reset; the session ends with reason, nothing relayed. */
 static void dial_end(Worker *w, Dial *d, const char *reason) {
     struct linger lg = {1, 0};
@@ -521,7 +515,7 @@ static void dial_start(Worker *w, Dial *d) {
         dial_fail(w, d, "upstream failed", strerror(errno));
         return;
     }
-    d->deadline_ns = mono_ns() + w->pump->connect_timeout_ns;
+    d->deadline_ns = tg_clock_ns(CLOCK_MONOTONIC) + w->pump->connect_timeout_ns;
     d->next = NULL;
     d->prev = w->dialing_tail;
     if (w->dialing_tail) w->dialing_tail->next = d; else w->dialing = d;
@@ -552,7 +546,7 @@ static void on_listener(Worker *w, PumpListener *l) {
      * listener would spin this thread; the backlog keeps the connections. */
     epoll_ctl(w->ep, EPOLL_CTL_DEL, l->fd, NULL);
     w->paused[w->npaused++] = l;
-    w->relisten_ns = mono_ns() + TG_ACCEPT_PAUSE_MS * 1000000ull;
+    w->relisten_ns = tg_clock_ns(CLOCK_MONOTONIC) + TG_ACCEPT_PAUSE_MS * 1000000ull;
 }
 
 int pump_listen(Pump *p, PumpListener *l) {
@@ -576,7 +570,7 @@ static uint64_t relisten(Worker *w, uint64_t now) {
 /* Ends connects past their deadline and lets paused listeners back in;
  * returns epoll_wait's timeout (ms). */
 static int expire_dials(Worker *w) {
-    uint64_t now = mono_ns();
+    uint64_t now = tg_clock_ns(CLOCK_MONOTONIC);
     while (w->dialing && w->dialing->deadline_ns <= now) {
         Dial *d = w->dialing;
         epoll_ctl(w->ep, EPOLL_CTL_DEL, d->sfd, NULL);
