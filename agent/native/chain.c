@@ -352,6 +352,14 @@ int chain_append_locked(Chain *c, int kind, uint64_t ts_ns, const void *prefix, 
     return 0;
 }
 
+/* After an append from C, with the lock held: a failure fails the chain
+ * closed (the writer records why when it next looks); a full segment or a
+ * seal due wakes the upkeep thread. */
+static void settle_locked(Chain *c, int err) {
+    if (err) c->healthy = 0;
+    else if (c->seg_bytes >= c->seg_max || c->seal_bytes >= c->seal_every) wake_upkeep(c);
+}
+
 int chain_append_data(Chain *c, uint64_t session, int direction, const void *data, size_t len) {
     uint8_t head[TG_DATA_HEAD_SIZE], pdigest[32];
     put_be64(head, session);
@@ -362,11 +370,7 @@ int chain_append_data(Chain *c, uint64_t session, int direction, const void *dat
     pthread_mutex_lock(&c->mu);
     int err = c->healthy ? chain_append_locked(c, TG_KIND_DATA, ts, head, sizeof head,
                                                data, len, pdigest, &seq) : EIO;
-    if (err) {
-        c->healthy = 0;   /* the writer records why when it next looks (fail closed) */
-    } else if (c->seg_bytes >= c->seg_max || c->seal_bytes >= c->seal_every) {
-        wake_upkeep(c);
-    }
+    settle_locked(c, err);
     pthread_mutex_unlock(&c->mu);
     return err;
 }
@@ -491,11 +495,7 @@ int chain_append_records(Chain *c, int gil_held, struct iovec *pay, const int *k
     else pthread_mutex_lock(&c->mu);
     if (fill && c->healthy) fill(ctx, c->next_seq, pay);
     int err = c->healthy ? append_many_locked(c, pay, kinds, n, ts, first) : EIO;
-    if (err) {
-        if (err != EMSGSIZE) c->healthy = 0;  /* as a relay's failed append: fail closed */
-    } else if (c->seg_bytes >= c->seg_max || c->seal_bytes >= c->seal_every) {
-        wake_upkeep(c);
-    }
+    settle_locked(c, err);
     pthread_mutex_unlock(&c->mu);
     return err;
 }

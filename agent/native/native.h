@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 #include <openssl/evp.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -169,6 +170,13 @@ struct OpenSession {
     uint64_t closed_ns;        /* registry.c's from here: CLOCK_MONOTONIC, 0 while open */
     OpenSession *next, *later; /* its bucket; the lingering, oldest first */
 };
+
+/* Close so that the peer sees a reset, not a FIN. */
+static inline void tg_close_reset(int fd) {
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
 
 static inline uint64_t tg_clock_ns(clockid_t id) {
     struct timespec ts;

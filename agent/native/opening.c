@@ -40,6 +40,10 @@
 #define DEST_BUCKETS 1024
 #define DESTS_MAX 4096
 #define KEY_LEN TG_SESSION_KEY
+/* An address and port as the kernel's maps hold them (the first 18 bytes of
+ * a struct tg_peer): IPv4 as ::ffff:a.b.c.d, the port in host order.  Half
+ * a session key; a destination's key. */
+#define HALF_KEY 18
 
 typedef struct Name {          /* a process Python named: its chain as JSON */
     uint32_t tgid;
@@ -50,7 +54,7 @@ typedef struct Name {          /* a process Python named: its chain as JSON */
 } Name;
 
 typedef struct Dest {          /* a destination the policy let through */
-    uint8_t key[18];
+    uint8_t key[HALF_KEY];
     struct Dest *next;
 } Dest;
 
@@ -81,28 +85,33 @@ struct Opener {
     Registry *sessions;        /* what it opened (its own lock) */
 };
 
-/* An address as the kernel's maps hold it: IPv4 as ::ffff:a.b.c.d. */
-static void mapped(const struct sockaddr *sa, uint8_t out[16], uint16_t *port) {
+static void mapped_v4(const void *v4, uint8_t out[16]) {
+    memset(out, 0, 10);
+    out[10] = out[11] = 0xff;
+    memcpy(out + 12, v4, 4);
+}
+
+static void sockaddr_key(const struct sockaddr *sa, uint8_t out[HALF_KEY]) {
+    uint16_t port;
     if (sa->sa_family == AF_INET) {
         const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-        memset(out, 0, 10);
-        out[10] = out[11] = 0xff;
-        memcpy(out + 12, &in->sin_addr, 4);
-        *port = ntohs(in->sin_port);
+        mapped_v4(&in->sin_addr, out);
+        port = ntohs(in->sin_port);
     } else {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
         memcpy(out, &in6->sin6_addr, 16);
-        *port = ntohs(in6->sin6_port);
+        port = ntohs(in6->sin6_port);
     }
+    memcpy(out + 16, &port, 2);
 }
 
-static void session_key(const struct sockaddr *peer, const struct sockaddr *dst,
-                        uint8_t key[KEY_LEN]) {
-    uint16_t port;
-    mapped(peer, key, &port);
-    memcpy(key + 16, &port, 2);
-    mapped(dst, key + 18, &port);
-    memcpy(key + 34, &port, 2);
+/* The same from text, as Python spells an address; -1 if it is not one. */
+static int text_key(const char *ip, uint16_t port, uint8_t out[HALF_KEY]) {
+    uint8_t v4[4];
+    if (inet_pton(AF_INET, ip, v4) == 1) mapped_v4(v4, out);
+    else if (inet_pton(AF_INET6, ip, out) != 1) return -1;
+    memcpy(out + 16, &port, 2);
+    return 0;
 }
 
 /* -- JSON ---------------------------------------------------------------------- */
@@ -148,9 +157,9 @@ static void forget_names(Opener *o) {
     o->nnames = 0;
 }
 
-static int allowed(Opener *o, const uint8_t key[18]) {
-    for (Dest *d = o->dests[tg_hash(key, 18) % DEST_BUCKETS]; d; d = d->next)
-        if (memcmp(d->key, key, 18) == 0) return 1;
+static int allowed(Opener *o, const uint8_t key[HALF_KEY]) {
+    for (Dest *d = o->dests[tg_hash(key, HALF_KEY) % DEST_BUCKETS]; d; d = d->next)
+        if (memcmp(d->key, key, HALF_KEY) == 0) return 1;
     return 0;
 }
 
@@ -213,12 +222,11 @@ static long bpf_map(int cmd, int fd, const void *key, void *value) {
 
 /* The kernel's event for this client, if it proves the socket and names the
  * same destination (connections.py's _from_kernel). */
-static int proven(Opener *o, const struct sockaddr *peer, const char *dst_text,
+static int proven(Opener *o, const uint8_t peer[HALF_KEY], const char *dst_text,
                   unsigned dst_port, struct tg_peer *key, struct tg_tcp_event *ev) {
-    uint16_t port;
     memset(key, 0, sizeof *key);
-    mapped(peer, key->addr, &port);
-    key->port = port;
+    memcpy(key->addr, peer, 16);
+    memcpy(&key->port, peer + 16, 2);
     if (bpf_map(BPF_MAP_LOOKUP_ELEM, o->attributed_fd, key, ev) != 0) return 0;
     char text[INET6_ADDRSTRLEN] = "";
     if (ev->family == AF_INET) inet_ntop(AF_INET, ev->daddr, text, sizeof text);
@@ -247,7 +255,7 @@ static int info_rest(char *out, size_t cap, const struct tg_tcp_event *ev, const
 
 /* The name's JSON, copied out under the lock, if the process is named and
  * the destination judged; NULL otherwise. */
-static char *lookup(Opener *o, uint32_t tgid, const uint8_t dkey[18], size_t *len) {
+static char *lookup(Opener *o, uint32_t tgid, const uint8_t dkey[HALF_KEY], size_t *len) {
     char *copy = NULL;
     uint64_t now = tg_clock_ns(CLOCK_MONOTONIC);
     pthread_mutex_lock(&o->mu);
@@ -267,13 +275,14 @@ static int open_in_c(Opener *o, PumpWorker *w, int fd, const struct sockaddr *pe
     char client[INET6_ADDRSTRLEN], to[INET6_ADDRSTRLEN];
     unsigned cport, dport;
     address_text(dst, to, &dport);
+    uint8_t skey[KEY_LEN];     /* the client's half, then the destination's */
+    sockaddr_key(peer, skey);
+    sockaddr_key(dst, skey + HALF_KEY);
     struct tg_peer key;
     struct tg_tcp_event ev;
-    if (!proven(o, peer, to, dport, &key, &ev)) return 0;
-    uint8_t skey[KEY_LEN];
-    session_key(peer, dst, skey);
+    if (!proven(o, skey, to, dport, &key, &ev)) return 0;
     size_t clen = 0;
-    char *chain = lookup(o, ev.h.tgid, skey + 18, &clen);
+    char *chain = lookup(o, ev.h.tgid, skey + HALF_KEY, &clen);
     if (chain == NULL) return 0;
     size_t cap = clen + 512;
     char *info = malloc(SID_ROOM + cap);
@@ -305,18 +314,11 @@ static int open_in_c(Opener *o, PumpWorker *w, int fd, const struct sockaddr *pe
     s->sid = sid;
     s->opened_ns = now;
     registry_add(o->sessions, s);
-    unsigned char addr[16];
-    int family = dst->sa_family == AF_INET6 && !IN6_IS_ADDR_V4MAPPED(
-        &((const struct sockaddr_in6 *)dst)->sin6_addr) ? AF_INET6 : AF_INET;
-    inet_pton(family, to, addr);
-    pump_dial((Pump *)o->pump, w, sid, fd, family, addr, (int)dport, s);  /* dials here and now */
+    const uint8_t *daddr = skey + HALF_KEY;   /* an IPv4 destination is dialled as IPv4 */
+    int v4 = IN6_IS_ADDR_V4MAPPED((const struct in6_addr *)daddr);
+    pump_dial((Pump *)o->pump, w, sid, fd, v4 ? AF_INET : AF_INET6, v4 ? daddr + 12 : daddr,
+              (int)dport, s);  /* dials here and now */
     return 1;
-}
-
-static void reset_fd(int fd) {
-    struct linger lg = {1, 0};   /* the peer sees a reset, not a FIN */
-    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-    close(fd);
 }
 
 /* Queue a connection for Python; the first of a batch wakes it. */
@@ -326,7 +328,7 @@ static void leave(Opener *o, int fd, const struct sockaddr *peer, const struct s
     Left *l = batch_add(&o->left, sizeof *l);
     if (l == NULL) {   /* the subject sees a reset; nothing was recorded or relayed */
         pthread_mutex_unlock(&o->mu);
-        reset_fd(fd);
+        tg_close_reset(fd);
         return;
     }
     l->fd = fd;
@@ -471,7 +473,7 @@ static PyObject *Opener_left(Opener *o, PyObject *unused) {
                                            (struct sockaddr *)&left[i].dst) : NULL;
         if (t == NULL) {   /* out of memory: the rest are reset, not leaked */
             Py_CLEAR(out);
-            reset_fd(left[i].fd);
+            tg_close_reset(left[i].fd);
             continue;
         }
         PyList_SET_ITEM(out, (Py_ssize_t)i, t);
@@ -528,30 +530,18 @@ static PyObject *Opener_new_generation(Opener *o, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static int parse_mapped(const char *ip, uint8_t out[16]) {
-    uint8_t v4[4];
-    if (inet_pton(AF_INET, ip, v4) == 1) {
-        memset(out, 0, 10);
-        out[10] = out[11] = 0xff;
-        memcpy(out + 12, v4, 4);
-        return 0;
-    }
-    return inet_pton(AF_INET6, ip, out) == 1 ? 0 : -1;
-}
-
 /* allow(ip, port): Python's policy let this destination through. */
 static PyObject *Opener_allow(Opener *o, PyObject *args) {
     const char *ip;
     unsigned short port;
     if (!PyArg_ParseTuple(args, "sH", &ip, &port)) return NULL;
-    uint8_t key[18];   /* as a session key's destination half: mapped address, port */
-    if (parse_mapped(ip, key) != 0) return PyErr_Format(PyExc_ValueError, "not an address: %s", ip);
-    memcpy(key + 16, &port, 2);
+    uint8_t key[HALF_KEY];
+    if (text_key(ip, port, key) != 0) return PyErr_Format(PyExc_ValueError, "not an address: %s", ip);
     lock_gil_free(&o->mu);
-    uint32_t b = tg_hash(key, 18) % DEST_BUCKETS;
+    uint32_t b = tg_hash(key, HALF_KEY) % DEST_BUCKETS;
     Dest *d = allowed(o, key) || o->ndests >= DESTS_MAX ? NULL : malloc(sizeof *d);
     if (d) {
-        memcpy(d->key, key, 18);
+        memcpy(d->key, key, HALF_KEY);
         d->next = o->dests[b];
         o->dests[b] = d;
         o->ndests++;
@@ -567,9 +557,8 @@ static PyObject *Opener_knows(Opener *o, PyObject *args) {
     unsigned short cport, dport;
     if (!PyArg_ParseTuple(args, "sHsH", &cip, &cport, &dip, &dport)) return NULL;
     uint8_t key[KEY_LEN];
-    if (parse_mapped(cip, key) != 0 || parse_mapped(dip, key + 18) != 0) Py_RETURN_FALSE;
-    memcpy(key + 16, &cport, 2);
-    memcpy(key + 34, &dport, 2);
+    if (text_key(cip, cport, key) != 0 || text_key(dip, dport, key + HALF_KEY) != 0)
+        Py_RETURN_FALSE;
     return PyBool_FromLong(o->sessions && registry_knows(o->sessions, key));
 }
 

@@ -182,11 +182,8 @@ static void end_session(Pump *p, OpenSession *opened, uint64_t sid, const char *
 }
 
 static void close_side(Sess *s, int side) {
-    if (s->reset[side]) {
-        struct linger lg = {1, 0};  /* the peer sees a reset, not a FIN */
-        setsockopt(s->fd[side], SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-    }
-    close(s->fd[side]);
+    if (s->reset[side]) tg_close_reset(s->fd[side]);
+    else close(s->fd[side]);
 }
 
 static void unregister(Worker *w, int fd, uint32_t *mask) {
@@ -457,9 +454,7 @@ static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home,
 
 /* The subject sees a reset; the session ends with reason, nothing relayed. */
 static void dial_end(Worker *w, Dial *d, const char *reason) {
-    struct linger lg = {1, 0};
-    setsockopt(d->cfd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-    close(d->cfd);
+    tg_close_reset(d->cfd);
     if (d->sfd >= 0) close(d->sfd);
     end_session(w->pump, d->opened, d->sid, reason, 0, 0, 0);
     free(d);
