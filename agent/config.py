@@ -83,8 +83,10 @@ class ProxyConfig:
     # A relay thread's chunk: each costs three syscalls and a record, so
     # bigger ones relay more per CPU second (1 MiB against 256 KiB: bulk
     # 6-37 % faster in paired runs, bench/RESULTS.md). Also the most one
-    # direction holds for a slow peer.
-    buffer_bytes: int = field(default=1 << 20, metadata=check(_positive))
+    # direction holds for a slow peer. At most 8 MiB: a relay read is one
+    # record, and a record's payload (read + session head) must fit the
+    # store's 16 MiB frame; an oversized append would fail the whole store.
+    buffer_bytes: int = field(default=1 << 20, metadata=check(_at_most(8 << 20)))
     connect_timeout_s: float = field(default=10.0, metadata=check(_positive))
     # The metadata server would hand the subject the VM's service-account token.
     deny: tuple[str, ...] = field(default=("169.254.169.254/32", "fd00:ec2::254/128"),

@@ -26,7 +26,8 @@ DOCS = {
     "proxy.port": "Local port the nftables rules redirect the subjects' TCP to.",
     "proxy.listen": "Addresses the proxy listens on; the rules redirect to loopback.",
     "proxy.buffer_bytes": "Per-direction relay chunk and buffer per session, in bytes: the most\n"
-                          "one direction holds while its peer is slow to read.",
+                          "one direction holds while its peer is slow to read. At most 8 MiB\n"
+                          "(8388608): each read is one record in the store.",
     "proxy.connect_timeout_s": "Seconds to wait for the real destination to accept.",
     "proxy.deny": "Destinations the subjects may never reach (refused and alerted).\n"
                   "The default keeps the metadata server and its token away from them.",

@@ -698,6 +698,12 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "workers and buffer_bytes must be positive");
         return -1;
     }
+    if ((unsigned long long)buf > TG_MAX_PAYLOAD - TG_DATA_HEAD_SIZE) {
+        /* a read is one record: a bigger one would fail its append and the store */
+        PyErr_Format(PyExc_ValueError, "buffer_bytes must be at most %u",
+                     TG_MAX_PAYLOAD - TG_DATA_HEAD_SIZE);
+        return -1;
+    }
     Py_INCREF(chain);
     p->chain = (Chain *)chain;
     p->buf_size = (size_t)buf;

@@ -6,9 +6,12 @@ both and forwards nothing."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import errno
 import os
 import socket
+import struct
+import termios
 import time
 
 import pytest
@@ -302,3 +305,56 @@ def test_close_ends_connects_in_progress_with_the_reason(tmp_path):
                 subject.recv(1)
     finally:
         rig.close()
+
+
+BIGGEST = (16 << 20) - 9  # the store's frame limit less the DATA head (session, direction)
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python does not name it
+
+
+def test_a_read_as_big_as_buffer_bytes_allows_is_one_record(tmp_path):
+    """The largest buffer the pump takes still fits a whole read in one
+    record: 16 MiB less 9 bytes queued at once arrive as a single DATA record
+    and the store stays healthy (a bigger read would fail the store)."""
+    writer = StoreWriter(tmp_path / "store", immutable=False)
+    pump = Pump(writer.chain, 1, BIGGEST)
+    try:
+        with socket.socket() as ls:
+            # forced past rmem_max (root) so the whole payload queues before the pump reads
+            ls.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+            ls.bind(("127.0.0.1", 0))
+            ls.listen()
+            subject = socket.create_connection(ls.getsockname())
+            proxy_client, _ = ls.accept()
+        proxy_server, dest = tcp_pair()
+        payload = os.urandom(BIGGEST)
+        subject.sendall(payload)
+        deadline = time.monotonic() + 10
+        while queued(proxy_client) < BIGGEST and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert queued(proxy_client) == BIGGEST
+        for s in (proxy_client, proxy_server):
+            s.setblocking(False)
+        pump.add(1, proxy_client.detach(), proxy_server.detach())
+        dest.settimeout(10)
+        assert recv_exactly(dest, BIGGEST) == payload
+        subject.close()
+        dest.close()
+    finally:
+        pump.close("test over")
+        writer.close()
+    data = [r.data() for r in iter_records(writer.dir) if r.kind == Kind.DATA]
+    assert data == [(1, Direction.CLIENT, payload)]
+    assert verify(writer.dir).ok
+
+
+def queued(s: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_a_buffer_whose_read_would_not_fit_one_record_is_refused(tmp_path):
+    writer = StoreWriter(tmp_path / "store", immutable=False)
+    try:
+        with pytest.raises(ValueError, match=f"buffer_bytes must be at most {BIGGEST}"):
+            Pump(writer.chain, 1, BIGGEST + 1)
+    finally:
+        writer.close()

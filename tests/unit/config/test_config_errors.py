@@ -24,6 +24,9 @@ def tollgate(*args: str) -> subprocess.CompletedProcess:
     ('subjects = ["root"]\n[store]\npayload_hash = "md5"\n', "store.payload_hash: must be one of"),
     ('subjects = ["root"]\n[proxy]\nevent_loop = "trio"\n', "proxy.event_loop: must be one of"),
     ('subjects = ["root"]\n[proxy]\ndeny = ["not-an-ip"]\n', "proxy.deny: 'not-an-ip'"),
+    # a relay read is one record: past 8 MiB it could outgrow the store's frame
+    ('subjects = ["root"]\n[proxy]\nbuffer_bytes = 16777216\n',
+     "proxy.buffer_bytes: must be from 1 to 8388608"),
     ('subjects = ["root"\n', "not valid TOML"),
 ])
 def test_bad_value_is_one_clear_line(tmp_path, body, needle):
