@@ -9,7 +9,7 @@ APT_PKGS="python3 python3-venv python3-bpfcc python3-nftables nftables iproute2 
  linux-headers-cloud-amd64 libcap2-bin util-linux procps curl socat haproxy \
  postgresql postgresql-client openssh-server openssh-client \
  mariadb-server mariadb-client redis-server redis-tools nginx tshark \
- systemd lintian dpkg-dev ruby chromium dnsmasq bind9-dnsutils gcc openssl \
+ systemd systemd-container lintian dpkg-dev ruby chromium dnsmasq bind9-dnsutils gcc openssl \
  python3-dev libssl-dev libisal-dev librust-blake3-dev bpftool"
 
 missing=""

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[3]
 NETNS = "tgpkg"
 UPGRADE_SUFFIX = "+pkgtest1"
 STATE_DIRS = ("/var/lib/tollgate", "/var/lib/tollgate-keys", "/var/lib/tollgate-ship")
-TOOLS = ("dpkg-deb", "lintian", "systemd-analyze", "ruby", "nft", "ip", "nsenter", "unshare",
-         "chattr")
+TOOLS = ("dpkg-deb", "lintian", "systemd-analyze", "systemd-nspawn", "ruby", "nft", "ip",
+         "nsenter", "unshare", "chattr")
 
 pytestmark = pytest.mark.root
 

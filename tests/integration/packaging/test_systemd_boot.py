@@ -1,0 +1,205 @@
+"""The deb's unit under a real systemd. This machine has no systemd as PID
+1, so a container (systemd-nspawn) boots this machine's own root through an
+overlay (writes land in a tmpfs; the host is not changed), with a network
+namespace of its own. The package is installed in it as ops would, the
+config names a subject, and the container boots: what systemd-analyze
+cannot say is proved here. The agent comes up at boot inside its sandbox
+(bounded capabilities, seccomp, a read-only system) and records; a stopped
+agent leaves the subject refused; a killed one is restarted.
+
+The container lets through, beyond its own defaults, only the system calls
+the unit itself adds to @system-service (bpf, perf_event_open, setns)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .conftest import REPO, _preexisting, run
+
+SUBJECT = "nobody"
+SERVER = "10.9.9.1"  # inside the container's own network namespace
+# The unit's CapabilityBoundingSet, by number (linux/capability.h).
+CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_LINUX_IMMUTABLE": 9, "CAP_NET_ADMIN": 12,
+        "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38,
+        "CAP_BPF": 39}
+
+
+class Machine:
+    """A booted container; sh() runs a script in all of its namespaces."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        self.root, self.log = root, log
+        self.proc: subprocess.Popen | None = None
+        self.pid = 0
+
+    def install(self, deb: Path) -> None:
+        """dpkg -i and the config, before boot (systemd not running: not started)."""
+        shutil.copy(deb, self.root / "root" / deb.name)
+        (self.root / "etc" / "machine-id").write_text(uuid.uuid4().hex + "\n")
+        script = (f"dpkg -i /root/{deb.name} && "
+                  f"printf 'subjects = [\"{SUBJECT}\"]\\n' > /etc/tollgate/tollgate.toml")
+        run("systemd-nspawn", "-q", "-D", str(self.root), "--private-network",
+            "--register=no", "--keep-unit", "/bin/sh", "-c", script)
+
+    def quiet_boot(self) -> None:
+        """Mask what this machine starts at boot for other tests (its database
+        servers, web servers...): only the system and tollgate come up."""
+        etc = self.root / "etc" / "systemd" / "system"
+        for link in (etc / "multi-user.target.wants").iterdir():
+            if link.name != "tollgate.service":
+                link.unlink()
+                (etc / link.name).unlink(missing_ok=True)
+                (etc / link.name).symlink_to("/dev/null")
+
+    def boot(self, timeout: float = 180) -> None:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                ["systemd-nspawn", "-D", str(self.root), "-b", "--private-network",
+                 "--register=no", "--keep-unit", "--capability=all",
+                 "--system-call-filter=bpf perf_event_open setns", "--console=read-only",
+                 "-M", "tgunit"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not self.pid and time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"nspawn exited: {self.log.read_text()[-2000:]}"
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+            self.pid = next((k.pid for k in kids if k.name() == "systemd"), 0)
+            time.sleep(0.2)
+        assert self.pid, "no systemd in the container"
+        state = self.sh("systemctl is-system-running --wait", check=False, timeout=timeout)
+        assert state.stdout.strip() in ("running", "degraded"), self.sh(
+            "systemctl --failed --no-pager", check=False).stdout
+
+    def sh(self, script: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        return run("nsenter", "-t", str(self.pid), "-a", "/bin/sh", "-c", script, check=check,
+                   timeout=timeout)
+
+    def prop(self, name: str) -> str:
+        return self.sh(f"systemctl show tollgate -p {name} --value").stdout.strip()
+
+    def wait_active(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.prop("ActiveState") != "active":
+            assert time.monotonic() < deadline, self.journal()[-3000:]
+            time.sleep(0.5)
+
+    def journal(self) -> str:
+        return self.sh("journalctl -u tollgate --no-pager -o cat", check=False).stdout
+
+    def fetch(self) -> subprocess.CompletedProcess:
+        """The subject asks the container's web server for a page."""
+        code = (f"import urllib.request; print(urllib.request.urlopen("
+                f"'http://{SERVER}:8080/', timeout=5).status)")
+        return self.sh(f"runuser -u {SUBJECT} -- python3 -c \"{code}\"", check=False)
+
+    def poweroff(self) -> None:
+        if self.proc is None:
+            return
+        if self.pid:
+            self.sh("systemctl poweroff --no-block", check=False)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def machine(debs):
+    why = _preexisting()
+    if why:
+        pytest.skip(f"the container boots this root: {why}")
+    base = Path(tempfile.mkdtemp(prefix="tgunit.", dir="/run"))
+    run("mount", "-t", "tmpfs", "tmpfs", str(base))
+    for d in ("upper", "work", "root"):
+        (base / d).mkdir()
+    run("mount", "-t", "overlay", "overlay", "-o",
+        f"lowerdir=/,upperdir={base}/upper,workdir={base}/work", str(base / "root"))
+    m = Machine(base / "root", Path(tempfile.mkstemp(prefix="tgunit-console.")[1]))
+    try:
+        m.install(debs.first)
+        m.quiet_boot()
+        m.boot()
+        m.sh(f"ip link add v0 type veth peer name v1 && ip addr add {SERVER}/24 dev v0 && "
+             "ip link set v0 up && ip link set v1 up && cd /tmp && "
+             f"(python3 -m http.server 8080 --bind {SERVER} >/dev/null 2>&1 &) && "
+             "for i in $(seq 100); do ss -Hltn 'sport = 8080' | grep -q . && break; sleep 0.1; done")
+        yield m
+    finally:
+        m.poweroff()
+        run("umount", "-l", str(base / "root"), check=False)
+        run("umount", "-l", str(base), check=False)
+        os.rmdir(base)
+        m.log.unlink(missing_ok=True)
+
+
+def test_the_install_enables_the_unit_and_it_comes_up_at_boot(machine):
+    assert machine.sh("systemctl is-enabled tollgate").stdout.strip() == "enabled"
+    machine.wait_active()
+    assert "ready: rules applied" in machine.journal()
+    assert machine.prop("NRestarts") == "0", machine.journal()[-3000:]
+    assert machine.sh("nft list table inet tollgate").returncode == 0
+
+
+def test_the_agent_runs_inside_the_units_sandbox(machine):
+    """Not merely configured: the running process has the bounding set, the
+    seccomp filter and no_new_privs the unit asks for."""
+    machine.wait_active()
+    status = machine.sh(f"cat /proc/{machine.prop('MainPID')}/status").stdout
+    field = dict(re.findall(r"^(\w+):\s+(.*)$", status, re.M))
+    unit = (REPO / "packaging" / "tollgate.service").read_text()
+    named = re.search(r"^CapabilityBoundingSet=(.*)$", unit, re.M).group(1).split()
+    assert set(named) == set(CAPS)
+    container = int(machine.sh("grep CapBnd /proc/1/status").stdout.split()[1], 16)
+    want = sum(1 << CAPS[c] for c in named) & container
+    assert int(field["CapBnd"], 16) == want
+    assert field["Seccomp"] == "2" and field["NoNewPrivs"] == "1"
+    # ProtectSystem=strict: /usr is read-only to the agent.
+    mounts = machine.sh(f"cat /proc/{machine.prop('MainPID')}/mountinfo").stdout
+    assert re.search(r" /usr \S*ro[, ]", mounts) or re.search(r" / ro[, ]", mounts), mounts
+
+
+def test_a_subject_connection_is_recorded_by_the_service(machine):
+    machine.wait_active()
+    r = machine.fetch()
+    assert r.stdout.strip() == "200", r.stderr
+    listed = json.loads(machine.sh(f"tollgate sessions --dst {SERVER}:8080 --json").stdout)
+    assert listed, "no session recorded"
+    assert listed[-1]["subject"] == SUBJECT and listed[-1]["protocol"] == "http"
+    sid = listed[-1]["id"]
+    replay = machine.sh(f"tollgate replay --text {sid}").stdout
+    assert "GET / HTTP/1.1" in replay and "200" in replay
+    assert machine.sh("tollgate verify").stdout.strip().endswith("OK")
+
+
+def test_a_stopped_agent_leaves_the_subject_refused_until_started(machine):
+    machine.sh("systemctl stop tollgate")
+    try:
+        assert machine.sh("nft list table inet tollgate").returncode == 0
+        r = machine.fetch()
+        assert r.returncode != 0 and "Connection refused" in r.stderr, r.stdout + r.stderr
+    finally:
+        machine.sh("systemctl start tollgate")
+    assert machine.fetch().stdout.strip() == "200"
+
+
+def test_a_killed_agent_is_restarted(machine):
+    machine.wait_active()
+    before, restarts = machine.prop("MainPID"), int(machine.prop("NRestarts"))
+    machine.sh(f"kill -9 {before}")
+    deadline = time.monotonic() + 60
+    while machine.prop("MainPID") in ("0", before) or machine.prop("ActiveState") != "active":
+        assert time.monotonic() < deadline, machine.journal()[-3000:]
+        time.sleep(0.5)
+    assert int(machine.prop("NRestarts")) == restarts + 1
+    assert machine.fetch().stdout.strip() == "200"
