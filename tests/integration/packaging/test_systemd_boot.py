@@ -5,7 +5,8 @@ namespace of its own. The package is installed in it as ops would, the
 config names a subject, and the container boots: what systemd-analyze
 cannot say is proved here. The agent comes up at boot inside its sandbox
 (bounded capabilities, seccomp, a read-only system) and records; a stopped
-agent leaves the subject refused; a killed one is restarted.
+agent leaves the subject refused; a killed one is restarted; an upgrade in
+place restarts it; removing the package stops it and leaves the rules.
 
 The container lets through, beyond its own defaults, only the system calls
 the unit itself adds to @system-service (bpf, perf_event_open, setns)."""
@@ -25,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import REPO, _preexisting, run
+from .conftest import REPO, UPGRADE_SUFFIX, _preexisting, run
 
 SUBJECT = "nobody"
 SERVER = "10.9.9.1"  # inside the container's own network namespace
@@ -43,14 +44,21 @@ class Machine:
         self.proc: subprocess.Popen | None = None
         self.pid = 0
 
+    def copy_in(self, deb: Path) -> str:
+        shutil.copy(deb, self.root / "root" / deb.name)
+        return f"/root/{deb.name}"
+
     def install(self, deb: Path) -> None:
         """dpkg -i and the config, before boot (systemd not running: not started)."""
-        shutil.copy(deb, self.root / "root" / deb.name)
+        inside = self.copy_in(deb)
         (self.root / "etc" / "machine-id").write_text(uuid.uuid4().hex + "\n")
-        script = (f"dpkg -i /root/{deb.name} && "
+        script = (f"dpkg -i {inside} && "
                   f"printf 'subjects = [\"{SUBJECT}\"]\\n' > /etc/tollgate/tollgate.toml")
         run("systemd-nspawn", "-q", "-D", str(self.root), "--private-network",
             "--register=no", "--keep-unit", "/bin/sh", "-c", script)
+        # dev-setup keeps package scripts from starting daemons on this
+        # machine; a bastion has no such policy, so neither has the container.
+        (self.root / "usr" / "sbin" / "policy-rc.d").unlink(missing_ok=True)
 
     def quiet_boot(self) -> None:
         """Mask what this machine starts at boot for other tests (its database
@@ -203,3 +211,31 @@ def test_a_killed_agent_is_restarted(machine):
         time.sleep(0.5)
     assert int(machine.prop("NRestarts")) == restarts + 1
     assert machine.fetch().stdout.strip() == "200"
+
+
+def test_an_upgrade_restarts_the_agent_on_the_new_version(machine, debs):
+    """Upgraded in place while it runs: postinst restarts it; the store goes
+    on across the two versions and the subject is served by the new one."""
+    machine.wait_active()
+    before = machine.prop("MainPID")
+    machine.sh(f"dpkg -i {machine.copy_in(debs.upgrade)}", timeout=300)
+    machine.wait_active()
+    installed = machine.sh("dpkg-query -W -f '${Version}' tollgate").stdout
+    assert installed == debs.version + UPGRADE_SUFFIX
+    # A new process, restarted by the upgrade: a restart job zeroes the count
+    # of automatic restarts, which a crash would have raised.
+    assert machine.prop("MainPID") != before and machine.prop("NRestarts") == "0"
+    assert machine.fetch().stdout.strip() == "200"
+    assert machine.sh("tollgate verify").stdout.strip().endswith("OK")
+
+
+def test_remove_stops_the_agent_and_the_rules_stay(machine):
+    """Last: the package goes. The agent is stopped, and the subject stays
+    refused (fail closed) rather than let through unrecorded."""
+    out = machine.sh("dpkg -r tollgate 2>&1").stdout
+    assert "rules (table inet tollgate) stay" in out and "policy-rc.d" not in out, out
+    assert machine.sh("systemctl show tollgate -p ActiveState --value").stdout.strip() in (
+        "inactive", "")
+    assert machine.sh("nft list table inet tollgate").returncode == 0
+    r = machine.fetch()
+    assert r.returncode != 0 and "Connection refused" in r.stderr, r.stdout + r.stderr
