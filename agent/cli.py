@@ -94,8 +94,9 @@ def rules_show(ctx: click.Context, as_json: bool) -> None:
 
 
 @rules.command("apply")
+@click.option("--reason", default="", help="why; recorded with the act")
 @click.pass_context
-def rules_apply(ctx: click.Context) -> None:
+def rules_apply(ctx: click.Context, reason: str) -> None:
     """Apply the rules now (the running agent does this itself on start)."""
     from agent import control
     from agent.daemon import ruleset_for
@@ -110,7 +111,8 @@ def rules_apply(ctx: click.Context) -> None:
         except NftError as e:
             raise Failure(str(e)) from None
         control.record(cfg.run_dir, cfg.store, "EVENT",
-                       {"event": "rules_applied", "why": "operator"}, control.me())
+                       {"event": "rules_applied", "why": "operator", "reason": reason},
+                       control.me())
     click.echo("rules applied")
 
 

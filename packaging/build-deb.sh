@@ -98,7 +98,7 @@ add_files() {
     ln -s "$VENV/bin/tollgate" "$PKG/usr/bin/tollgate"
     $PY packaging/gen-config.py > "$PKG/etc/tollgate/tollgate.toml"
     chmod 0600 "$PKG/etc/tollgate/tollgate.toml"
-    install -m 0644 packaging/tollgate.service "$PKG/lib/systemd/system/tollgate.service"
+    install -m 0644 packaging/tollgate.service packaging/tollgate-rules.service "$PKG/lib/systemd/system/"
     install -m 0644 packaging/debian/copyright packaging/OPERATOR.md "$PKG/usr/share/doc/tollgate/"
     install -m 0644 "$WORK/freeze.txt" "$PKG/usr/share/doc/tollgate/python-packages.txt"
     changelog | gzip -9n > "$PKG/usr/share/doc/tollgate/changelog.gz"

@@ -11,6 +11,8 @@ import re
 import stat
 from pathlib import Path
 
+import pytest
+
 from agent import config as config_mod
 
 from .conftest import NETNS, REPO, UPGRADE_SUFFIX, run
@@ -61,11 +63,13 @@ def test_install_creates_config_store_and_key(installed):
     assert os.path.realpath(TOLLGATE) == "/opt/tollgate/venv/bin/tollgate"
 
 
-def test_unit_passes_systemd_analyze(installed):
-    assert UNIT.read_text() == (REPO / "packaging" / "tollgate.service").read_text()
-    r = run("systemd-analyze", "verify", str(UNIT), check=False)
+@pytest.mark.parametrize("name", ["tollgate.service", "tollgate-rules.service"])
+def test_units_pass_systemd_analyze(installed, name):
+    unit = UNIT.parent / name
+    assert unit.read_text() == (REPO / "packaging" / name).read_text()
+    r = run("systemd-analyze", "verify", str(unit), check=False)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
-    sec = run("systemd-analyze", "security", "--offline=true", str(UNIT), check=False)
+    sec = run("systemd-analyze", "security", "--offline=true", str(unit), check=False)
     level = re.search(r"Overall exposure level for \S+: ([\d.]+)", sec.stdout)
     assert level and float(level.group(1)) < 5.0, sec.stdout[-500:]
 

@@ -35,6 +35,39 @@ CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_LINUX_IMMUTABLE": 9, "CAP_NET_ADMIN": 12,
         "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38,
         "CAP_BPF": 39}
 
+# A subject process that networks as early as any could: as soon as a network
+# may exist (after network-pre.target), before tollgate.service starts. Root
+# makes an address and listens on it; the subject connects. Without rules in
+# place it would connect; with them it is sent to the proxy's port, where
+# nothing listens yet.
+PROBE = """
+import os, socket, subprocess
+for cmd in ("link add p0 type veth peer name p1", "addr add 10.9.8.1/24 dev p0",
+            "link set p0 up", "link set p1 up"):
+    subprocess.run(["ip", *cmd.split()], check=True)
+server = socket.create_server(("10.9.8.1", 8080))
+if os.fork() == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+    try:
+        socket.create_connection(("10.9.8.1", 8080), timeout=5).close()
+        print("probe: connected", flush=True)
+    except OSError as e:
+        print(f"probe: {e}", flush=True)
+    os._exit(0)
+os.wait()
+"""
+PROBE_UNIT = """
+[Unit]
+DefaultDependencies=no
+After=network-pre.target local-fs.target
+Before=tollgate.service
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/bin/python3 /root/tg-probe.py
+"""
+
 
 class Machine:
     """A booted container; sh() runs a script in all of its namespaces."""
@@ -62,13 +95,16 @@ class Machine:
 
     def quiet_boot(self) -> None:
         """Mask what this machine starts at boot for other tests (its database
-        servers, web servers...): only the system and tollgate come up."""
+        servers, web servers...): only the system, tollgate and the probe."""
         etc = self.root / "etc" / "systemd" / "system"
         for link in (etc / "multi-user.target.wants").iterdir():
             if link.name != "tollgate.service":
                 link.unlink()
                 (etc / link.name).unlink(missing_ok=True)
                 (etc / link.name).symlink_to("/dev/null")
+        (self.root / "root" / "tg-probe.py").write_text(PROBE)
+        (etc / "tg-probe.service").write_text(PROBE_UNIT)
+        (etc / "multi-user.target.wants" / "tg-probe.service").symlink_to(etc / "tg-probe.service")
 
     def boot(self, timeout: float = 180) -> None:
         with open(self.log, "wb") as out:
@@ -157,6 +193,23 @@ def test_the_install_enables_the_unit_and_it_comes_up_at_boot(machine):
     assert "ready: rules applied" in machine.journal()
     assert machine.prop("NRestarts") == "0", machine.journal()[-3000:]
     assert machine.sh("nft list table inet tollgate").returncode == 0
+
+
+def test_a_subject_is_refused_from_the_moment_a_network_may_exist(machine):
+    """tollgate-rules.service loads the table before network-pre.target: a
+    subject that connects before the agent has started is refused, and the
+    act is recorded in the store."""
+    probe = machine.sh("journalctl -u tg-probe --no-pager -o cat").stdout
+    assert "probe: [Errno 111] Connection refused" in probe, probe
+    ran = int(machine.sh("systemctl show tg-probe -p ExecMainExitTimestampMonotonic --value")
+              .stdout)
+    agent = int(machine.prop("ExecMainStartTimestampMonotonic"))
+    assert 0 < ran < agent
+    events = machine.sh(
+        "/opt/tollgate/venv/bin/python -c \"from agent.store import Kind, iter_records; "
+        "[print(r.payload.decode()) for r in iter_records('/var/lib/tollgate') "
+        "if r.kind == Kind.EVENT]\"").stdout
+    assert '"reason":"boot: before the network (tollgate-rules.service)"' in events, events
 
 
 def test_the_agent_runs_inside_the_units_sandbox(machine):
