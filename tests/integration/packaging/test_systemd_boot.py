@@ -243,6 +243,37 @@ def test_a_subject_connection_is_recorded_by_the_service(machine):
     assert machine.sh("tollgate verify").stdout.strip().endswith("OK")
 
 
+def test_the_service_ships_to_cloud_logging_from_inside_its_sandbox(machine):
+    """gRPC out of the sandbox (a fake Cloud Logging in the container, this
+    checkout's venv): every record of the store arrives."""
+    fake = REPO / "tests" / "integration" / "proxy" / "fake_logging_main.py"
+    machine.sh(f"({REPO}/.venv/bin/python {fake} /run/fake.port /run/fake.out "
+               ">/run/fake.log 2>&1 &)")
+    port = wait_until(machine, lambda: machine.sh("cat /run/fake.port", check=False).stdout)
+    with open(machine.root / "etc" / "tollgate" / "tollgate.toml", "a") as f:
+        f.write(f'[ship]\nenabled = true\nproject_id = "p"\nendpoint = "127.0.0.1:{port}"\n'
+                'insecure = true\ninstance_id = "1"\nzone = "z"\npoll_interval_s = 0.2\n')
+    machine.sh("systemctl restart tollgate")
+    assert machine.fetch().stdout.strip() == "200"
+    last = int(re.search(r"records 0\.\.(\d+)", machine.sh("tollgate verify").stdout).group(1))
+
+    def shipped() -> bool:
+        out = machine.sh("cat /run/fake.out", check=False).stdout
+        # insertId is tg-<store id>-<seq>[.<part>]
+        seqs = {int(line.split()[0].split(".")[0].rsplit("-", 1)[1]) for line in out.splitlines()}
+        return set(range(last + 1)) <= seqs
+    wait_until(machine, shipped)
+
+
+def wait_until(machine: Machine, probe, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while not (got := probe()):
+        assert time.monotonic() < deadline, machine.sh(
+            "cat /run/fake.log; journalctl -u tollgate -n 20 -o cat", check=False).stdout
+        time.sleep(0.3)
+    return got
+
+
 def test_a_stopped_agent_leaves_the_subject_refused_until_started(machine):
     machine.sh("systemctl stop tollgate")
     try:
