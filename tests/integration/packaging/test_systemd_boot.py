@@ -30,6 +30,8 @@ from .conftest import REPO, UPGRADE_SUFFIX, _preexisting, run
 
 SUBJECT = "nobody"
 SERVER = "10.9.9.1"  # inside the container's own network namespace
+# This checkout inside the container (the container's /tmp is its own tmpfs).
+CHECKOUT = "/opt/tg-checkout"
 # The unit's CapabilityBoundingSet, by number (linux/capability.h).
 CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_LINUX_IMMUTABLE": 9, "CAP_NET_ADMIN": 12,
         "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_SYS_RESOURCE": 24, "CAP_PERFMON": 38,
@@ -112,7 +114,8 @@ class Machine:
                 ["systemd-nspawn", "-D", str(self.root), "-b", "--private-network",
                  "--register=no", "--keep-unit", "--capability=all",
                  "--system-call-filter=bpf perf_event_open setns", "--console=read-only",
-                 "-M", "tgunit"], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                 f"--bind-ro={REPO}:{CHECKOUT}", "-M", "tgunit"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not self.pid and time.monotonic() < deadline:
             assert self.proc.poll() is None, f"nspawn exited: {self.log.read_text()[-2000:]}"
@@ -246,8 +249,8 @@ def test_a_subject_connection_is_recorded_by_the_service(machine):
 def test_the_service_ships_to_cloud_logging_from_inside_its_sandbox(machine):
     """gRPC out of the sandbox (a fake Cloud Logging in the container, this
     checkout's venv): every record of the store arrives."""
-    fake = REPO / "tests" / "integration" / "proxy" / "fake_logging_main.py"
-    machine.sh(f"({REPO}/.venv/bin/python {fake} /run/fake.port /run/fake.out "
+    fake = f"{CHECKOUT}/tests/integration/proxy/fake_logging_main.py"
+    machine.sh(f"({CHECKOUT}/.venv/bin/python {fake} /run/fake.port /run/fake.out "
                ">/run/fake.log 2>&1 &)")
     port = wait_until(machine, lambda: machine.sh("cat /run/fake.port", check=False).stdout)
     with open(machine.root / "etc" / "tollgate" / "tollgate.toml", "a") as f:
