@@ -187,6 +187,24 @@ def test_packet_socket_attempt_is_reported(witness, store_dir, raw_python):
     helpers.wait_alert(store_dir, type="raw_socket", socket_family=17)
 
 
+NETLINK_THEN_UDP = r"""
+import json, os, socket
+socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close()   # NETLINK_ROUTE, as `ip` does
+socket.getaddrinfo("localhost", 80, flags=socket.AI_ADDRCONFIG)  # glibc opens one itself
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(b"q", ("127.0.0.1", 18442))                           # a marker that is alerted
+print(json.dumps({"pid": os.getpid()}))
+"""
+
+
+def test_netlink_sockets_are_no_raw_socket_alert(witness, store_dir):
+    """Netlink never leaves the host: `ip`, `ss` and getaddrinfo's own are no alert."""
+    out = helpers.run_subject(NETLINK_THEN_UDP)
+    # The marker comes after the sockets from the same thread: once it is in, they were judged.
+    helpers.wait_alert(store_dir, type="udp_blocked", dport=18442, tgid=out["pid"])
+    assert helpers.none_match(store_dir, type="raw_socket", tgid=out["pid"])
+
+
 def test_unshare_net_is_a_netns_alert(witness, store_dir, netns_inode):
     subprocess.run(helpers.subject_cmd(["unshare", "-rn", "true"]), check=True)
     a = helpers.wait_alert(store_dir, type="netns", comm="unshare")
