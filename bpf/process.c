@@ -117,6 +117,14 @@ static __always_inline int tg_uid_enter(int nr)
 {
     if (!tg_is_subject())
         return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, pid = (u32)id;
+    /* A root process wearing a subject's real uid for a moment (su, runuser
+     * and cron juggle their ids under PAM) is no subject gaining root: with
+     * effective uid 0 only one descended from a subject is watched. A subject's
+     * own ids are never 0, so its escalations are all still reported. */
+    if (tg_current_euid() == 0 && !subject_tgids.lookup(&tgid) && !subject_tgids.lookup(&pid))
+        return 0;
     tg_pin_subject();
     struct tg_stash ids = {.syscall = nr, .uid = (u32)bpf_get_current_uid_gid(),
                            .euid = tg_current_euid()};

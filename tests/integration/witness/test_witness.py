@@ -228,6 +228,32 @@ def test_setuid_helper_stays_a_subject(witness, store_dir, setuid_python):
     helpers.wait_alert(store_dir, type="uid_change", tgid=out["pid"], new_uid=0)
 
 
+ROOT_WEARS_SUBJECT_UID = r"""
+import json, os, pwd, socket, sys
+subject = pwd.getpwnam(sys.argv[1])
+os.setreuid(subject.pw_uid, 0)   # as su, runuser and cron do under PAM
+os.setreuid(0, 0)
+if os.fork() == 0:               # a marker: the subject proper, sending UDP
+    os.setgid(subject.pw_gid)
+    os.setuid(subject.pw_uid)
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"q", ("127.0.0.1", 18443))
+    os._exit(0)
+os.wait()
+print(json.dumps({"pid": os.getpid()}))
+"""
+
+
+def test_root_juggling_a_subjects_uid_is_no_uid_change(witness, store_dir):
+    """Root with a subject's real uid for a moment (runuser -u devin, su -
+    devin) is not a subject gaining root; the subject proper is still seen."""
+    out = subprocess.run(["ip", "netns", "exec", helpers.NETNS, helpers.SUBJECT_PYTHON, "-c",
+                          ROOT_WEARS_SUBJECT_UID, helpers.SUBJECT], check=True,
+                         capture_output=True, text=True).stdout
+    pid = json.loads(out)["pid"]
+    helpers.wait_alert(store_dir, type="udp_blocked", dport=18443)
+    assert helpers.none_match(store_dir, type="uid_change", tgid=pid)
+
+
 def test_sweep_finds_socket_opened_before_start(witness, store_dir, preexisting):
     pid, sport = preexisting
     a = helpers.wait_alert(store_dir, type="preexisting_socket", sport=sport)
