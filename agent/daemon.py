@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from agent import __version__, conntrack
+from agent import __version__, conntrack, sdnotify
 from agent.alerts import AlertType, make_alert
 from agent.config import Config
 from agent.control import StoreLock, serve
@@ -153,6 +153,7 @@ class Agent:
             await (self.handoff or self.proxy).listen(cfg.proxy.listen, cfg.proxy.port)
         except OSError as e:
             raise StartError(f"{cfg.source}: proxy.port: {e.strerror}") from None
+        sdnotify.drop_unclaimed()
         self.dns = await self._start_dns()
         self.witness = self._start_witness()
         self.shipper = self._start_shipper()
@@ -161,7 +162,7 @@ class Agent:
         self.tasks.append(asyncio.create_task(_trim_heap()))
         log.info("ready: rules applied, proxy on port %d, subjects %s",
                  cfg.proxy.port, ",".join(cfg.subjects))
-        _sd_notify("READY=1\nSTATUS=recording")
+        sdnotify.notify("READY=1\nSTATUS=recording")
 
     def _handoff(self) -> Handoff | None:
         """The native data plane, unless the config asks for the asyncio relay."""
@@ -242,7 +243,7 @@ class Agent:
         return commit
 
     async def stop(self, reason: str) -> None:
-        _sd_notify("STOPPING=1")
+        sdnotify.notify("STOPPING=1")
         for t in self.tasks:
             t.cancel()
         await (self.handoff or self.proxy).close(f"agent stopping: {reason}")
@@ -556,21 +557,6 @@ def _who(info: dict) -> dict:
 def _plain(stats) -> dict:
     import dataclasses
     return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
-
-
-def _sd_notify(state: str) -> None:
-    """systemd's readiness protocol, without linking libsystemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(path)
-            s.sendall(state.encode())
-    except OSError as e:  # a gone supervisor must not take the agent down
-        log.warning("sd_notify %s failed: %s", state.split("=")[0], e)
 
 
 async def _main(cfg: Config) -> None:

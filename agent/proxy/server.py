@@ -25,6 +25,7 @@ import struct
 import time
 from typing import Awaitable, Callable, Protocol, Sequence
 
+from agent import sdnotify
 from agent.proxy.origdst import NotRedirected, original_dst, plain_ip
 from agent.proxy.policy import Policy
 from agent.proxy.relay import Close, Command, Finish, HalfClose, Record, Relay, Send, Side
@@ -184,6 +185,16 @@ class Proxy:
 
 
 def _listening_socket(addr: str, port: int) -> socket.socket:
+    """Bound, not yet listening; kept in systemd's store, or taken back from
+    it after a restart (agent/sdnotify.py)."""
+    name = sdnotify.listener_name(addr, port)
+    sock = sdnotify.take(name) or _bound_socket(addr, port)
+    sdnotify.keep(name, sock)
+    sock.setblocking(False)
+    return sock
+
+
+def _bound_socket(addr: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -197,7 +208,6 @@ def _listening_socket(addr: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OSError(e.errno, f"cannot listen on [{addr}]:{port}: {e.strerror}") from None
-    sock.setblocking(False)
     return sock
 
 

@@ -17,7 +17,7 @@ ALLOWED = {
     "native": set(),
     "store": {"native"},
     "enforce": set(),
-    "proxy": {"store", "alerts", "native", "readcache", "proctext"},
+    "proxy": {"store", "alerts", "native", "readcache", "proctext", "sdnotify"},
     "witness": {"store", "alerts", "config", "readcache", "proctext", "conntrack"},
     "ship": {"store", "alerts", "config"},
     "review": {"store"},
@@ -27,6 +27,7 @@ ALLOWED = {
     "readcache": set(),
     "proctext": set(),
     "conntrack": set(),
+    "sdnotify": set(),
 }
 
 

@@ -300,6 +300,40 @@ def test_a_killed_agent_is_restarted(machine):
     assert machine.fetch().stdout.strip() == "200"
 
 
+# A subject fetching a page every 50 ms for argv[1] seconds, counting failures.
+FETCH_LOOP = f"""
+import sys, time, urllib.request
+ok = failed = 0
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    try:
+        urllib.request.urlopen("http://{SERVER}:8080/", timeout=20).read()
+        ok += 1
+    except OSError as e:
+        failed += 1
+        print("failed:", e, flush=True)
+    time.sleep(0.05)
+print(f"ok {{ok}} failed {{failed}}", flush=True)
+"""
+
+
+def test_a_restart_keeps_the_subjects_connections_waiting_not_refused(machine):
+    """systemd keeps the proxy's listening sockets across the restart: a
+    subject connecting while no agent runs waits in the backlog and is
+    served by the next one (before, refused for a second or two)."""
+    machine.wait_active()
+    loop = machine.root / "opt" / "tg-fetch-loop.py"
+    loop.write_text(FETCH_LOOP)
+    loop.chmod(0o644)
+    machine.sh(f"(runuser -u {SUBJECT} -- python3 /opt/tg-fetch-loop.py 8 > /run/loop.out 2>&1 &)")
+    time.sleep(1.5)
+    machine.sh("systemctl restart tollgate")
+    out = wait_until(machine, lambda: re.search(
+        r"ok (\d+) failed (\d+)", machine.sh("cat /run/loop.out", check=False).stdout))
+    assert int(out.group(2)) == 0, machine.sh("cat /run/loop.out").stdout
+    assert int(out.group(1)) > 20
+
+
 def test_an_upgrade_restarts_the_agent_on_the_new_version(machine, debs):
     """Upgraded in place while it runs: postinst restarts it; the store goes
     on across the two versions and the subject is served by the new one."""
