@@ -228,10 +228,13 @@ struct PumpListener {
     int fd;
     int (*ready)(PumpListener *l, PumpWorker *w);
     void *ctx;
+    int gone;                  /* unlistened: a paused worker must not take it back */
 };
 #define TG_LISTEN_MAX 8
 #define TG_ACCEPT_PAUSE_MS 100
 /* 0, or an errno (then no worker has it). The listener must outlive the workers. */
 int pump_listen(Pump *p, PumpListener *l);
+/* No worker accepts on it any more; what arrives waits in its backlog. */
+void pump_unlisten(Pump *p, PumpListener *l);
 
 #endif

@@ -455,6 +455,14 @@ static PyObject *Opener_listen(Opener *o, PyObject *args) {
     return none_or_oserror(err);
 }
 
+/* unlisten(): the workers stop accepting (stopping: the backlog waits for
+ * the next agent, the sockets being kept in systemd's store). */
+static PyObject *Opener_unlisten(Opener *o, PyObject *unused) {
+    for (int i = 0; o->pump && i < o->nlisteners; i++)
+        pump_unlisten((Pump *)o->pump, &o->listeners[i]);
+    Py_RETURN_NONE;
+}
+
 /* left() -> ([(fd, client, original_dst)], not_redirected, errno): the
  * connections left to Python since the last call, those closed for having
  * no NAT record, and the last error accept4 gave (0: none). */
@@ -586,6 +594,8 @@ static int Opener_set_attributed_fd(Opener *o, PyObject *v, void *unused) {
 static PyMethodDef Opener_methods[] = {
     {"listen", (PyCFunction)Opener_listen, METH_VARARGS,
      "listen(fd): the pump's workers accept on this listening socket"},
+    {"unlisten", (PyCFunction)Opener_unlisten, METH_NOARGS,
+     "unlisten(): the pump's workers stop accepting; the backlog waits"},
     {"left", (PyCFunction)Opener_left, METH_NOARGS,
      "left() -> ([(fd, client, original_dst)], not_redirected, errno): what is Python's"},
     {"name", (PyCFunction)Opener_name, METH_VARARGS,

@@ -555,9 +555,17 @@ int pump_listen(Pump *p, PumpListener *l) {
     return 0;
 }
 
+void pump_unlisten(Pump *p, PumpListener *l) {
+    __atomic_store_n(&l->gone, 1, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < p->nworkers; i++) epoll_ctl(p->workers[i].ep, EPOLL_CTL_DEL, l->fd, NULL);
+}
+
 static uint64_t relisten(Worker *w, uint64_t now) {
     if (w->npaused && w->relisten_ns <= now) {
-        while (w->npaused) watch_listener(w, w->paused[--w->npaused]);
+        while (w->npaused) {
+            PumpListener *l = w->paused[--w->npaused];
+            if (!__atomic_load_n(&l->gone, __ATOMIC_SEQ_CST)) watch_listener(w, l);
+        }
     }
     return w->npaused ? w->relisten_ns : UINT64_MAX;
 }

@@ -39,7 +39,8 @@ from typing import Callable, Protocol
 import orjson
 
 from agent.native import KERNEL_PROBE, Opener, Pump
-from agent.proxy.server import Proxy, _listening_socket, _why, reset_socket
+from agent.proxy.server import (STOP_GRACE_S, Proxy, _listening_socket, _why, reset_socket,
+                                settled)
 from agent.proxy.sessions import Session
 
 log = logging.getLogger("tollgate.proxy")
@@ -73,7 +74,11 @@ class Handoff:
             self.opener.listen(sock.fileno())
 
     async def close(self, reason: str) -> None:
-        """Reset what is relayed or still opening, each with its SESSION_CLOSE."""
+        """Stop accepting (the backlog waits for the next agent), give what is
+        in flight STOP_GRACE_S to end on its own, then reset the rest, each
+        with its SESSION_CLOSE."""
+        self.opener.unlisten()
+        await settled(lambda: not (self.pump.live or self.opening), STOP_GRACE_S)
         self.proxy.accepting = False
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.opener.left_fd)

@@ -111,9 +111,10 @@ class Proxy:
                 lambda: ClientProtocol(self), sock=sock, backlog=4096))
 
     async def close(self, reason: str = "agent stopping") -> None:
-        self.accepting = False
         for s in self.servers:
-            s.close()
+            s.close()   # the backlog waits (the socket is kept across a restart)
+        await settled(lambda: not self.conns, STOP_GRACE_S)
+        self.accepting = False
         for c in list(self.conns):
             c.run(c.relay.abort(reason))
         for s in self.servers:
@@ -182,6 +183,19 @@ class Proxy:
             self.store.append_json_many(Kind.SESSION_CLOSE, closes, now)
         except Exception as e:
             self.hooks.store_failed(e)
+
+
+# Stopping, sessions in flight get this long to end on their own (a request
+# and its answer) before the rest are reset; new connections wait meanwhile
+# in the listening sockets' backlog, which systemd keeps across a restart.
+STOP_GRACE_S = 2.0
+
+
+async def settled(done: Callable[[], bool], seconds: float) -> None:
+    """Return once done() holds, or after seconds."""
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def _listening_socket(addr: str, port: int) -> socket.socket:

@@ -350,3 +350,17 @@ def test_a_process_name_made_to_break_json_is_recorded_as_it_is(rig):
     [info] = rig.records(Kind.SESSION_INFO)
     assert info["comm"] == comm.decode() and info["uid"] == CLIENT_UID
     assert rig.opener.statistics()["opened"] == 1     # opened in C, not left to Python
+
+
+def test_after_unlisten_new_connections_wait_in_the_backlog(rig):
+    """Stopping: the relay threads take no more connections; they stay in
+    the listening socket's backlog for whoever listens next."""
+    rig.opener.unlisten()
+    client, port = rig.connect(UPSTREAM, tgid=1234)
+    assert rig.left(timeout=0.5) == []
+    assert select.select([rig.listener], [], [], 5)[0], "not in the backlog"
+    conn, peer = rig.listener.accept()
+    assert peer == ("127.0.0.1", port)
+    conn.close()
+    client.wait(10)
+    assert rig.opener.statistics()["opened"] == 0

@@ -1,0 +1,78 @@
+"""Stopping (an upgrade, a restart) lets a request in flight finish: the
+agent stops accepting, gives live sessions STOP_GRACE_S to end on their own,
+and only then resets what is left, recorded with the reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agent.demo.agent_process import AgentProcess
+from agent.demo.sandbox import CORP_V4, wait_for
+from agent.demo.servers import port_open
+from agent.proxy.server import STOP_GRACE_S
+from agent.review.sessions import list_sessions
+
+from conftest import PLANES
+
+SLOW_PORT = 7004
+# Answers each request line after 0.8 s, then closes.
+SLOW_SERVER = r"""
+import socket, sys, threading, time
+def serve(c):
+    with c:
+        f = c.makefile("rb")
+        line = f.readline()
+        time.sleep(0.8)
+        c.sendall(b"answer to " + line)
+s = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+CLIENT = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+c.sendall(sys.argv[3].encode() + b"\n")
+out = b""
+try:
+    while chunk := c.recv(100):
+        out += chunk
+    print(out.decode().strip() or "EOF")
+except ConnectionResetError:
+    print("reset")
+"""
+
+
+@pytest.fixture(scope="module")
+def slow(sandbox):
+    sandbox.spawn(sandbox.corp, [sys.executable, "-c", SLOW_SERVER, str(SLOW_PORT)])
+    wait_for(lambda: port_open(sandbox, sandbox.corp, CORP_V4, SLOW_PORT), 15, what="slow server")
+
+
+def client(sandbox, word: str) -> subprocess.Popen:
+    return subprocess.Popen(sandbox.argv(sandbox.bastion, [sys.executable, "-c", CLIENT, CORP_V4,
+                                                           str(SLOW_PORT), word],
+                                         user=sandbox.subject),
+                            stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("plane", ["native", "python-uvloop"])
+def test_a_request_in_flight_at_stop_gets_its_answer(sandbox, slow, plane, tmp_path):
+    agent = AgentProcess(sandbox, workdir=str(tmp_path / "agent"), proxy=PLANES[plane]).start()
+    try:
+        waiting = client(sandbox, "ping")
+        wait_for(lambda: [s for s in list_sessions(agent.store)
+                          if s.original_dst == (CORP_V4, SLOW_PORT)], 10, what="session")
+        t = time.monotonic()
+        agent.stop()
+        stopped_in = time.monotonic() - t
+    finally:
+        agent.stop()
+        subprocess.run(["chattr", "-R", "-i", str(agent.store)], capture_output=True)
+    assert waiting.communicate(timeout=20)[0].strip() == "answer to ping"
+    assert stopped_in < STOP_GRACE_S + 5
+    [s] = [s for s in list_sessions(agent.store) if s.original_dst == (CORP_V4, SLOW_PORT)]
+    assert s.close["reason"] == "closed" and s.bytes == [5, 15]
