@@ -159,8 +159,10 @@ def test_concurrent_clients_each_named_as_themselves_while_the_table_churns(agen
     assert len(made) == 240
 
     def all_named():
-        found = {s.client[1]: s for s in list_sessions(agent.store)
-                 if s.id not in before and s.original_dst == (CORP_V4, 8080) and s.close}
+        # By the port the client's socket had: conntrack may have given the
+        # proxy another (test_nat_remap.py), recorded as client_before_nat.
+        found = {s.info.get("client_before_nat", s.client)[1]: s
+                 for s in list_sessions(agent.store) if s.id not in before and s.original_dst == (CORP_V4, 8080) and s.close}
         return found if len(found) == len(made) else None
     sessions = wait_for(all_named, 20, what="the clients' sessions, closed")
     assert set(sessions) == set(made)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from agent.demo.agent_process import AgentProcess
-from agent.demo.sandbox import CORP_V4, wait_for
+from agent.demo.sandbox import CORP_V4, Sandbox, wait_for
 from agent.demo.servers import port_open
 from agent.proxy.server import STOP_GRACE_S
 from agent.review.sessions import list_sessions
@@ -47,9 +47,16 @@ except ConnectionResetError:
 
 
 @pytest.fixture(scope="module")
-def slow(sandbox):
-    sandbox.spawn(sandbox.corp, [sys.executable, "-c", SLOW_SERVER, str(SLOW_PORT)])
-    wait_for(lambda: port_open(sandbox, sandbox.corp, CORP_V4, SLOW_PORT), 15, what="slow server")
+def sandbox():
+    """A sandbox of its own: the suite's agent holds the shared one's port
+    and rules, and this test stops agents. No witness: the drain is the
+    proxy's alone, and two witnesses would judge each other's subject."""
+    sb = Sandbox(prefix="tgd", subject="tgsubject")
+    sb.up()
+    sb.spawn(sb.corp, [sys.executable, "-c", SLOW_SERVER, str(SLOW_PORT)])
+    wait_for(lambda: port_open(sb, sb.corp, CORP_V4, SLOW_PORT), 15, what="slow server")
+    yield sb
+    sb.down()
 
 
 def client(sandbox, word: str) -> subprocess.Popen:
@@ -60,8 +67,9 @@ def client(sandbox, word: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("plane", ["native", "python-uvloop"])
-def test_a_request_in_flight_at_stop_gets_its_answer(sandbox, slow, plane, tmp_path):
-    agent = AgentProcess(sandbox, workdir=str(tmp_path / "agent"), proxy=PLANES[plane]).start()
+def test_a_request_in_flight_at_stop_gets_its_answer(sandbox, plane, tmp_path):
+    agent = AgentProcess(sandbox, workdir=str(tmp_path / "agent"), proxy=PLANES[plane],
+                         extra="[witness]\nenabled = false\n").start()
     try:
         waiting = client(sandbox, "ping")
         wait_for(lambda: [s for s in list_sessions(agent.store)
