@@ -71,8 +71,7 @@ static void put_be64(uint8_t *p, uint64_t v) {
 static void wake_upkeep(Chain *c) {
     if (c->wake_sent || c->wake_fd < 0) return;
     c->wake_sent = 1;
-    uint64_t one = 1;
-    if (write(c->wake_fd, &one, sizeof one) < 0) c->wake_sent = 0;
+    if (tg_signal(c->wake_fd) < 0) c->wake_sent = 0;
 }
 
 static void forget_warm(Chain *c) {

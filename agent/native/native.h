@@ -171,6 +171,12 @@ struct OpenSession {
     OpenSession *next, *later; /* its bucket; the lingering, oldest first */
 };
 
+/* One more on an eventfd, to wake whoever polls it; write's result. */
+static inline ssize_t tg_signal(int efd) {
+    uint64_t one = 1;
+    return write(efd, &one, sizeof one);
+}
+
 /* Close so that the peer sees a reset, not a FIN. */
 static inline void tg_close_reset(int fd) {
     struct linger lg = {1, 0};

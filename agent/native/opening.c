@@ -337,8 +337,7 @@ static void leave(Opener *o, int fd, const struct sockaddr *peer, const struct s
     memcpy(&l->dst, dst, dst->sa_family == AF_INET ? sizeof(struct sockaddr_in)
                                                    : sizeof(struct sockaddr_in6));
     pthread_mutex_unlock(&o->mu);
-    uint64_t one = 1;
-    if (first) (void)!write(o->left_fd, &one, sizeof one);
+    if (first) (void)!tg_signal(o->left_fd);
 }
 
 typedef struct {
@@ -367,8 +366,7 @@ static int ready(PumpListener *l, PumpWorker *w) {
         if (err) o->accept_errno = err;
         int first = o->left.n == 0;
         pthread_mutex_unlock(&o->mu);
-        uint64_t one = 1;
-        if (first) (void)!write(o->left_fd, &one, sizeof one);  /* Python counts, logs */
+        if (first) (void)!tg_signal(o->left_fd);  /* Python counts, logs */
     }
     return err;
 }

@@ -162,8 +162,7 @@ static void push_done(Pump *p, uint64_t sid, const char *reason, uint64_t client
     snprintf(d->reason, sizeof d->reason, "%s", reason);
     __atomic_sub_fetch(&p->live_count, 1, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&p->done_mu);
-    uint64_t one = 1;
-    if (first) (void)!write(p->done_fd, &one, sizeof one);
+    if (first) (void)!tg_signal(p->done_fd);
 }
 
 /* The opener writes the close record of a session it opened; Python is told
@@ -218,10 +217,7 @@ static void retire(Worker *w, Dir *d) {
     w->buried = d;
 }
 
-static void wake(Worker *w) {
-    uint64_t one = 1;
-    (void)!write(w->wake, &one, sizeof one);
-}
+static void wake(Worker *w) { (void)!tg_signal(w->wake); }
 
 /* With w->mu held, after queueing for w: whether to wake it. Once per
  * taking of the inbox is enough, since the worker takes everything queued
