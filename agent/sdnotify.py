@@ -50,8 +50,7 @@ def take(name: str) -> socket.socket | None:
 
 def keep(name: str, sock: socket.socket) -> None:
     """Store sock under name (systemd ignores a socket it already holds)."""
-    if os.environ.get("NOTIFY_SOCKET"):
-        notify(f"FDSTORE=1\nFDNAME={name}", [sock.fileno()])
+    notify(f"FDSTORE=1\nFDNAME={name}", [sock.fileno()])
 
 
 def drop_unclaimed() -> None:
