@@ -31,9 +31,10 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 class Rig:
     """subject <-> [pump] <-> destination, as the proxy hands them over."""
 
-    def __init__(self, store, workers: int = 2, **writer) -> None:
+    def __init__(self, store, workers: int = 2, buffer_bytes: int = 256 << 10,
+                 **writer) -> None:
         self.writer = StoreWriter(store, immutable=False, **writer)
-        self.pump = Pump(self.writer.chain, workers, 256 << 10)
+        self.pump = Pump(self.writer.chain, workers, buffer_bytes)
         self.ended: list[tuple] = []
 
     def session(self, sid: int) -> tuple[socket.socket, socket.socket]:
@@ -315,8 +316,7 @@ def test_a_read_as_big_as_buffer_bytes_allows_is_one_record(tmp_path):
     """The largest buffer the pump takes still fits a whole read in one
     record: 16 MiB less 9 bytes queued at once arrive as a single DATA record
     and the store stays healthy (a bigger read would fail the store)."""
-    writer = StoreWriter(tmp_path / "store", immutable=False)
-    pump = Pump(writer.chain, 1, BIGGEST)
+    rig = Rig(tmp_path / "store", 1, BIGGEST)
     try:
         with socket.socket() as ls:
             # forced past rmem_max (root) so the whole payload queues before the pump reads
@@ -334,17 +334,15 @@ def test_a_read_as_big_as_buffer_bytes_allows_is_one_record(tmp_path):
         assert queued(proxy_client) == BIGGEST
         for s in (proxy_client, proxy_server):
             s.setblocking(False)
-        pump.add(1, proxy_client.detach(), proxy_server.detach())
+        rig.pump.add(1, proxy_client.detach(), proxy_server.detach())
         dest.settimeout(10)
         assert recv_exactly(dest, BIGGEST) == payload
         subject.close()
         dest.close()
     finally:
-        pump.close("test over")
-        writer.close()
-    data = [r.data() for r in iter_records(writer.dir) if r.kind == Kind.DATA]
-    assert data == [(1, Direction.CLIENT, payload)]
-    assert verify(writer.dir).ok
+        rig.close()
+    assert rig.data() == [(1, Direction.CLIENT, payload)]
+    assert verify(rig.writer.dir).ok
 
 
 def queued(s: socket.socket) -> int:

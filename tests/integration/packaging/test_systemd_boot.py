@@ -134,11 +134,18 @@ class Machine:
     def prop(self, name: str) -> str:
         return self.sh(f"systemctl show tollgate -p {name} --value").stdout.strip()
 
-    def wait_active(self, timeout: float = 60) -> None:
+    def wait_until(self, probe, timeout: float = 60, also: str = "true"):
+        """probe()'s first true value; past timeout, fails with the agent's
+        journal (after what the script `also` prints)."""
         deadline = time.monotonic() + timeout
-        while self.prop("ActiveState") != "active":
-            assert time.monotonic() < deadline, self.journal()[-3000:]
-            time.sleep(0.5)
+        while not (got := probe()):
+            assert time.monotonic() < deadline, (
+                self.sh(also, check=False).stdout + self.journal()[-3000:])
+            time.sleep(0.3)
+        return got
+
+    def wait_active(self, timeout: float = 60) -> None:
+        self.wait_until(lambda: self.prop("ActiveState") == "active", timeout)
 
     def journal(self) -> str:
         return self.sh("journalctl -u tollgate --no-pager -o cat", check=False).stdout
@@ -252,7 +259,8 @@ def test_the_service_ships_to_cloud_logging_from_inside_its_sandbox(machine):
     fake = f"{CHECKOUT}/tests/integration/proxy/fake_logging_main.py"
     machine.sh(f"({CHECKOUT}/.venv/bin/python {fake} /run/fake.port /run/fake.out "
                ">/run/fake.log 2>&1 &)")
-    port = wait_until(machine, lambda: machine.sh("cat /run/fake.port", check=False).stdout)
+    port = machine.wait_until(lambda: machine.sh("cat /run/fake.port", check=False).stdout,
+                              30, also="cat /run/fake.log")
     with open(machine.root / "etc" / "tollgate" / "tollgate.toml", "a") as f:
         f.write(f'[ship]\nenabled = true\nproject_id = "p"\nendpoint = "127.0.0.1:{port}"\n'
                 'insecure = true\ninstance_id = "1"\nzone = "z"\npoll_interval_s = 0.2\n')
@@ -265,16 +273,7 @@ def test_the_service_ships_to_cloud_logging_from_inside_its_sandbox(machine):
         # insertId is tg-<store id>-<seq>[.<part>]
         seqs = {int(line.split()[0].split(".")[0].rsplit("-", 1)[1]) for line in out.splitlines()}
         return set(range(last + 1)) <= seqs
-    wait_until(machine, shipped)
-
-
-def wait_until(machine: Machine, probe, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while not (got := probe()):
-        assert time.monotonic() < deadline, machine.sh(
-            "cat /run/fake.log; journalctl -u tollgate -n 20 -o cat", check=False).stdout
-        time.sleep(0.3)
-    return got
+    machine.wait_until(shipped, 30, also="cat /run/fake.log")
 
 
 def test_a_stopped_agent_leaves_the_subject_refused_until_started(machine):
@@ -292,10 +291,8 @@ def test_a_killed_agent_is_restarted(machine):
     machine.wait_active()
     before, restarts = machine.prop("MainPID"), int(machine.prop("NRestarts"))
     machine.sh(f"kill -9 {before}")
-    deadline = time.monotonic() + 60
-    while machine.prop("MainPID") in ("0", before) or machine.prop("ActiveState") != "active":
-        assert time.monotonic() < deadline, machine.journal()[-3000:]
-        time.sleep(0.5)
+    machine.wait_until(lambda: machine.prop("MainPID") not in ("0", before)
+                       and machine.prop("ActiveState") == "active", 60)
     assert int(machine.prop("NRestarts")) == restarts + 1
     assert machine.fetch().stdout.strip() == "200"
 
@@ -328,8 +325,8 @@ def test_a_restart_keeps_the_subjects_connections_waiting_not_refused(machine):
     machine.sh(f"(runuser -u {SUBJECT} -- python3 /opt/tg-fetch-loop.py 8 > /run/loop.out 2>&1 &)")
     time.sleep(1.5)
     machine.sh("systemctl restart tollgate")
-    out = wait_until(machine, lambda: re.search(
-        r"ok (\d+) failed (\d+)", machine.sh("cat /run/loop.out", check=False).stdout))
+    out = machine.wait_until(lambda: re.search(
+        r"ok (\d+) failed (\d+)", machine.sh("cat /run/loop.out", check=False).stdout), 30)
     assert int(out.group(2)) == 0, machine.sh("cat /run/loop.out").stdout
     assert int(out.group(1)) > 20
 
