@@ -210,7 +210,9 @@ def test_a_subject_is_refused_from_the_moment_a_network_may_exist(machine):
     subject that connects before the agent has started is refused, and the
     act is recorded in the store."""
     probe = machine.sh("journalctl -u tg-probe --no-pager -o cat").stdout
-    assert "probe: [Errno 111] Connection refused" in probe, probe
+    assert "probe: [Errno 111] Connection refused" in probe, probe + machine.sh(
+        "systemctl status --no-pager tollgate-rules; journalctl -b -o short-monotonic "
+        "--no-pager -u tollgate-rules -u tg-probe -u network-pre.target", check=False).stdout
     ran = int(machine.sh("systemctl show tg-probe -p ExecMainExitTimestampMonotonic --value")
               .stdout)
     agent = int(machine.prop("ExecMainStartTimestampMonotonic"))
