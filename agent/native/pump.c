@@ -551,17 +551,27 @@ int pump_listen(Pump *p, PumpListener *l) {
     return 0;
 }
 
+/* A worker takes a paused listener back under its own lock, and unlisten
+ * removes it from each epoll under that worker's lock after marking it gone:
+ * either the take-back came first and is undone, or it sees `gone`. */
 void pump_unlisten(Pump *p, PumpListener *l) {
     __atomic_store_n(&l->gone, 1, __ATOMIC_SEQ_CST);
-    for (int i = 0; i < p->nworkers; i++) epoll_ctl(p->workers[i].ep, EPOLL_CTL_DEL, l->fd, NULL);
+    for (int i = 0; i < p->nworkers; i++) {
+        Worker *w = &p->workers[i];
+        pthread_mutex_lock(&w->mu);
+        epoll_ctl(w->ep, EPOLL_CTL_DEL, l->fd, NULL);
+        pthread_mutex_unlock(&w->mu);
+    }
 }
 
 static uint64_t relisten(Worker *w, uint64_t now) {
     if (w->npaused && w->relisten_ns <= now) {
+        pthread_mutex_lock(&w->mu);
         while (w->npaused) {
             PumpListener *l = w->paused[--w->npaused];
             if (!__atomic_load_n(&l->gone, __ATOMIC_SEQ_CST)) watch_listener(w, l);
         }
+        pthread_mutex_unlock(&w->mu);
     }
     return w->npaused ? w->relisten_ns : UINT64_MAX;
 }

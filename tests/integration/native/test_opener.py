@@ -147,8 +147,8 @@ class Rig:
         return [json.loads(r.payload) for r in iter_records(self.writer.dir) if r.kind == kind]
 
     def close(self) -> None:
+        self.pump.close("test over")     # the listener outlives the workers (native.h)
         self.listener.close()
-        self.pump.close("test over")
         self.attributed.close()
         self.writer.close()
 
@@ -298,14 +298,12 @@ def test_a_failing_store_leaves_the_connection_to_python(rig):
 
 
 
-def test_out_of_descriptors_pauses_accepting_then_it_resumes(rig):
-    """accept4 failing with EMFILE would spin a level-triggered listener:
-    the thread leaves it alone for a while, Python hears why, and once
-    descriptors are free again the waiting connection is accepted."""
+@contextlib.contextmanager
+def out_of_descriptors(rig: Rig, client: socket.socket):
+    """The process's descriptors used up; the client connects and a relay
+    thread's accept4 fails with EMFILE (Python is told). Freed on leaving."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    client = socket.socket()
-    client.setblocking(False)
     filler: list[int] = []
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
@@ -315,13 +313,28 @@ def test_out_of_descriptors_pauses_accepting_then_it_resumes(rig):
         client.connect_ex(("127.0.0.1", LISTEN))   # its descriptor was made before
         assert select.select([rig.opener.left_fd], [], [], 10)[0], "Python is not told"
         assert rig.opener.left() == ([], 0, errno.EMFILE)
-        before = time.process_time()       # every thread's; reading /proc needs a descriptor
-        time.sleep(1.0)
-        assert time.process_time() - before < 0.3, "the relay threads spin on the listener"
+        yield
     finally:
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def nonblocking_client() -> socket.socket:
+    client = socket.socket()
+    client.setblocking(False)
+    return client
+
+
+def test_out_of_descriptors_pauses_accepting_then_it_resumes(rig):
+    """accept4 failing with EMFILE would spin a level-triggered listener:
+    the thread leaves it alone for a while, Python hears why, and once
+    descriptors are free again the waiting connection is accepted."""
+    client = nonblocking_client()
+    with out_of_descriptors(rig, client):
+        before = time.process_time()       # every thread's; reading /proc needs a descriptor
+        time.sleep(1.0)
+        assert time.process_time() - before < 0.3, "the relay threads spin on the listener"
     deadline = time.monotonic() + 5
     got: list = []
     while not got and time.monotonic() < deadline:
@@ -363,4 +376,18 @@ def test_after_unlisten_new_connections_wait_in_the_backlog(rig):
     assert peer == ("127.0.0.1", port)
     conn.close()
     client.wait(10)
+    assert rig.opener.statistics()["opened"] == 0
+
+
+def test_a_listener_paused_for_emfile_is_not_taken_back_after_unlisten(rig):
+    """Stopping while accept4 fails: the paused thread must not put the
+    listener back into its epoll when the pause ends."""
+    client = nonblocking_client()
+    with out_of_descriptors(rig, client):
+        rig.opener.unlisten()
+    time.sleep(0.5)     # five pauses: each paused thread has looked at it again
+    assert rig.left(timeout=0.2) == []
+    assert select.select([rig.listener], [], [], 5)[0], "not in the backlog"
+    rig.listener.accept()[0].close()
+    client.close()
     assert rig.opener.statistics()["opened"] == 0
