@@ -36,6 +36,12 @@ def _at_most(limit: int):
     return check
 
 
+def _from_to(low: float, high: float):
+    def check(v: float) -> str | None:
+        return None if low <= v <= high else f"must be from {low:g} to {high:g}"
+    return check
+
+
 def _one_of(*choices: str):
     def check(v: str) -> str | None:
         return None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
@@ -88,6 +94,10 @@ class ProxyConfig:
     # store's 16 MiB frame; an oversized append would fail the whole store.
     buffer_bytes: int = field(default=1 << 20, metadata=check(_at_most(8 << 20)))
     connect_timeout_s: float = field(default=10.0, metadata=check(_positive))
+    # Stopping (a restart, an upgrade), sessions in flight get this long to
+    # end on their own before the rest are reset; new connections wait in
+    # the backlog meanwhile. At most 20 s: the unit's TimeoutStopSec is 30.
+    stop_grace_s: float = field(default=2.0, metadata=check(_from_to(0, 20)))
     # The metadata server would hand the subject the VM's service-account token.
     deny: tuple[str, ...] = field(default=("169.254.169.254/32", "fd00:ec2::254/128"),
                                   metadata=check(_networks))

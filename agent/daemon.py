@@ -147,7 +147,8 @@ class Agent:
         self.proxy = Proxy(store=self.store, sessions=self.sessions, hooks=self,
                            policy=Policy.build(cfg.proxy.deny, cfg.proxy.allow, own),
                            durable=self.durable, buffer_bytes=cfg.proxy.buffer_bytes,
-                           connect_timeout_s=cfg.proxy.connect_timeout_s)
+                           connect_timeout_s=cfg.proxy.connect_timeout_s,
+                           stop_grace_s=cfg.proxy.stop_grace_s)
         self.handoff = self._handoff()
         try:
             await (self.handoff or self.proxy).listen(cfg.proxy.listen, cfg.proxy.port)

@@ -29,6 +29,10 @@ DOCS = {
                           "one direction holds while its peer is slow to read. At most 8 MiB\n"
                           "(8388608): each read is one record in the store.",
     "proxy.connect_timeout_s": "Seconds to wait for the real destination to accept.",
+    "proxy.stop_grace_s": "Stopping (a restart, an upgrade), seconds the sessions in flight get\n"
+                          "to end on their own (a request gets its answer) before the rest are\n"
+                          "reset, recorded with the reason. New connections wait in the\n"
+                          "backlog meanwhile. 0 to 20 (the unit's TimeoutStopSec is 30).",
     "proxy.deny": "Destinations the subjects may never reach (refused and alerted).\n"
                   "The default keeps the metadata server and its token away from them.",
     "proxy.allow": "If not empty, the only destinations the subjects may reach.",

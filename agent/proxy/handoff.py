@@ -39,8 +39,7 @@ from typing import Callable, Protocol
 import orjson
 
 from agent.native import KERNEL_PROBE, Opener, Pump
-from agent.proxy.server import (STOP_GRACE_S, Proxy, _listening_socket, _why, reset_socket,
-                                settled)
+from agent.proxy.server import Proxy, _listening_socket, _why, reset_socket, settled
 from agent.proxy.sessions import Session
 
 log = logging.getLogger("tollgate.proxy")
@@ -75,10 +74,10 @@ class Handoff:
 
     async def close(self, reason: str) -> None:
         """Stop accepting (the backlog waits for the next agent), give what is
-        in flight STOP_GRACE_S to end on its own, then reset the rest, each
+        in flight proxy.stop_grace_s to end on its own, then reset the rest, each
         with its SESSION_CLOSE."""
         self.opener.unlisten()
-        await settled(lambda: not (self.pump.live or self.opening), STOP_GRACE_S)
+        await settled(lambda: not (self.pump.live or self.opening), self.proxy.stop_grace_s)
         self.proxy.accepting = False
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.opener.left_fd)

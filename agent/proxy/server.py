@@ -72,13 +72,14 @@ class Hooks(Protocol):
 class Proxy:
     def __init__(self, *, store: Store, sessions: SessionTable, policy: Policy,
                  hooks: Hooks, buffer_bytes: int, connect_timeout_s: float,
-                 durable: Durable | None = None) -> None:
-        # buffer_bytes and connect_timeout_s have their defaults in one place:
-        # config.ProxyConfig, whose values the daemon passes.
+                 stop_grace_s: float, durable: Durable | None = None) -> None:
+        # buffer_bytes, connect_timeout_s and stop_grace_s have their defaults
+        # in one place: config.ProxyConfig, whose values the daemon passes.
         self.store, self.sessions, self.policy, self.hooks = store, sessions, policy, hooks
         self.durable = durable
         self.buffer_bytes = buffer_bytes
         self.connect_timeout_s = connect_timeout_s
+        self.stop_grace_s = stop_grace_s
         self._accepting, self._accepting_listeners = True, []
         self.servers: list[asyncio.base_events.Server] = []
         self.conns: set[Connection] = set()
@@ -113,7 +114,7 @@ class Proxy:
     async def close(self, reason: str = "agent stopping") -> None:
         for s in self.servers:
             s.close()   # the backlog waits (the socket is kept across a restart)
-        await settled(lambda: not self.conns, STOP_GRACE_S)
+        await settled(lambda: not self.conns, self.stop_grace_s)
         self.accepting = False
         for c in list(self.conns):
             c.run(c.relay.abort(reason))
@@ -183,12 +184,6 @@ class Proxy:
             self.store.append_json_many(Kind.SESSION_CLOSE, closes, now)
         except Exception as e:
             self.hooks.store_failed(e)
-
-
-# Stopping, sessions in flight get this long to end on their own (a request
-# and its answer) before the rest are reset; new connections wait meanwhile
-# in the listening sockets' backlog, which systemd keeps across a restart.
-STOP_GRACE_S = 2.0
 
 
 async def settled(done: Callable[[], bool], seconds: float) -> None:

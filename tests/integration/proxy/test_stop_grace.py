@@ -1,5 +1,5 @@
 """Stopping (an upgrade, a restart) lets a request in flight finish: the
-agent stops accepting, gives live sessions STOP_GRACE_S to end on their own,
+agent stops accepting, gives live sessions proxy.stop_grace_s to end on their own,
 and only then resets what is left, recorded with the reason."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import pytest
 from agent.demo.agent_process import AgentProcess
 from agent.demo.sandbox import CORP_V4, Sandbox, wait_for
 from agent.demo.servers import port_open
-from agent.proxy.server import STOP_GRACE_S
 from agent.review.sessions import list_sessions
 
 from conftest import PLANES
@@ -66,9 +65,11 @@ def client(sandbox, word: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("plane", ["native", "python-uvloop"])
-def test_a_request_in_flight_at_stop_gets_its_answer(sandbox, plane, tmp_path):
-    agent = AgentProcess(sandbox, workdir=str(tmp_path / "agent"), proxy=PLANES[plane],
+def stop_with_one_in_flight(sandbox, tmp_path, proxy: str) -> tuple[str, float, object]:
+    """An agent with `proxy` config lines; a request in flight (its answer
+    0.8 s away) when it is stopped. The client's outcome, how long the stop
+    took, and the session as recorded."""
+    agent = AgentProcess(sandbox, workdir=str(tmp_path / "agent"), proxy=proxy,
                          extra="[witness]\nenabled = false\n").start()
     try:
         waiting = client(sandbox, "ping")
@@ -80,7 +81,21 @@ def test_a_request_in_flight_at_stop_gets_its_answer(sandbox, plane, tmp_path):
     finally:
         agent.stop()
         subprocess.run(["chattr", "-R", "-i", str(agent.store)], capture_output=True)
-    assert waiting.communicate(timeout=20)[0].strip() == "answer to ping"
-    assert stopped_in < STOP_GRACE_S + 5
     [s] = [s for s in list_sessions(agent.store) if s.original_dst == (CORP_V4, SLOW_PORT)]
+    return waiting.communicate(timeout=20)[0].strip(), stopped_in, s
+
+
+@pytest.mark.parametrize("plane", ["native", "python-uvloop"])
+def test_a_request_in_flight_at_stop_gets_its_answer(sandbox, plane, tmp_path):
+    got, stopped_in, s = stop_with_one_in_flight(sandbox, tmp_path, PLANES[plane])
+    assert got == "answer to ping"
+    assert stopped_in < 2.0 + 5       # the default grace, and the rest of a stop
     assert s.close["reason"] == "closed" and s.bytes == [5, 15]
+
+
+@pytest.mark.parametrize("plane", ["native", "python-uvloop"])
+def test_past_the_configured_grace_a_session_is_reset_with_the_reason(sandbox, plane, tmp_path):
+    got, stopped_in, s = stop_with_one_in_flight(sandbox, tmp_path,
+                                                 PLANES[plane] + "stop_grace_s = 0.1\n")
+    assert got == "reset"
+    assert s.close["reason"].startswith("agent stopping") and s.bytes == [5, 0]

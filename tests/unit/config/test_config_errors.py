@@ -27,6 +27,8 @@ def tollgate(*args: str) -> subprocess.CompletedProcess:
     # a relay read is one record: past 8 MiB it could outgrow the store's frame
     ('subjects = ["root"]\n[proxy]\nbuffer_bytes = 16777216\n',
      "proxy.buffer_bytes: must be from 1 to 8388608"),
+    # the unit's TimeoutStopSec (30 s) must cover the grace and the rest of a stop
+    ('subjects = ["root"]\n[proxy]\nstop_grace_s = 25\n', "proxy.stop_grace_s: must be from 0 to 20"),
     ('subjects = ["root"\n', "not valid TOML"),
 ])
 def test_bad_value_is_one_clear_line(tmp_path, body, needle):
@@ -83,3 +85,15 @@ def test_payload_hash_choices_are_the_store_formats(tmp_path):
     for name in PAYLOAD_HASH_VERSION:
         f.write_text(f'subjects = ["root"]\n[store]\npayload_hash = "{name}"\n')
         assert config.load(f).store.payload_hash == name
+
+
+def test_the_longest_stop_grace_fits_in_the_units_stop_timeout():
+    """systemd kills an agent still stopping after TimeoutStopSec: the
+    grace's bound must leave the rest of a stop (store, witness) time."""
+    import re
+    from dataclasses import fields
+    unit = (config.Path(__file__).resolve().parents[3] / "packaging" / "tollgate.service")
+    timeout = int(re.search(r"^TimeoutStopSec=(\d+)$", unit.read_text(), re.M).group(1))
+    [grace] = [f for f in fields(config.ProxyConfig) if f.name == "stop_grace_s"]
+    check = grace.metadata["check"]
+    assert check(timeout - 10 + 0.1) is not None, "a grace this long leaves under 10 s"
