@@ -66,15 +66,35 @@ def _addresses(v: tuple[str, ...]) -> str | None:
     return None
 
 
+UID_MAX = (1 << 32) - 2   # (uid_t)-1 means "no change" to the kernel
+
+
+def is_uid(subject: str) -> bool:
+    return subject.isascii() and subject.isdigit()
+
+
+def unknown_users(subjects: tuple[str, ...] | list[str]) -> list[str]:
+    """The subjects named by a user name this host cannot resolve. A uid needs
+    no lookup (the rules match the number), so a user that only a network
+    directory knows can still be confined before the network, by uid."""
+    missing = []
+    for name in subjects:
+        if not is_uid(name):
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                missing.append(name)
+    return missing
+
+
 def _users(v: tuple[str, ...]) -> str | None:
     if not v:
         return "must name at least one user"
     for name in v:
-        try:
-            pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
-        except KeyError:
-            return f"user {name!r} does not exist"
-    return None
+        if is_uid(name) and int(name) > UID_MAX:
+            return f"uid {name} is out of range"
+    missing = unknown_users(v)
+    return f"user {missing[0]!r} does not exist" if missing else None
 
 
 def check(fn):
@@ -197,7 +217,7 @@ class Config:
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     def subject_uids(self) -> tuple[int, ...]:
-        return tuple(int(s) if s.isdigit() else pwd.getpwnam(s).pw_uid
+        return tuple(int(s) if is_uid(s) else pwd.getpwnam(s).pw_uid
                      for s in self.subjects)
 
 

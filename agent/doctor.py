@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import pwd
 import socket
 import subprocess
 import time
@@ -152,12 +151,7 @@ def raw_subjects(path: str | None) -> list[str]:
 
 
 def check_subjects(subjects: list[str]) -> Check:
-    missing = []
-    for name in subjects:
-        try:
-            pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
-        except KeyError:
-            missing.append(name)
+    missing = config_mod.unknown_users(subjects)
     if not subjects:
         return failed("subjects", "no subject users are configured", "set subjects = [\"USER\"]")
     if missing:

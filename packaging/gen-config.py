@@ -20,7 +20,9 @@ from agent.config import Config  # noqa: E402
 
 DOCS = {
     "subjects": "Unix users (names or uids) whose outbound TCP is forced through the\n"
-                "recording proxy. Each must exist on this host.",
+                "recording proxy. A name must resolve on this host; a uid is taken as\n"
+                "it is: list by uid a user that only a network directory knows, so\n"
+                "the rules loaded before the network confine it too.",
     "run_dir": "Directory of the control socket (root only). The unit creates /run/tollgate.",
     "log_level": "Log level of the lines on stderr (the journal): debug, info, warning, error.",
     "proxy.port": "Local port the nftables rules redirect the subjects' TCP to.",

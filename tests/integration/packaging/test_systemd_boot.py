@@ -29,6 +29,9 @@ import pytest
 from .conftest import REPO, UPGRADE_SUFFIX, _preexisting, run
 
 SUBJECT = "nobody"
+# A subject listed by uid with no passwd entry at all, as a user only a
+# network directory knows looks before the network: confined by number.
+DIRECTORY_UID = 4242
 SERVER = "10.9.9.1"  # inside the container's own network namespace
 # This checkout inside the container (the container's /tmp is its own tmpfs).
 CHECKOUT = "/opt/tg-checkout"
@@ -39,26 +42,27 @@ CAPS = {"CAP_DAC_READ_SEARCH": 2, "CAP_LINUX_IMMUTABLE": 9, "CAP_NET_ADMIN": 12,
 
 # A subject process that networks as early as any could: as soon as a network
 # may exist (after network-pre.target), before tollgate.service starts. Root
-# makes an address and listens on it; the subject connects. Without rules in
-# place it would connect; with them it is sent to the proxy's port, where
-# nothing listens yet.
+# makes an address and listens on it; each subject (one by name, one by a uid
+# no user has) connects. Without rules in place it would connect; with them
+# it is sent to the proxy's port, where nothing listens yet.
 PROBE = """
 import os, socket, subprocess
 for cmd in ("link add p0 type veth peer name p1", "addr add 10.9.8.1/24 dev p0",
             "link set p0 up", "link set p1 up"):
     subprocess.run(["ip", *cmd.split()], check=True)
 server = socket.create_server(("10.9.8.1", 8080))
-if os.fork() == 0:
-    os.setgid(65534)
-    os.setuid(65534)
-    try:
-        socket.create_connection(("10.9.8.1", 8080), timeout=5).close()
-        print("probe: connected", flush=True)
-    except OSError as e:
-        print(f"probe: {e}", flush=True)
-    os._exit(0)
-os.wait()
-"""
+for uid in UIDS:
+    if os.fork() == 0:
+        os.setgid(65534)
+        os.setuid(uid)
+        try:
+            socket.create_connection(("10.9.8.1", 8080), timeout=5).close()
+            print(f"probe {uid}: connected", flush=True)
+        except OSError as e:
+            print(f"probe {uid}: {e}", flush=True)
+        os._exit(0)
+    os.wait()
+""".replace("UIDS", f"(65534, {DIRECTORY_UID})")
 PROBE_UNIT = """
 [Unit]
 DefaultDependencies=no
@@ -87,8 +91,9 @@ class Machine:
         """dpkg -i and the config, before boot (systemd not running: not started)."""
         inside = self.copy_in(deb)
         (self.root / "etc" / "machine-id").write_text(uuid.uuid4().hex + "\n")
-        script = (f"dpkg -i {inside} && "
-                  f"printf 'subjects = [\"{SUBJECT}\"]\\n' > /etc/tollgate/tollgate.toml")
+        subjects = f'subjects = ["{SUBJECT}", "{DIRECTORY_UID}"]'
+        script = (f"dpkg -i {inside} && ! getent passwd {DIRECTORY_UID} && "
+                  f"echo '{subjects}' > /etc/tollgate/tollgate.toml")
         run("systemd-nspawn", "-q", "-D", str(self.root), "--private-network",
             "--register=no", "--keep-unit", "/bin/sh", "-c", script)
         # dev-setup keeps package scripts from starting daemons on this
@@ -210,7 +215,8 @@ def test_a_subject_is_refused_from_the_moment_a_network_may_exist(machine):
     subject that connects before the agent has started is refused, and the
     act is recorded in the store."""
     probe = machine.sh("journalctl -u tg-probe --no-pager -o cat").stdout
-    assert "probe: [Errno 111] Connection refused" in probe, probe + machine.sh(
+    refused = [f"probe {uid}: [Errno 111] Connection refused" for uid in (65534, DIRECTORY_UID)]
+    assert all(line in probe for line in refused), probe + machine.sh(
         "systemctl status --no-pager tollgate-rules; journalctl -b -o short-monotonic "
         "--no-pager -u tollgate-rules -u tg-probe -u network-pre.target", check=False).stdout
     ran = int(machine.sh("systemctl show tg-probe -p ExecMainExitTimestampMonotonic --value")

@@ -20,6 +20,7 @@ def tollgate(*args: str) -> subprocess.CompletedProcess:
     ('subjects = ["root"]\n[proxy]\nport = 70000\n', "proxy.port: must be a port number"),
     ('subjects = ["root"]\n[proxy]\nport = "x"\n', "proxy.port: must be an integer"),
     ('subjects = ["no-such-user-tg"]\n', "subjects: user 'no-such-user-tg' does not exist"),
+    ('subjects = ["4294967295"]\n', "subjects: uid 4294967295 is out of range"),
     ('subjects = ["root"]\n[store]\ndurability = "sometimes"\n', "store.durability: must be one of"),
     ('subjects = ["root"]\n[store]\npayload_hash = "md5"\n', "store.payload_hash: must be one of"),
     ('subjects = ["root"]\n[proxy]\nevent_loop = "trio"\n', "proxy.event_loop: must be one of"),
@@ -97,3 +98,23 @@ def test_the_longest_stop_grace_fits_in_the_units_stop_timeout():
     [grace] = [f for f in fields(config.ProxyConfig) if f.name == "stop_grace_s"]
     check = grace.metadata["check"]
     assert check(timeout - 10 + 0.1) is not None, "a grace this long leaves under 10 s"
+
+
+def test_a_uid_is_a_subject_without_a_lookup(tmp_path):
+    """A user only a network directory knows cannot be resolved before the
+    network; listed by uid, the rules need no lookup. A name still must."""
+    import pwd
+    uid = next(u for u in range(4242, 5242) if not _has_uid(pwd, u))
+    f = tmp_path / "t.toml"
+    f.write_text(f'subjects = ["root", "{uid}"]\n')
+    assert config.load(f).subject_uids() == (0, uid)
+    assert config.unknown_users(["root", str(uid), "no-such-user-tg", "²"]) == [
+        "no-such-user-tg", "²"]
+
+
+def _has_uid(pwd, uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
