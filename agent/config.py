@@ -94,7 +94,17 @@ def _users(v: tuple[str, ...]) -> str | None:
         if is_uid(name) and int(name) > UID_MAX:
             return f"uid {name} is out of range"
     missing = unknown_users(v)
-    return f"user {missing[0]!r} does not exist" if missing else None
+    if missing:
+        return f"user {missing[0]!r} does not exist"
+    if 0 in _uids(v):
+        # The rules would send root's TCP, the agent's own upstream
+        # connections included, back into the proxy.
+        return "root cannot be a subject (the agent runs as root)"
+    return None
+
+
+def _uids(subjects: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(int(s) if is_uid(s) else pwd.getpwnam(s).pw_uid for s in subjects)
 
 
 def check(fn):
@@ -217,8 +227,7 @@ class Config:
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     def subject_uids(self) -> tuple[int, ...]:
-        return tuple(int(s) if is_uid(s) else pwd.getpwnam(s).pw_uid
-                     for s in self.subjects)
+        return _uids(self.subjects)
 
 
 def load(path: str | Path | None = None, *, required: bool = False) -> Config:

@@ -22,7 +22,8 @@ DOCS = {
     "subjects": "Unix users (names or uids) whose outbound TCP is forced through the\n"
                 "recording proxy. A name must resolve on this host; a uid is taken as\n"
                 "it is: list by uid a user that only a network directory knows, so\n"
-                "the rules loaded before the network confine it too.",
+                "the rules loaded before the network confine it too. Not root: the\n"
+                "agent runs as root, and its own connections must not be redirected.",
     "run_dir": "Directory of the control socket (root only). The unit creates /run/tollgate.",
     "log_level": "Log level of the lines on stderr (the journal): debug, info, warning, error.",
     "proxy.port": "Local port the nftables rules redirect the subjects' TCP to.",

@@ -255,7 +255,7 @@ def test_cli_ship_once_and_one_shipper_per_state_dir(server, store, tmp_path):
     store.sync()
     state = tmp_path / "state"
     conf = tmp_path / "tollgate.toml"
-    conf.write_text(f'subjects = ["root"]\n[store]\npath = "{store.dir}"\n[ship]\n'
+    conf.write_text(f'subjects = ["nobody"]\n[store]\npath = "{store.dir}"\n[ship]\n'
                     f'enabled = true\nproject_id = "proj"\nendpoint = "{server.address}"\n'
                     f'insecure = true\ninstance_id = "1"\nzone = "z"\nstate_dir = "{state}"\n')
     holder = Shipper(ship_config(server, state), store.dir)  # holds the state dir

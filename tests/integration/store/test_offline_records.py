@@ -14,7 +14,7 @@ from agent.store.keys import SealKey, load_verification_key
 def test_replay_with_no_agent_records_access_and_seals_it(open_dir):
     store, key = open_dir / "store", open_dir / "keys" / "seal.key"
     config = open_dir / "tollgate.toml"
-    config.write_text(f'subjects = ["root"]\nrun_dir = "{open_dir}/run"\n'
+    config.write_text(f'subjects = ["nobody"]\nrun_dir = "{open_dir}/run"\n'
                       f'[store]\npath = "{store}"\nkey_path = "{key}"\n')
     cli = [sys.executable, "-m", "agent.cli", "--config", str(config)]
     init = subprocess.run([*cli, "keys", "init"], check=True, capture_output=True, text=True)

@@ -16,20 +16,23 @@ def tollgate(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("body,needle", [
-    ('subjects = ["root"]\nbogus = 1\n', "bogus: unknown key"),
-    ('subjects = ["root"]\n[proxy]\nport = 70000\n', "proxy.port: must be a port number"),
-    ('subjects = ["root"]\n[proxy]\nport = "x"\n', "proxy.port: must be an integer"),
+    ('subjects = ["nobody"]\nbogus = 1\n', "bogus: unknown key"),
+    ('subjects = ["nobody"]\n[proxy]\nport = 70000\n', "proxy.port: must be a port number"),
+    ('subjects = ["nobody"]\n[proxy]\nport = "x"\n', "proxy.port: must be an integer"),
     ('subjects = ["no-such-user-tg"]\n', "subjects: user 'no-such-user-tg' does not exist"),
     ('subjects = ["4294967295"]\n', "subjects: uid 4294967295 is out of range"),
-    ('subjects = ["root"]\n[store]\ndurability = "sometimes"\n', "store.durability: must be one of"),
-    ('subjects = ["root"]\n[store]\npayload_hash = "md5"\n', "store.payload_hash: must be one of"),
-    ('subjects = ["root"]\n[proxy]\nevent_loop = "trio"\n', "proxy.event_loop: must be one of"),
-    ('subjects = ["root"]\n[proxy]\ndeny = ["not-an-ip"]\n', "proxy.deny: 'not-an-ip'"),
+    # the agent runs as root: its own upstream connections would come back to it
+    ('subjects = ["nobody", "root"]\n', "subjects: root cannot be a subject"),
+    ('subjects = ["0"]\n', "subjects: root cannot be a subject"),
+    ('subjects = ["nobody"]\n[store]\ndurability = "sometimes"\n', "store.durability: must be one of"),
+    ('subjects = ["nobody"]\n[store]\npayload_hash = "md5"\n', "store.payload_hash: must be one of"),
+    ('subjects = ["nobody"]\n[proxy]\nevent_loop = "trio"\n', "proxy.event_loop: must be one of"),
+    ('subjects = ["nobody"]\n[proxy]\ndeny = ["not-an-ip"]\n', "proxy.deny: 'not-an-ip'"),
     # a relay read is one record: past 8 MiB it could outgrow the store's frame
-    ('subjects = ["root"]\n[proxy]\nbuffer_bytes = 16777216\n',
+    ('subjects = ["nobody"]\n[proxy]\nbuffer_bytes = 16777216\n',
      "proxy.buffer_bytes: must be from 1 to 8388608"),
     # the unit's TimeoutStopSec (30 s) must cover the grace and the rest of a stop
-    ('subjects = ["root"]\n[proxy]\nstop_grace_s = 25\n', "proxy.stop_grace_s: must be from 0 to 20"),
+    ('subjects = ["nobody"]\n[proxy]\nstop_grace_s = 25\n', "proxy.stop_grace_s: must be from 0 to 20"),
     ('subjects = ["root"\n', "not valid TOML"),
 ])
 def test_bad_value_is_one_clear_line(tmp_path, body, needle):
@@ -50,10 +53,10 @@ def test_missing_file_named(tmp_path):
 
 def test_good_file_loads_typed(tmp_path):
     f = tmp_path / "t.toml"
-    f.write_text('subjects = ["root"]\n[store]\ndurability = "fsync"\nfsync_interval_ms = 3\n')
+    f.write_text('subjects = ["nobody"]\n[store]\ndurability = "fsync"\nfsync_interval_ms = 3\n')
     cfg = config.load(f)
     assert cfg.store.durability == "fsync" and cfg.store.fsync_interval_ms == 3.0
-    assert cfg.subject_uids() == (0,)
+    assert cfg.subject_uids() == (65534,)
     assert cfg.proxy.port == 15001
 
 
@@ -78,13 +81,13 @@ def test_payload_hash_choices_are_the_store_formats(tmp_path):
 
     from agent.store.format import PAYLOAD_HASH_VERSION
     f = tmp_path / "t.toml"
-    f.write_text('subjects = ["root"]\n[store]\npayload_hash = "none-such"\n')
+    f.write_text('subjects = ["nobody"]\n[store]\npayload_hash = "none-such"\n')
     with pytest.raises(config.ConfigError) as e:
         config.load(f)
     assert set(re.findall(r"'([^']+)'", str(e.value).split("must be one of")[1])) \
         == set(PAYLOAD_HASH_VERSION)
     for name in PAYLOAD_HASH_VERSION:
-        f.write_text(f'subjects = ["root"]\n[store]\npayload_hash = "{name}"\n')
+        f.write_text(f'subjects = ["nobody"]\n[store]\npayload_hash = "{name}"\n')
         assert config.load(f).store.payload_hash == name
 
 
@@ -106,9 +109,9 @@ def test_a_uid_is_a_subject_without_a_lookup(tmp_path):
     import pwd
     uid = next(u for u in range(4242, 5242) if not _has_uid(pwd, u))
     f = tmp_path / "t.toml"
-    f.write_text(f'subjects = ["root", "{uid}"]\n')
-    assert config.load(f).subject_uids() == (0, uid)
-    assert config.unknown_users(["root", str(uid), "no-such-user-tg", "²"]) == [
+    f.write_text(f'subjects = ["nobody", "{uid}"]\n')
+    assert config.load(f).subject_uids() == (65534, uid)
+    assert config.unknown_users(["nobody", str(uid), "no-such-user-tg", "²"]) == [
         "no-such-user-tg", "²"]
 
 

@@ -99,8 +99,8 @@ def test_ship_config_limits(tmp_path) -> None:
     from agent.config import ConfigError, load
     p = tmp_path / "t.toml"
     for bad in ("batch_entries = 1001", "batch_bytes = 20000000", "rpc_timeout_s = 0"):
-        p.write_text(f'subjects = ["root"]\n[ship]\n{bad}\n')
+        p.write_text(f'subjects = ["nobody"]\n[ship]\n{bad}\n')
         with pytest.raises(ConfigError, match="ship"):
             load(p)
-    p.write_text('subjects = ["root"]\n[ship]\ninsecure = true\nstate_dir = "/x"\n')
+    p.write_text('subjects = ["nobody"]\n[ship]\ninsecure = true\nstate_dir = "/x"\n')
     assert load(p).ship.insecure is True
