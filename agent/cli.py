@@ -20,9 +20,9 @@ class Failure(click.ClickException):
         click.echo(f"tollgate: {self.format_message()}", err=True)
 
 
-def _load(ctx: click.Context) -> Config:
+def _load(ctx: click.Context, confinable: bool = False) -> Config:
     try:
-        return config_mod.load(ctx.obj["config_path"])
+        return config_mod.load(ctx.obj["config_path"], confinable=confinable)
     except ConfigError as e:
         raise Failure(str(e)) from None
 
@@ -97,23 +97,34 @@ def rules_show(ctx: click.Context, as_json: bool) -> None:
 @click.option("--reason", default="", help="why; recorded with the act")
 @click.pass_context
 def rules_apply(ctx: click.Context, reason: str) -> None:
-    """Apply the rules now (the running agent does this itself on start)."""
+    """Apply the rules now (the running agent does this itself on start).
+
+    A subject name that cannot be resolved now (at boot, a directory's user)
+    does not leave the others free: they are confined, and the command
+    fails naming it."""
     from agent import control
     from agent.daemon import ruleset_for
     from agent.enforce import Nft, NftError
     from agent.enforce.apply import apply
-    cfg = _load(ctx)
+    cfg = _load(ctx, confinable=True)
     try:
         control.request(cfg.run_dir, "rules_apply")
+        click.echo("rules applied")
+        return
     except control.NotRunning:
-        try:
-            apply(Nft(), ruleset_for(cfg))
-        except NftError as e:
-            raise Failure(str(e)) from None
-        control.record(cfg.run_dir, cfg.store, "EVENT",
-                       {"event": "rules_applied", "why": "operator", "reason": reason},
-                       control.me())
+        pass
+    try:
+        apply(Nft(), ruleset_for(cfg))
+    except NftError as e:
+        raise Failure(str(e)) from None
+    unresolved = {"unresolved": list(cfg.unresolved)} if cfg.unresolved else {}
+    control.record(cfg.run_dir, cfg.store, "EVENT",
+                   {"event": "rules_applied", "why": "operator", "reason": reason, **unresolved},
+                   control.me())
     click.echo("rules applied")
+    if cfg.unresolved:
+        raise Failure(f"{cfg.source}: subjects: {', '.join(cfg.unresolved)}: cannot be resolved "
+                      "now, so not confined (list by uid); the others are confined")
 
 
 @rules.command("remove")

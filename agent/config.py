@@ -225,13 +225,20 @@ class Config:
     enforce: EnforceConfig = EnforceConfig()
     ship: ShipConfig = ShipConfig()
     source: str = field(default="<defaults>", metadata={"internal": True})
+    # Subject names left out by load(..., confinable=True): not resolvable now.
+    unresolved: tuple[str, ...] = field(default=(), metadata={"internal": True})
 
     def subject_uids(self) -> tuple[int, ...]:
         return _uids(self.subjects)
 
 
-def load(path: str | Path | None = None, *, required: bool = False) -> Config:
-    """Load a config file; a missing default file means built-in defaults."""
+def load(path: str | Path | None = None, *, required: bool = False,
+         confinable: bool = False) -> Config:
+    """Load a config file; a missing default file means built-in defaults.
+
+    confinable: subject names this host cannot resolve now (at boot, before
+    the network, a directory's users) are left out, into `unresolved`, so
+    the rules can confine the others; ConfigError still if none is left."""
     p = Path(path) if path is not None else DEFAULT_PATH
     try:
         raw = p.read_bytes()
@@ -245,7 +252,14 @@ def load(path: str | Path | None = None, *, required: bool = False) -> Config:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return _build(Config, doc, str(p), "")
+    unresolved: list[str] = []
+    subjects = doc.get("subjects")
+    if confinable and isinstance(subjects, list) and all(isinstance(s, str) for s in subjects):
+        unresolved = unknown_users(subjects)
+        if len(unresolved) < len(subjects):
+            doc = {**doc, "subjects": [s for s in subjects if s not in unresolved]}
+    cfg = _build(Config, doc, str(p), "")
+    return replace(cfg, unresolved=tuple(unresolved)) if unresolved else cfg
 
 
 def _validated(cfg: Config, source: str) -> Config:

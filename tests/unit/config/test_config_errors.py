@@ -121,3 +121,15 @@ def _has_uid(pwd, uid: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+def test_confinable_leaves_out_only_names_that_do_not_resolve(tmp_path):
+    """What tollgate-rules.service loads at boot: the others are confined;
+    with none left, the error names the user as a plain load does."""
+    f = tmp_path / "t.toml"
+    f.write_text('subjects = ["nobody", "no-such-user-tg"]\n')
+    cfg = config.load(f, confinable=True)
+    assert cfg.subjects == ("nobody",) and cfg.unresolved == ("no-such-user-tg",)
+    f.write_text('subjects = ["no-such-user-tg"]\n')
+    with pytest.raises(config.ConfigError, match="user 'no-such-user-tg' does not exist"):
+        config.load(f, confinable=True)
