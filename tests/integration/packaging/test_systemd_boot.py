@@ -295,6 +295,24 @@ def test_a_stopped_agent_leaves_the_subject_refused_until_started(machine):
     assert machine.fetch().stdout.strip() == "200"
 
 
+def test_the_early_rules_load_without_the_installs_key_directory(machine):
+    """The install's `keys init` may fail (the postinst then says to run it
+    later); the early unit must load the rules all the same. A bind mount of
+    a missing directory would fail the unit before it ran."""
+    machine.sh("systemctl stop tollgate && nft delete table inet tollgate && "
+               "mv /var/lib/tollgate-keys /run/keys.away")
+    try:
+        machine.sh("systemctl restart tollgate-rules")
+        assert machine.sh("nft list table inet tollgate").returncode == 0
+        r = machine.fetch()
+        assert r.returncode != 0 and "Connection refused" in r.stderr, r.stdout + r.stderr
+    finally:
+        machine.sh("rm -rf /var/lib/tollgate-keys && mv /run/keys.away /var/lib/tollgate-keys && "
+                   "systemctl start tollgate", check=False)
+    machine.wait_active()
+    assert machine.fetch().stdout.strip() == "200"
+
+
 def test_a_killed_agent_is_restarted(machine):
     machine.wait_active()
     before, restarts = machine.prop("MainPID"), int(machine.prop("NRestarts"))
