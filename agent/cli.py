@@ -103,16 +103,24 @@ def rules_apply(ctx: click.Context, reason: str) -> None:
     does not leave the others free: they are confined, and the command
     fails naming it."""
     from agent import control
+    cfg = _load(ctx, confinable=True)
+    try:
+        control.request(cfg.run_dir, "rules_apply")   # the agent resolved its subjects
+        offline = False
+    except control.NotRunning:
+        _apply_offline(cfg, reason)
+        offline = True
+    click.echo("rules applied")
+    if offline and cfg.unresolved:
+        raise Failure(f"{cfg.source}: subjects: {', '.join(cfg.unresolved)}: cannot be resolved "
+                      "now, so not confined (list by uid); the others are confined")
+
+
+def _apply_offline(cfg: Config, reason: str) -> None:
+    from agent import control
     from agent.daemon import ruleset_for
     from agent.enforce import Nft, NftError
     from agent.enforce.apply import apply
-    cfg = _load(ctx, confinable=True)
-    try:
-        control.request(cfg.run_dir, "rules_apply")
-        click.echo("rules applied")
-        return
-    except control.NotRunning:
-        pass
     try:
         apply(Nft(), ruleset_for(cfg))
     except NftError as e:
@@ -121,10 +129,6 @@ def rules_apply(ctx: click.Context, reason: str) -> None:
     control.record(cfg.run_dir, cfg.store, "EVENT",
                    {"event": "rules_applied", "why": "operator", "reason": reason, **unresolved},
                    control.me())
-    click.echo("rules applied")
-    if cfg.unresolved:
-        raise Failure(f"{cfg.source}: subjects: {', '.join(cfg.unresolved)}: cannot be resolved "
-                      "now, so not confined (list by uid); the others are confined")
 
 
 @rules.command("remove")
