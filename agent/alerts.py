@@ -36,6 +36,7 @@ class AlertType(str, enum.Enum):
     SHIP_BACKLOG = "ship_backlog"
     PROXY_REFUSED = "proxy_refused"
     WITNESS_ERROR = "witness_error"
+    STORE_UNSEALED = "store_unsealed"
 
 
 SEVERITY = {
@@ -46,7 +47,7 @@ SEVERITY = {
     AlertType.POLICY_DENIED: "high", AlertType.PREEXISTING_SOCKET: "high",
     AlertType.UDP_BLOCKED: "medium", AlertType.SHIP_BACKLOG: "high",
     AlertType.UPSTREAM_FAILED: "low", AlertType.PROXY_REFUSED: "high",
-    AlertType.WITNESS_ERROR: "critical",
+    AlertType.WITNESS_ERROR: "critical", AlertType.STORE_UNSEALED: "high",
 }
 
 

@@ -142,6 +142,12 @@ class Agent:
         self.durable = self._group_commit()
         self._event("agent_start", version=__version__, pid=os.getpid(), config=cfg.source,
                     subjects=list(cfg.subjects), uids=list(self.uids))
+        if self.store.seal_key is None:
+            # The chain alone is no proof against root: it can be recomputed.
+            self._alert(AlertType.STORE_UNSEALED,
+                        f"no sealing key at {cfg.store.key_path}: what this agent records is "
+                        "not sealed (run `tollgate keys init`, then restart)",
+                        key_path=cfg.store.key_path)
         self._apply_rules("start")
         own = {(a, cfg.proxy.port) for a in cfg.proxy.listen}
         self.proxy = Proxy(store=self.store, sessions=self.sessions, hooks=self,

@@ -176,6 +176,17 @@ def check_store(path: str) -> Check:
     return passed("store", f"{p} writable, {free >> 30} GiB free")
 
 
+def check_seal_key(path: str) -> Check:
+    p = Path(path)
+    if not p.exists():
+        return failed("seal_key", f"{p} is missing: the store is not sealed, so root could "
+                      "rewrite it undetected", "tollgate keys init, then restart the agent")
+    if p.stat().st_mode & 0o077:
+        return failed("seal_key", f"{p} is readable by others: they could forge seals",
+                      f"chmod 0600 {p}")
+    return passed("seal_key", str(p))
+
+
 def check_ruleset(cfg: Config) -> Check:
     from agent.daemon import ruleset_for
     from agent.enforce import Nft, NftError
@@ -292,6 +303,7 @@ def run_checks(config_path: str | None = None) -> list[Check]:
     checks.append(subjects)
     fallback = Config()  # paths of the defaults when the file does not load
     checks.append(safely("store", check_store, (cfg or fallback).store.path))
+    checks.append(safely("seal_key", check_seal_key, (cfg or fallback).store.key_path))
     # The ruleset is rendered from the subjects' uids: without them it cannot be.
     if cfg is None or not subjects.ok:
         checks.append(failed("ruleset", "not checked: the config or its subjects are not valid",

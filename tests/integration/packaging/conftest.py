@@ -106,12 +106,14 @@ def installed(debs):
 @pytest.fixture(scope="module")
 def agent_config(installed, tmp_path_factory) -> Path:
     """A config of the test's own: subject `nobody` (exists everywhere, sends
-    nothing in the test's netns), store and run dir in a temporary directory."""
+    nothing in the test's netns), store, run dir and sealing key (made as the
+    install makes one) in a temporary directory."""
     work = tmp_path_factory.mktemp("pkgagent")
     store = work / "store"
     store.mkdir(mode=0o700)
     cfg = work / "tollgate.toml"
     cfg.write_text(f'subjects = ["nobody"]\nrun_dir = "{work}/run"\n'
                    f'[store]\npath = "{store}"\nkey_path = "{work}/keys/seal.key"\n')
+    run("/usr/bin/tollgate", "--config", str(cfg), "keys", "init")   # the installed one
     yield cfg
     run("chattr", "-R", "-i", str(work), check=False)

@@ -91,7 +91,7 @@ def test_doctor_all_ok_where_rules_are_applied(agent_config):
     checks = doctor(agent_config, netns=NETNS)
     assert all(c["ok"] for c in checks.values()), checks
     assert {"bpf_syscall", "btf", "tracefs", "cgroup2", "nftables", "bcc", "subjects",
-            "store", "ruleset", "ship", "clock"} <= set(checks)
+            "store", "seal_key", "ruleset", "ship", "clock"} <= set(checks)
 
 
 def test_doctor_reports_deleted_rules(agent_config):

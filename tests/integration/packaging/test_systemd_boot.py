@@ -259,6 +259,9 @@ def test_a_subject_connection_is_recorded_by_the_service(machine):
     replay = machine.sh(f"tollgate replay --text {sid}").stdout
     assert "GET / HTTP/1.1" in replay and "200" in replay
     assert machine.sh("tollgate verify").stdout.strip().endswith("OK")
+    # The install made the sealing key: nothing says the store is unsealed.
+    alerts = json.loads(machine.sh("tollgate alerts --json").stdout)
+    assert not [a for a in alerts if a["type"] == "store_unsealed"], alerts
 
 
 def test_the_service_ships_to_cloud_logging_from_inside_its_sandbox(machine):
