@@ -378,6 +378,23 @@ def alerts_ack(ctx: click.Context, alert_id: str, reason: str) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def runs(ctx: click.Context, as_json: bool) -> None:
+    """The agent's runs: when it recorded, with the witness and seals or
+    without, and how each run ended (a gap in coverage shows here)."""
+    from agent.review.listing import run_lines
+    from agent.review.runs import as_dicts, list_runs
+    from agent.review.text import json_text
+    found = list_runs(_load(ctx).store.path)
+    if as_json:
+        click.echo(json_text(list(as_dicts(found))))
+        return
+    for line in run_lines(found):
+        click.echo(line)
+
+
+@main.command()
 @click.option("--once", is_flag=True, required=True,
               help="ship what the store holds now, then exit (`tollgate run` ships continuously)")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),

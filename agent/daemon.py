@@ -102,6 +102,14 @@ def ruleset_for(cfg: Config):
                   cfg.dns.port if cfg.dns.enabled else None)
 
 
+def data_plane(cfg: Config) -> str:
+    """"native" or "python": what proxy.data_plane "auto" comes to."""
+    plane = cfg.proxy.data_plane
+    if plane == "auto":
+        return "python" if cfg.store.durability == "fsync" else "native"
+    return plane
+
+
 def _raise_fd_limit() -> None:
     """Four descriptors per relayed session (two sockets, and each direction's
     own for sending): outside systemd (LimitNOFILE) the soft limit may be 1024."""
@@ -140,8 +148,11 @@ class Agent:
         except Exception as e:
             raise StartError(f"{cfg.source}: store: {e}") from None
         self.durable = self._group_commit()
+        # What held while this agent recorded, for a reviewer (`tollgate runs`).
         self._event("agent_start", version=__version__, pid=os.getpid(), config=cfg.source,
-                    subjects=list(cfg.subjects), uids=list(self.uids))
+                    subjects=list(cfg.subjects), uids=list(self.uids),
+                    witness=cfg.witness.enabled, sealed=self.store.seal_key is not None,
+                    durability=cfg.store.durability, data_plane=data_plane(cfg))
         if self.store.seal_key is None:
             # The chain alone is no proof against root: it can be recomputed.
             self._alert(AlertType.STORE_UNSEALED,
@@ -174,10 +185,7 @@ class Agent:
     def _handoff(self) -> Handoff | None:
         """The native data plane, unless the config asks for the asyncio relay."""
         cfg = self.cfg
-        plane = cfg.proxy.data_plane
-        if plane == "auto":
-            plane = "python" if cfg.store.durability == "fsync" else "native"
-        if plane == "python":
+        if data_plane(cfg) == "python":
             return None
         if cfg.store.durability == "fsync":
             raise StartError(f'{cfg.source}: proxy.data_plane: "native" cannot wait for fsync'

@@ -1,4 +1,4 @@
-"""The session and alert tables of `tollgate sessions` and `tollgate alerts`.
+"""The tables of `tollgate sessions`, `tollgate alerts` and `tollgate runs`.
 
 Each row is followed by its process chain (login first), so who did it is
 never a separate lookup. Process names, argv and alert summaries come from
@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 from agent.review import attribution
+from agent.review.runs import as_dicts, AgentRun
 from agent.review.sessions import SessionSummary
 from agent.review.text import address, clean, stamp
 
-__all__ = ["session_lines", "alert_lines"]
+__all__ = ["session_lines", "alert_lines", "run_lines"]
 
 _CHAIN_INDENT = " " * 10
 
@@ -40,3 +41,17 @@ def alert_lines(alerts: Iterable[dict]) -> Iterator[str]:
                         f"{ack.get('reason', '')}", newlines=False)
         source = a.get("chain_source", "none")
         yield f"{_CHAIN_INDENT}{attribution.one_line(a.get('chain') or [])} (from {source})"
+
+
+def _yes_no(value: bool | None, yes: str = "on", no: str = "OFF") -> str:
+    return "?" if value is None else yes if value else no
+
+
+def run_lines(runs: list[AgentRun]) -> Iterator[str]:
+    yield (f"{'STARTED':24} {'LAST RECORD':24} {'VERSION':10} {'WITNESS':7} {'SEALED':6} "
+           f"{'DURABILITY':10} {'PLANE':6}  ENDED")
+    for d in as_dicts(runs):
+        yield clean(f"{stamp(d['started_ns']):24} {stamp(d['last_record_ns']):24} "
+                    f"{d['version']:10} {_yes_no(d['witness']):7} "
+                    f"{_yes_no(d['sealed'], 'yes', 'NO'):6} {d['durability'] or '?':10} "
+                    f"{d['data_plane'] or '?':6}  {d['ended']}", newlines=False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from agent.review import attribution
+from agent.review.runs import AgentRun, as_dicts, list_runs
 from agent.review.search import Digest, digest_sessions
 from agent.review.sessions import SessionSummary, list_alerts, list_sessions, sorted_alerts
 from agent.review.text import address, clean, stamp
@@ -36,6 +37,7 @@ class ReportData:
     digests: dict[int, Digest]
     alerts: list[dict]
     verify: VerifyReport
+    runs: list[AgentRun]
 
 
 def gather(store_dir: str, key: bytes | None = None) -> ReportData:
@@ -43,7 +45,8 @@ def gather(store_dir: str, key: bytes | None = None) -> ReportData:
     sessions = list_sessions(store_dir)
     digests = digest_sessions(store_dir, [s.id for s in sessions], keep=ACTIONS_SHOWN)
     return ReportData(store_dir, time.time_ns(), sessions, digests,
-                      sorted_alerts(list_alerts(store_dir)), verify(store_dir, key, allow_torn_tail=True))
+                      sorted_alerts(list_alerts(store_dir)), verify(store_dir, key, allow_torn_tail=True),
+                      list_runs(store_dir))
 
 
 def _e(value: object) -> str:
@@ -76,6 +79,7 @@ def render_html(d: ReportData) -> str:
         "<h2>Timeline</h2>", _timeline(d.sessions, d.alerts),
         f"<h2 id='alerts'>Alerts ({len(d.alerts)}, {unacked} unacknowledged)</h2>", _alerts(d.alerts),
         f"<h2 id='sessions'>Sessions ({len(d.sessions)})</h2>", _sessions(d.sessions, d.digests),
+        f"<h2 id='runs'>Agent runs ({len(d.runs)})</h2>", _runs(d.runs),
         "<h2 id='verify'>Store verification</h2>", _verify(d.verify),
         "</body></html>",
     ]
@@ -136,6 +140,27 @@ def _sessions(sessions: list[SessionSummary], digests: dict[int, Digest]) -> str
             f"<td class='wrap'>{_chain_html(s.chain)}</td><td class='wrap'><ul>{did}</ul>{more}</td></tr>")
     return _table(["ID", "Start", "Subject", "Destination", "Protocol", "Bytes sent / received", "State",
                     "Process chain (login first)", "What the subject asked"], rows)
+
+
+def _runs(runs: list[AgentRun]) -> str:
+    """When recording held and with what; a run that lacked the witness or
+    the seals is marked, as is one that ended without a stop record."""
+    if not runs:
+        return "<p class='meta'>No agent start recorded.</p>"
+    rows = []
+    for d in as_dicts(runs):
+        lacks = d["gaps"] + ([] if d["ended"].startswith("stopped") else [d["ended"]])
+        said = "<br>".join(f"<span class='bad'>{_e(g)}</span>" for g in lacks) or "<span class='ok'>—</span>"
+        rows.append(
+            f"<tr class='{'new' if lacks else ''}'><td class='nw'>{_e(stamp(d['started_ns']))}</td>"
+            f"<td class='nw'>{_e(stamp(d['last_record_ns']))}</td><td>{_e(d['ended'])}</td>"
+            f"<td class='nw'>{_e(d['version'])}</td><td class='nw'>{_e(d['witness'])}</td>"
+            f"<td class='nw'>{_e(d['sealed'])}</td><td class='nw'>{_e(d['durability'])}</td>"
+            f"<td class='nw'>{_e(d['data_plane'])}</td><td>{said}</td></tr>")
+    return (_table(["Started", "Last record", "Ended", "Version", "Witness", "Sealed", "Durability",
+                    "Data plane", "Lacked"], rows)
+            + "<p class='meta'>Between runs the rules stay in the kernel: the subjects were "
+              "refused, not unrecorded.</p>")
 
 
 def _timeline(sessions: list[SessionSummary], alerts: list[dict]) -> str:

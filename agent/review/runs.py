@@ -1,0 +1,72 @@
+"""The agent's runs, from its own start and stop records: when recording
+held, with which guarantees (the kernel witness on, the store sealed, the
+durability), and how each run ended. A run with no stop record was killed
+or crashed; its last record says how far it got. Between runs the rules
+stay in the kernel, so the subjects were refused, not unrecorded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from agent.store import Kind, iter_records
+
+__all__ = ["AgentRun", "list_runs"]
+
+
+@dataclass(slots=True)
+class AgentRun:
+    started_ns: int
+    pid: int | None
+    version: str
+    # None: recorded by a version that did not say.
+    witness: bool | None
+    sealed: bool | None
+    durability: str | None
+    data_plane: str | None
+    last_record_ns: int
+    stopped: str | None = None           # the stop's reason; None: no stop record
+    rules_left_in_place: bool | None = None
+    gaps: list[str] = field(default_factory=list)   # what this run lacked
+
+    def ended(self, running: bool) -> str:
+        if self.stopped is not None:
+            return f"stopped: {self.stopped}"
+        return "no stop record yet (running, or killed)" if running else \
+            "no stop record (killed or crashed)"
+
+
+def _start(ts_ns: int, j: dict) -> AgentRun:
+    run = AgentRun(ts_ns, j.get("pid"), str(j.get("version", "?")), j.get("witness"),
+                   j.get("sealed"), j.get("durability"), j.get("data_plane"), ts_ns)
+    if run.witness is False:
+        run.gaps.append("witness off: bypasses were not watched for")
+    if run.sealed is False:
+        run.gaps.append("store not sealed")
+    return run
+
+
+def list_runs(store_dir: str) -> list[AgentRun]:
+    """Every run the store holds, oldest first (live: a torn tail is allowed)."""
+    runs: list[AgentRun] = []
+    for r in iter_records(store_dir, strict=False):
+        if runs and runs[-1].stopped is None:
+            runs[-1].last_record_ns = r.ts_ns
+        if r.kind != Kind.EVENT:
+            continue
+        j = r.json()
+        if j.get("event") == "agent_start":
+            runs.append(_start(r.ts_ns, j))
+        elif j.get("event") == "agent_stop" and runs and runs[-1].stopped is None:
+            runs[-1].stopped = str(j.get("reason", ""))
+            runs[-1].rules_left_in_place = j.get("rules_left_in_place")
+    return runs
+
+
+def as_dicts(runs: list[AgentRun]) -> Iterator[dict]:
+    for i, run in enumerate(runs):
+        yield {"started_ns": run.started_ns, "last_record_ns": run.last_record_ns,
+               "ended": run.ended(running=i == len(runs) - 1), "pid": run.pid,
+               "version": run.version, "witness": run.witness, "sealed": run.sealed,
+               "durability": run.durability, "data_plane": run.data_plane,
+               "rules_left_in_place": run.rules_left_in_place, "gaps": run.gaps}

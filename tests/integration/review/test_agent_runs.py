@@ -1,0 +1,52 @@
+"""`tollgate runs` and the report's runs table: a reviewer sees when the
+agent recorded, with which guarantees, and which run ended unrecorded."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import pytest
+
+from agent.demo.agent_process import AgentProcess
+from agent.demo.sandbox import Sandbox
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    """Its own namespaces: this test starts and kills agents."""
+    with Sandbox(prefix="tgu", subject="tgusubject") as sb:
+        yield sb
+
+
+def test_runs_say_what_held_and_how_each_ended(sandbox, tmp_path):
+    work = str(tmp_path / "agent")
+    first = AgentProcess(sandbox, workdir=work, extra="[witness]\nenabled = false\n").start()
+    first.stop()                                           # SIGTERM: a stop record
+    second = AgentProcess(sandbox, workdir=work, extra="[witness]\nenabled = false\n")
+    try:
+        assert second.cli("keys", "init").returncode == 0
+        second.start()
+        second.stop(signal.SIGKILL)                        # no stop record
+        listed = json.loads(second.cli("runs", "--json", text=True).stdout)
+        text = second.cli("runs", text=True).stdout
+        html = second.cli("report", "--html", str(tmp_path / "r.html"), text=True)
+        page = (tmp_path / "r.html").read_text() if html.returncode == 0 else html.stderr
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(second.store)], capture_output=True)
+    assert [r["sealed"] for r in listed] == [False, True]
+    assert [r["witness"] for r in listed] == [False, False]
+    assert listed[0]["ended"].startswith("stopped: ") and listed[0]["rules_left_in_place"]
+    assert listed[1]["ended"] == "no stop record yet (running, or killed)"
+    assert listed[0]["gaps"] == ["witness off: bypasses were not watched for",
+                                 "store not sealed"]
+    assert listed[1]["gaps"] == ["witness off: bypasses were not watched for"]
+    assert all(r["durability"] == "write" and r["data_plane"] == "native" for r in listed)
+    assert listed[0]["started_ns"] < listed[0]["last_record_ns"] <= listed[1]["started_ns"]
+    lines = text.splitlines()
+    assert lines[0].startswith("STARTED") and len(lines) == 3
+    assert " OFF " in lines[1] and " NO " in lines[1] and " yes " in lines[2]
+    assert "Agent runs (2)" in page and "store not sealed" in page
