@@ -2,7 +2,8 @@
 held, with which guarantees (the kernel witness on, the store sealed, the
 durability), and how each run ended. A run with no stop record was killed
 or crashed; its last record says how far it got. Between runs the rules
-stay in the kernel, so the subjects were refused, not unrecorded."""
+stay in the kernel, so the subjects were refused, not unrecorded, unless
+the run stopped with them removed (`tollgate rules remove`), which it says."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def list_runs(store_dir: str) -> list[AgentRun]:
         elif j.get("event") == "agent_stop" and runs and runs[-1].stopped is None:
             runs[-1].stopped = str(j.get("reason", ""))
             runs[-1].rules_left_in_place = j.get("rules_left_in_place")
+            if runs[-1].rules_left_in_place is False:
+                runs[-1].gaps.append("stopped with the rules removed: the subjects were free "
+                                     "until the next start")
     return runs
 
 
