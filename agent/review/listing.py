@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 from agent.review import attribution
-from agent.review.runs import as_dicts, AgentRun
+from agent.review.runs import AgentRun, as_dicts
 from agent.review.sessions import SessionSummary
 from agent.review.text import address, clean, stamp
 

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from agent.store import Kind, iter_records
 
-__all__ = ["AgentRun", "list_runs"]
+__all__ = ["AgentRun", "as_dicts", "list_runs"]
 
 
 @dataclass(slots=True)
@@ -68,6 +68,8 @@ def list_runs(store_dir: str) -> list[AgentRun]:
 
 
 def as_dicts(runs: list[AgentRun]) -> Iterator[dict]:
+    """The runs as `tollgate runs --json` and the tables show them; only the
+    last one may still be running."""
     for i, run in enumerate(runs):
         yield {"started_ns": run.started_ns, "last_record_ns": run.last_record_ns,
                "ended": run.ended(running=i == len(runs) - 1), "pid": run.pid,
