@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Callable
 
 from agent.demo.agent_process import AgentProcess
@@ -23,8 +24,10 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] = print) -> None:
         sb.up()
         pg, http = Postgres(sb).start(), HttpServer(sb).start()
         echo(f"== servers in corp: PostgreSQL {CORP_V4}:5432, HTTP [{CORP_V6}]:8080")
-        agent = AgentProcess(sb).start()
-        echo(f"== agent running in bastion (store {agent.store})")
+        agent = AgentProcess(sb)
+        verification_key = _seal(agent)
+        agent.start()
+        echo(f"== agent running in bastion (store {agent.store}, sealed)")
         _subject_traffic(sb, echo)
         echo("== recorded sessions (tollgate sessions)")
         echo(agent.cli("sessions", text=True).stdout)
@@ -37,6 +40,8 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] = print) -> None:
                  f"Ctrl-C to remove it")
             signal.pause()
         agent.stop()
+        echo("== the store, proven whole and sealed (tollgate verify --key FILE)")
+        echo(agent.cli("verify", "--key", str(verification_key), text=True).stdout)
     except KeyboardInterrupt:
         echo("== interrupted")
     finally:
@@ -80,6 +85,15 @@ def _subject_traffic(sb: Sandbox, echo: Callable[[str], None]) -> None:
         echo(f"$ {' '.join(argv)}    # as {sb.subject}, unaware of tollgate")
         r = sb.subject_run(argv, text=True)
         echo((r.stdout + r.stderr).rstrip())
+
+
+def _seal(agent: AgentProcess) -> Path:
+    """A sealing key, as the deb's install makes one; the verification key
+    (which compliance would keep off the host) beside it, for the verify."""
+    out = agent.cli("keys", "init", text=True, check=True).stdout
+    path = agent.work / "verification.key"
+    path.write_text(out.strip().splitlines()[-1] + "\n")
+    return path
 
 
 def _first_session(agent: AgentProcess) -> int:

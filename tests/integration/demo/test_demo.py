@@ -43,6 +43,9 @@ def test_demo_records_and_replays():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "select * from customers" in r.stdout and "Grace" in r.stdout
     assert "hello from corp" in r.stdout
+    # Sealed as an install's store is, and proven so with the verification key.
+    proof = r.stdout.split("== the store, proven whole and sealed")[1]
+    assert "no seals" not in proof and "NOT checked" not in proof and "\nOK\n" in proof, proof
     assert "== sandbox removed" in r.stdout
     assert demo_leftovers() == []
 
