@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +19,7 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] = print) -> None:
         raise RuntimeError("the demo builds network namespaces and nftables rules: run it as root")
     interrupt_this_process_only()  # Ctrl-C and SIGTERM end in the finally below
     sb = Sandbox()
-    pg = http = None
+    pg = http = agent = None
     try:
         echo("== building sandbox: namespaces tgdemo-bastion and tgdemo-corp, "
              f"subject user {sb.subject}")
@@ -49,6 +51,9 @@ def run_demo(keep: bool = False, echo: Callable[[str], None] = print) -> None:
         for server in (pg, http):
             if server:
                 server.stop()
+        if agent is not None:
+            agent.stop()
+            _remove(agent.work)
         echo("== sandbox removed")
 
 
@@ -85,6 +90,13 @@ def _subject_traffic(sb: Sandbox, echo: Callable[[str], None]) -> None:
         echo(f"$ {' '.join(argv)}    # as {sb.subject}, unaware of tollgate")
         r = sb.subject_run(argv, text=True)
         echo((r.stdout + r.stderr).rstrip())
+
+
+def _remove(work: Path) -> None:
+    """The agent's config, store and keys: a tour's, not evidence to keep.
+    Finished segments are immutable (chattr +i), so that goes first."""
+    subprocess.run(["chattr", "-R", "-i", str(work)], capture_output=True)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _seal(agent: AgentProcess) -> Path:

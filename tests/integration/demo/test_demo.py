@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import signal
 import subprocess
 import sys
@@ -19,10 +20,14 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs a
 DEMO = [sys.executable, "-m", "agent.cli", "demo"]
 
 
-def demo_leftovers() -> list[str]:
+def demo_leftovers(output: str) -> list[str]:
     left = [ns for ns in netns.listnetns() if ns.startswith("tgdemo-")]
     if _user_exists() and not PRESENT_BEFORE:
         left.append("user tg-demo")
+    # The agent's config, store and keys (the demo prints where).
+    store = re.search(r"== agent running in bastion \(store (\S+),", output).group(1)
+    if os.path.exists(os.path.dirname(store)):
+        left.append(os.path.dirname(store))
     return left
 
 
@@ -47,7 +52,7 @@ def test_demo_records_and_replays():
     proof = r.stdout.split("== the store, proven whole and sealed")[1]
     assert "no seals" not in proof and "NOT checked" not in proof and "\nOK\n" in proof, proof
     assert "== sandbox removed" in r.stdout
-    assert demo_leftovers() == []
+    assert demo_leftovers(r.stdout) == []
 
 
 def test_ctrl_c_removes_the_sandbox():
@@ -72,4 +77,4 @@ def test_ctrl_c_removes_the_sandbox():
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert "== sandbox removed" in "".join(lines)
-    assert demo_leftovers() == []
+    assert demo_leftovers("".join(lines)) == []
