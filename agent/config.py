@@ -30,15 +30,9 @@ def _nonneg(v: float) -> str | None:
     return None if v >= 0 else "must be 0 or more"
 
 
-def _at_most(limit: int):
-    def check(v: int) -> str | None:
-        return None if 0 < v <= limit else f"must be from 1 to {limit}"
-    return check
-
-
 def _from_to(low: float, high: float):
     def check(v: float) -> str | None:
-        return None if low <= v <= high else f"must be from {low:g} to {high:g}"
+        return None if low <= v <= high else f"must be from {low} to {high}"
     return check
 
 
@@ -73,17 +67,21 @@ def is_uid(subject: str) -> bool:
     return subject.isascii() and subject.isdigit()
 
 
+def _uid(subject: str) -> int:
+    """A uid as it is, with no lookup (the rules match the number, so a user
+    that only a network directory knows can be confined before the network);
+    a name through this host's user database (KeyError if unknown)."""
+    return int(subject) if is_uid(subject) else pwd.getpwnam(subject).pw_uid
+
+
 def unknown_users(subjects: tuple[str, ...] | list[str]) -> list[str]:
-    """The subjects named by a user name this host cannot resolve. A uid needs
-    no lookup (the rules match the number), so a user that only a network
-    directory knows can still be confined before the network, by uid."""
+    """The subjects named by a user name this host cannot resolve."""
     missing = []
     for name in subjects:
-        if not is_uid(name):
-            try:
-                pwd.getpwnam(name)
-            except KeyError:
-                missing.append(name)
+        try:
+            _uid(name)
+        except KeyError:
+            missing.append(name)
     return missing
 
 
@@ -93,18 +91,17 @@ def _users(v: tuple[str, ...]) -> str | None:
     for name in v:
         if is_uid(name) and int(name) > UID_MAX:
             return f"uid {name} is out of range"
-    missing = unknown_users(v)
-    if missing:
-        return f"user {missing[0]!r} does not exist"
-    if 0 in _uids(v):
+    uids = []
+    for name in v:   # one lookup a name: a directory's may be slow
+        try:
+            uids.append(_uid(name))
+        except KeyError:
+            return f"user {name!r} does not exist"
+    if 0 in uids:
         # The rules would send root's TCP, the agent's own upstream
         # connections included, back into the proxy.
         return "root cannot be a subject (the agent runs as root)"
     return None
-
-
-def _uids(subjects: tuple[str, ...]) -> tuple[int, ...]:
-    return tuple(int(s) if is_uid(s) else pwd.getpwnam(s).pw_uid for s in subjects)
 
 
 def check(fn):
@@ -122,7 +119,7 @@ class ProxyConfig:
     # direction holds for a slow peer. At most 8 MiB: a relay read is one
     # record, and a record's payload (read + session head) must fit the
     # store's 16 MiB frame; an oversized append would fail the whole store.
-    buffer_bytes: int = field(default=1 << 20, metadata=check(_at_most(8 << 20)))
+    buffer_bytes: int = field(default=1 << 20, metadata=check(_from_to(1, 8 << 20)))
     connect_timeout_s: float = field(default=10.0, metadata=check(_positive))
     # Stopping (a restart, an upgrade), sessions in flight get this long to
     # end on their own before the rest are reset; new connections wait in
@@ -197,7 +194,7 @@ class ShipConfig:
     endpoint: str = ""     # host:port override (tests, private endpoints)
     instance_id: str = ""
     zone: str = ""
-    batch_entries: int = field(default=500, metadata=check(_at_most(1000)))
+    batch_entries: int = field(default=500, metadata=check(_from_to(1, 1000)))
     max_backlog_age_s: float = field(default=300.0, metadata=check(_positive))
     # Plaintext channel, no credentials: for a loopback test server only.
     insecure: bool = False
@@ -205,7 +202,7 @@ class ShipConfig:
     # which belongs to the store alone.
     state_dir: str = "/var/lib/tollgate-ship"
     # Cloud Logging takes at most 10 MB per request; leave room for framing.
-    batch_bytes: int = field(default=9 << 20, metadata=check(_at_most(10_000_000)))
+    batch_bytes: int = field(default=9 << 20, metadata=check(_from_to(1, 10_000_000)))
     rpc_timeout_s: float = field(default=30.0, metadata=check(_positive))
     retry_initial_s: float = field(default=1.0, metadata=check(_positive))
     retry_max_s: float = field(default=60.0, metadata=check(_positive))
@@ -229,7 +226,7 @@ class Config:
     unresolved: tuple[str, ...] = field(default=(), metadata={"internal": True})
 
     def subject_uids(self) -> tuple[int, ...]:
-        return _uids(self.subjects)
+        return tuple(_uid(s) for s in self.subjects)
 
 
 def load(path: str | Path | None = None, *, required: bool = False,
