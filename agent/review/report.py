@@ -148,8 +148,8 @@ def _runs(runs: list[AgentRun]) -> str:
     if not runs:
         return "<p class='meta'>No agent start recorded.</p>"
     rows = []
-    for d in as_dicts(runs):
-        lacks = d["gaps"] + ([] if d["ended"].startswith("stopped") else [d["ended"]])
+    for run, d in zip(runs, as_dicts(runs)):
+        lacks = d["gaps"] + ([d["ended"]] if run.stopped is None else [])
         said = "<br>".join(f"<span class='bad'>{_e(g)}</span>" for g in lacks) or "<span class='ok'>—</span>"
         rows.append(
             f"<tr class='{'new' if lacks else ''}'><td class='nw'>{_e(stamp(d['started_ns']))}</td>"
