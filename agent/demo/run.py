@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 from typing import Callable
 
 from agent.demo.agent_process import AgentProcess
 from agent.demo.sandbox import CORP_V4, CORP_V6, Sandbox
 from agent.demo.servers import HttpServer, Postgres
+from agent.store.immutable import set_immutable
 
 
 def run_demo(keep: bool = False, echo: Callable[[str], None] = print) -> None:
@@ -94,8 +94,10 @@ def _subject_traffic(sb: Sandbox, echo: Callable[[str], None]) -> None:
 
 def _remove(work: Path) -> None:
     """The agent's config, store and keys: a tour's, not evidence to keep.
-    Finished segments are immutable (chattr +i), so that goes first."""
-    subprocess.run(["chattr", "-R", "-i", str(work)], capture_output=True)
+    Finished segments are immutable, so that flag goes first."""
+    for path in work.rglob("*"):
+        if path.is_file():
+            set_immutable(path, False)
     shutil.rmtree(work, ignore_errors=True)
 
 
