@@ -80,7 +80,6 @@ def stop_with_one_in_flight(sandbox, tmp_path, proxy: str) -> tuple[str, float, 
         stopped_in = time.monotonic() - t
     finally:
         agent.stop()
-        subprocess.run(["chattr", "-R", "-i", str(agent.store)], capture_output=True)
     [s] = [s for s in list_sessions(agent.store) if s.original_dst == (CORP_V4, SLOW_PORT)]
     return waiting.communicate(timeout=20)[0].strip(), stopped_in, s
 

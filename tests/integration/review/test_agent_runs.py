@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 
 import pytest
 
@@ -27,19 +26,16 @@ def test_runs_say_what_held_and_how_each_ended(sandbox, tmp_path):
     first = AgentProcess(sandbox, workdir=work, extra="[witness]\nenabled = false\n").start()
     first.stop()                                           # SIGTERM: a stop record
     second = AgentProcess(sandbox, workdir=work, extra="[witness]\nenabled = false\n")
-    try:
-        assert second.cli("keys", "init").returncode == 0
-        second.start()
-        second.stop(signal.SIGKILL)                        # no stop record
-        third = AgentProcess(sandbox, workdir=work, extra="[witness]\nenabled = false\n").start()
-        assert third.cli("rules", "remove", "--reason", "test").returncode == 0
-        third.stop()                                       # the subjects free after it
-        listed = json.loads(second.cli("runs", "--json", text=True).stdout)
-        text = second.cli("runs", text=True).stdout
-        html = second.cli("report", "--html", str(tmp_path / "r.html"), text=True)
-        page = (tmp_path / "r.html").read_text() if html.returncode == 0 else html.stderr
-    finally:
-        subprocess.run(["chattr", "-R", "-i", str(second.store)], capture_output=True)
+    assert second.cli("keys", "init").returncode == 0
+    second.start()
+    second.stop(signal.SIGKILL)                            # no stop record
+    third = AgentProcess(sandbox, workdir=work, extra="[witness]\nenabled = false\n").start()
+    assert third.cli("rules", "remove", "--reason", "test").returncode == 0
+    third.stop()                                           # the subjects free after it
+    listed = json.loads(second.cli("runs", "--json", text=True).stdout)
+    text = second.cli("runs", text=True).stdout
+    html = second.cli("report", "--html", str(tmp_path / "r.html"), text=True)
+    page = (tmp_path / "r.html").read_text() if html.returncode == 0 else html.stderr
     witness_off = "witness off: bypasses were not watched for"
     assert [r["sealed"] for r in listed] == [False, True, True]
     assert [r["witness"] for r in listed] == [False, False, False]
