@@ -32,6 +32,7 @@ SUBJECT = "nobody"
 # A subject listed by uid with no passwd entry at all, as a user only a
 # network directory knows looks before the network: confined by number.
 DIRECTORY_UID = 4242
+PROBE_UIDS = (65534, DIRECTORY_UID)   # SUBJECT's, and that one
 SERVER = "10.9.9.1"  # inside the container's own network namespace
 # This checkout inside the container (the container's /tmp is its own tmpfs).
 CHECKOUT = "/opt/tg-checkout"
@@ -62,7 +63,7 @@ for uid in UIDS:
             print(f"probe {uid}: {e}", flush=True)
         os._exit(0)
     os.wait()
-""".replace("UIDS", f"(65534, {DIRECTORY_UID})")
+""".replace("UIDS", repr(PROBE_UIDS))
 PROBE_UNIT = """
 [Unit]
 DefaultDependencies=no
@@ -155,6 +156,12 @@ class Machine:
     def journal(self) -> str:
         return self.sh("journalctl -u tollgate --no-pager -o cat", check=False).stdout
 
+    def assert_confined(self) -> None:
+        """The rules are loaded and the subject's fetch is refused (no agent)."""
+        assert self.sh("nft list table inet tollgate").returncode == 0
+        r = self.fetch()
+        assert r.returncode != 0 and "Connection refused" in r.stderr, r.stdout + r.stderr
+
     def fetch(self) -> subprocess.CompletedProcess:
         """The subject asks the container's web server for a page."""
         code = (f"import urllib.request; print(urllib.request.urlopen("
@@ -215,7 +222,7 @@ def test_a_subject_is_refused_from_the_moment_a_network_may_exist(machine):
     subject that connects before the agent has started is refused, and the
     act is recorded in the store."""
     probe = machine.sh("journalctl -u tg-probe --no-pager -o cat").stdout
-    refused = [f"probe {uid}: [Errno 111] Connection refused" for uid in (65534, DIRECTORY_UID)]
+    refused = [f"probe {uid}: [Errno 111] Connection refused" for uid in PROBE_UIDS]
     assert all(line in probe for line in refused), probe + machine.sh(
         "systemctl status --no-pager tollgate-rules; journalctl -b -o short-monotonic "
         "--no-pager -u tollgate-rules -u tg-probe -u network-pre.target", check=False).stdout
@@ -290,9 +297,7 @@ def test_the_service_ships_to_cloud_logging_from_inside_its_sandbox(machine):
 def test_a_stopped_agent_leaves_the_subject_refused_until_started(machine):
     machine.sh("systemctl stop tollgate")
     try:
-        assert machine.sh("nft list table inet tollgate").returncode == 0
-        r = machine.fetch()
-        assert r.returncode != 0 and "Connection refused" in r.stderr, r.stdout + r.stderr
+        machine.assert_confined()
     finally:
         machine.sh("systemctl start tollgate")
     assert machine.fetch().stdout.strip() == "200"
@@ -306,9 +311,7 @@ def test_the_early_rules_load_without_the_installs_key_directory(machine):
                "mv /var/lib/tollgate-keys /run/keys.away")
     try:
         machine.sh("systemctl restart tollgate-rules")
-        assert machine.sh("nft list table inet tollgate").returncode == 0
-        r = machine.fetch()
-        assert r.returncode != 0 and "Connection refused" in r.stderr, r.stdout + r.stderr
+        machine.assert_confined()
     finally:
         machine.sh("rm -rf /var/lib/tollgate-keys && mv /run/keys.away /var/lib/tollgate-keys && "
                    "systemctl start tollgate", check=False)
@@ -383,6 +386,4 @@ def test_remove_stops_the_agent_and_the_rules_stay(machine):
     assert "rules (table inet tollgate) stay" in out and "policy-rc.d" not in out, out
     assert machine.sh("systemctl show tollgate -p ActiveState --value").stdout.strip() in (
         "inactive", "")
-    assert machine.sh("nft list table inet tollgate").returncode == 0
-    r = machine.fetch()
-    assert r.returncode != 0 and "Connection refused" in r.stderr, r.stdout + r.stderr
+    machine.assert_confined()
