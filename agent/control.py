@@ -128,7 +128,9 @@ def record(run_dir: str, store: StoreSettings, kind: str, rec: dict, by: dict) -
 
 def append_offline(store: StoreSettings, kind: str, rec: dict) -> int:
     """Append one record with no agent running, under the writer lock, and
-    seal it on close (when the key exists), as the agent would have."""
+    seal it on close (when the key exists), as the agent would have. The
+    record says it was written offline: a killed agent's run must not seem
+    to last until the next command an operator ran (review.runs)."""
     from agent.store import Kind, StoreWriter
     lock = StoreLock(store.path)
     try:
@@ -136,7 +138,7 @@ def append_offline(store: StoreSettings, kind: str, rec: dict) -> int:
             raise RuntimeError(f"{store.path}: store is locked by a writer that does not answer")
         w = StoreWriter.from_config(store, maintain_interval_s=0)
         try:
-            return w.append_json(Kind[kind], rec)
+            return w.append_json(Kind[kind], {**rec, "offline": True})
         finally:
             w.close()
     finally:

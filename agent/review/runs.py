@@ -1,7 +1,9 @@
 """The agent's runs, from its own start and stop records: when recording
 held, with which guarantees (the kernel witness on, the store sealed, the
 durability), and how each run ended. A run with no stop record was killed
-or crashed; its last record says how far it got. Between runs the rules
+or crashed; its last record says how far it got, not counting what came
+after it that the agent cannot have written: a torn tail's RECOVERED (the
+next writer's) or a record a command wrote while no agent ran (`offline`). Between runs the rules
 stay in the kernel, so the subjects were refused, not unrecorded, unless
 the run stopped with them removed (`tollgate rules remove`), which it says."""
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from agent.store import Kind, iter_records
+from agent.store import Kind, Record, iter_records
 
 __all__ = ["AgentRun", "as_dicts", "list_runs"]
 
@@ -47,23 +49,43 @@ def _start(ts_ns: int, j: dict) -> AgentRun:
     return run
 
 
+# Kinds a command writes too (control.append_offline), which say so.
+_ALSO_OFFLINE = frozenset({Kind.EVENT, Kind.ALERT, Kind.ACCESS, Kind.ACK})
+
+
+def _not_the_agents(r: Record) -> bool:
+    """Whether a record shows the run before it had ended: the next writer's
+    RECOVERED after a crash, or a command's record with no agent running."""
+    return r.kind == Kind.RECOVERED or (r.kind in _ALSO_OFFLINE and r.json().get("offline") is True)
+
+
+def _stop(run: AgentRun, j: dict) -> None:
+    run.stopped = str(j.get("reason", ""))
+    run.rules_left_in_place = j.get("rules_left_in_place")
+    if run.rules_left_in_place is False:
+        run.gaps.append("stopped with the rules removed: the subjects were free until the next start")
+
+
 def list_runs(store_dir: str) -> list[AgentRun]:
     """Every run the store holds, oldest first (live: a torn tail is allowed)."""
     runs: list[AgentRun] = []
+    alive: AgentRun | None = None     # the run whose records these may still be
     for r in iter_records(store_dir, strict=False):
-        if runs and runs[-1].stopped is None:
-            runs[-1].last_record_ns = r.ts_ns
+        if alive is not None and _not_the_agents(r):
+            alive = None
+        # A segment's first record is written just before the record that
+        # needs it, and also when a command opens the store: not evidence.
+        if alive is not None and r.kind != Kind.SEGMENT_START:
+            alive.last_record_ns = r.ts_ns
         if r.kind != Kind.EVENT:
             continue
         j = r.json()
         if j.get("event") == "agent_start":
-            runs.append(_start(r.ts_ns, j))
-        elif j.get("event") == "agent_stop" and runs and runs[-1].stopped is None:
-            runs[-1].stopped = str(j.get("reason", ""))
-            runs[-1].rules_left_in_place = j.get("rules_left_in_place")
-            if runs[-1].rules_left_in_place is False:
-                runs[-1].gaps.append("stopped with the rules removed: the subjects were free "
-                                     "until the next start")
+            alive = _start(r.ts_ns, j)
+            runs.append(alive)
+        elif j.get("event") == "agent_stop" and alive is not None:
+            _stop(alive, j)
+            alive = None
     return runs
 
 

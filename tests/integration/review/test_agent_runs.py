@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import pytest
 
@@ -29,6 +30,10 @@ def test_runs_say_what_held_and_how_each_ended(sandbox, tmp_path):
     assert second.cli("keys", "init").returncode == 0
     second.start()
     second.stop(signal.SIGKILL)                            # no stop record
+    time.sleep(0.2)
+    after_kill = time.time_ns()
+    # A command run while no agent runs writes to the store itself: not the killed run's.
+    assert second.cli("rules", "apply", "--reason", "after the kill").returncode == 0
     third = AgentProcess(sandbox, workdir=work, extra="[witness]\nenabled = false\n").start()
     assert third.cli("rules", "remove", "--reason", "test").returncode == 0
     third.stop()                                           # the subjects free after it
@@ -48,6 +53,7 @@ def test_runs_say_what_held_and_how_each_ended(sandbox, tmp_path):
                                               "were free until the next start"]
     assert all(r["durability"] == "write" and r["data_plane"] == "native" for r in listed)
     assert listed[0]["started_ns"] < listed[0]["last_record_ns"] <= listed[1]["started_ns"]
+    assert listed[1]["started_ns"] < listed[1]["last_record_ns"] < after_kill
     lines = text.splitlines()
     assert lines[0].startswith("STARTED") and len(lines) == 4
     assert " OFF " in lines[1] and " NO " in lines[1] and " yes " in lines[2]

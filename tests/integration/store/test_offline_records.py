@@ -1,5 +1,6 @@
 """A CLI that records while no agent runs (a replay's ACCESS, an ACK) leaves
-the store as the agent would: the record sealed, the chain whole."""
+the store as the agent would: the record sealed, the chain whole, and
+saying it was written with no agent running."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def test_replay_with_no_agent_records_access_and_seals_it(open_dir):
     assert r.returncode == 0, r.stderr
     records = list(iter_records(store))
     assert [r.kind for r in records[-2:]] == [Kind.ACCESS, Kind.SEAL], records[-2:]
+    assert records[-2].json()["offline"] is True     # not a (killed) agent's: review.runs
     report = verify(store, load_verification_key(verification_key))
     # the seal signs the chain up to the ACCESS record (only the seal itself follows)
     assert report.ok and report.keyed and report.sealed_upto == records[-2].seq, report
