@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from agent.review import attribution
-from agent.review.runs import AgentRun, as_dicts, list_runs
-from agent.review.search import Digest, digest_sessions
-from agent.review.sessions import SessionSummary, list_alerts, list_sessions, sorted_alerts
+from agent.review.fold import fold
+from agent.review.runs import AgentRun, RunFold, as_dicts
+from agent.review.search import Digest, DigestFold
+from agent.review.sessions import AlertFold, SessionFold, SessionSummary, sorted_alerts
 from agent.review.text import address, clean, stamp
 from agent.store import VerifyReport, verify
 
@@ -42,11 +43,11 @@ class ReportData:
 
 def gather(store_dir: str, key: bytes | None = None) -> ReportData:
     """Everything the page shows, read from the store (live: a torn tail is allowed)."""
-    sessions = list_sessions(store_dir)
-    digests = digest_sessions(store_dir, [s.id for s in sessions], keep=ACTIONS_SHOWN)
-    return ReportData(store_dir, time.time_ns(), sessions, digests,
-                      sorted_alerts(list_alerts(store_dir)), verify(store_dir, key, allow_torn_tail=True),
-                      list_runs(store_dir))
+    sessions, digests, alerts, runs = SessionFold(), DigestFold(keep=ACTIONS_SHOWN), AlertFold(), RunFold()
+    fold(store_dir, sessions, digests, alerts, runs)
+    return ReportData(store_dir, time.time_ns(), sessions.result(), digests.result(),
+                      sorted_alerts(alerts.result()), verify(store_dir, key, allow_torn_tail=True),
+                      runs.result())
 
 
 def _e(value: object) -> str:

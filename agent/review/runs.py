@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from agent.store import Kind, Record, iter_records
+from agent.review.fold import fold
+from agent.store import Kind, Record
 
-__all__ = ["AgentRun", "as_dicts", "list_runs"]
+__all__ = ["AgentRun", "RunFold", "as_dicts", "list_runs"]
 
 
 @dataclass(slots=True)
@@ -66,27 +67,39 @@ def _stop(run: AgentRun, j: dict) -> None:
         run.gaps.append("stopped with the rules removed: the subjects were free until the next start")
 
 
-def list_runs(store_dir: str) -> list[AgentRun]:
-    """Every run the store holds, oldest first (live: a torn tail is allowed)."""
-    runs: list[AgentRun] = []
-    alive: AgentRun | None = None     # the run whose records these may still be
-    for r in iter_records(store_dir, strict=False):
-        if alive is not None and _not_the_agents(r):
-            alive = None
+class RunFold:
+    """Every run the store holds, oldest first."""
+
+    def __init__(self) -> None:
+        self.runs: list[AgentRun] = []
+        self._alive: AgentRun | None = None     # the run whose records these may still be
+
+    def add(self, r: Record) -> None:
+        if self._alive is not None and _not_the_agents(r):
+            self._alive = None
         # A segment's first record is written just before the record that
         # needs it, and also when a command opens the store: not evidence.
-        if alive is not None and r.kind != Kind.SEGMENT_START:
-            alive.last_record_ns = r.ts_ns
+        if self._alive is not None and r.kind != Kind.SEGMENT_START:
+            self._alive.last_record_ns = r.ts_ns
         if r.kind != Kind.EVENT:
-            continue
+            return
         j = r.json()
         if j.get("event") == "agent_start":
-            alive = _start(r.ts_ns, j)
-            runs.append(alive)
-        elif j.get("event") == "agent_stop" and alive is not None:
-            _stop(alive, j)
-            alive = None
-    return runs
+            self._alive = _start(r.ts_ns, j)
+            self.runs.append(self._alive)
+        elif j.get("event") == "agent_stop" and self._alive is not None:
+            _stop(self._alive, j)
+            self._alive = None
+
+    def result(self) -> list[AgentRun]:
+        return self.runs
+
+
+def list_runs(store_dir: str) -> list[AgentRun]:
+    """Every run the store holds, oldest first (live: a torn tail is allowed)."""
+    f = RunFold()
+    fold(store_dir, f)
+    return f.result()
 
 
 def as_dicts(runs: list[AgentRun]) -> Iterator[dict]:

@@ -18,10 +18,10 @@ from typing import Iterable
 from agent.review.render import action_text
 from agent.review.sessions import SessionSummary, list_sessions, session_of
 from agent.review.view import Decoded, SessionView
-from agent.store import Kind, iter_records
+from agent.store import Kind, Record, iter_records
 
 __all__ = ["SessionFilter", "Destination", "Digest", "parse_time", "parse_destination", "search_sessions",
-           "digest_sessions"]
+           "DigestFold", "digest_sessions"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -109,28 +109,55 @@ class Digest:
     matched: bool = False
 
 
+class DigestFold:
+    """Decodes sessions as their records come: the given ones, or (ids None)
+    every session from its SESSION_OPEN on. A session's decoder is let go
+    at its close, so memory follows the sessions open at once."""
+
+    def __init__(self, ids: Iterable[int] | None = None, keep: int = 5, needle: str | None = None) -> None:
+        self._every = ids is None
+        self._views = {sid: SessionView() for sid in ids or ()}
+        self.digests = {sid: Digest() for sid in self._views}
+        self._keep, self._needle = keep, needle.casefold() if needle else None
+
+    @property
+    def done(self) -> bool:
+        """Every given session closed: nothing later is theirs."""
+        return not self._every and not self._views
+
+    def add(self, r: Record) -> None:
+        sid = session_of(r)
+        view = self._views.get(sid)
+        if view is None:
+            if not (self._every and r.kind == Kind.SESSION_OPEN):
+                return
+            view = self._views[sid] = SessionView()
+            self.digests[sid] = Digest()
+        _digest(self.digests[sid], view.add(r), self._keep, self._needle)
+        if r.kind == Kind.SESSION_CLOSE:
+            self._let_go(sid)
+
+    def result(self) -> dict[int, Digest]:
+        for sid in list(self._views):
+            self._let_go(sid)
+        return self.digests
+
+    def _let_go(self, sid: int) -> None:
+        view, digest = self._views.pop(sid), self.digests[sid]
+        _digest(digest, view.finish(0), self._keep, self._needle)
+        digest.protocol = view.protocol or digest.protocol
+
+
 def digest_sessions(store_dir: str, ids: Iterable[int], keep: int = 5,
                     needle: str | None = None) -> dict[int, Digest]:
-    """Decode the given sessions in one pass of the store."""
+    """Decode the given sessions in one pass of the store, from the first of them."""
     wanted = set(ids)
-    views = {sid: SessionView() for sid in wanted}
-    digests = {sid: Digest() for sid in wanted}
-    needle = needle.casefold() if needle else None
-    start = min(wanted, default=0)
-    for r in iter_records(store_dir, strict=False, start_seq=start):
-        sid = session_of(r)
-        if sid not in wanted:
-            continue
-        items = views[sid].add(r)
-        _digest(digests[sid], items, keep, needle)
-        if r.kind == Kind.SESSION_CLOSE:
-            wanted.discard(sid)  # nothing of it can follow its close
-            if not wanted:
-                break
-    for sid, view in views.items():
-        _digest(digests[sid], view.finish(0), keep, needle)
-        digests[sid].protocol = view.protocol or digests[sid].protocol
-    return digests
+    f = DigestFold(wanted, keep, needle)
+    for r in iter_records(store_dir, strict=False, start_seq=min(wanted, default=0)):
+        if f.done:
+            break
+        f.add(r)
+    return f.result()
 
 
 def _digest(d: Digest, items: list, keep: int, needle: str | None) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from agent.review import attribution
 from agent.review.decoders import DETECT_BYTES, detect
+from agent.review.fold import fold
 from agent.review.view import decoder_protocol
 from agent.store import Kind, Record, iter_records
 
@@ -80,32 +81,39 @@ def _add_data(s: SessionSummary, r: Record) -> None:
         first += data[:DETECT_BYTES - len(first)]
 
 
-def fold_sessions(records: Iterable[Record]) -> dict[int, SessionSummary]:
-    sessions: dict[int, SessionSummary] = {}
-    for r in records:
+class SessionFold:
+    """Every session's summary, folded from the records in store order."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[int, SessionSummary] = {}
+
+    def add(self, r: Record) -> None:
         if r.kind == Kind.DATA:
-            s = sessions.get(r.data()[0])
+            s = self.sessions.get(r.data()[0])
             if s is not None:
                 _add_data(s, r)
         elif r.kind == Kind.SESSION_OPEN:
             j = r.json()
-            sessions[r.seq] = SessionSummary(r.seq, r.ts_ns, tuple(j["client"]),
-                                             tuple(j["original_dst"]), open_protocol=j.get("protocol"))
+            self.sessions[r.seq] = SessionSummary(r.seq, r.ts_ns, tuple(j["client"]),
+                                                  tuple(j["original_dst"]), open_protocol=j.get("protocol"))
         elif r.kind in (Kind.SESSION_INFO, Kind.SESSION_CLOSE):
             j = r.json()
-            s = sessions.get(j.get("session"))
+            s = self.sessions.get(j.get("session"))
             if s is None:
-                continue
+                return
             if r.kind == Kind.SESSION_INFO:
                 s.info = j
             else:
                 s.close, s.end_ns = j, r.ts_ns
-    return sessions
+
+    def result(self) -> list[SessionSummary]:
+        return sorted(self.sessions.values(), key=lambda s: s.id)
 
 
 def list_sessions(store_dir: str) -> list[SessionSummary]:
-    return sorted(fold_sessions(iter_records(store_dir, strict=False)).values(),
-                  key=lambda s: s.id)
+    f = SessionFold()
+    fold(store_dir, f)
+    return f.result()
 
 
 def session_of(r: Record) -> int | None:
@@ -130,23 +138,35 @@ def session_records(store_dir: str, session_id: int) -> Iterator[Record]:
                 return
 
 
-def list_alerts(store_dir: str) -> list[dict]:
+class AlertFold:
     """Every alert with its ack (or None) and the process chain behind it."""
-    alerts, acks, infos = [], {}, {}
-    for r in iter_records(store_dir, strict=False):
+
+    def __init__(self) -> None:
+        self.alerts: list[dict] = []
+        self.acks: dict[object, dict] = {}
+        self.infos: dict[object, dict] = {}
+
+    def add(self, r: Record) -> None:
         if r.kind == Kind.ALERT:
-            alerts.append({**r.json(), "seq": r.seq})
+            self.alerts.append({**r.json(), "seq": r.seq})
         elif r.kind == Kind.ACK:
             j = r.json()
-            acks[j.get("alert")] = {**j, "time_ns": r.ts_ns}
+            self.acks[j.get("alert")] = {**j, "time_ns": r.ts_ns}
         elif r.kind == Kind.SESSION_INFO:
             j = r.json()
-            infos[j.get("session")] = j
-    for a in alerts:
-        a["ack"] = acks.get(a["id"])
-        chain, source = attribution.alert_chain(a, infos)
-        a["chain"], a["chain_source"] = chain, source
-    return alerts
+            self.infos[j.get("session")] = j
+
+    def result(self) -> list[dict]:
+        for a in self.alerts:
+            a["ack"] = self.acks.get(a["id"])
+            a["chain"], a["chain_source"] = attribution.alert_chain(a, self.infos)
+        return self.alerts
+
+
+def list_alerts(store_dir: str) -> list[dict]:
+    f = AlertFold()
+    fold(store_dir, f)
+    return f.result()
 
 
 def sorted_alerts(alerts: list[dict]) -> list[dict]:
