@@ -27,6 +27,21 @@ def _load(ctx: click.Context, confinable: bool = False) -> Config:
         raise Failure(str(e)) from None
 
 
+def _store(cfg: Config) -> str:
+    """The store's directory, for the commands that read it. A path with no
+    store is an error, not an empty store: a mistyped --config or store.path
+    must not list "no sessions", nor have a report's ACCESS record create a
+    new store there."""
+    return _store_at(cfg.store.path, f"store.path in {cfg.source}")
+
+
+def _store_at(path: str, named_by: str) -> str:
+    import os
+    if not os.path.isdir(path):
+        raise Failure(f"{path}: no store here ({named_by}); nothing was recorded there")
+    return path
+
+
 def _json(obj: Any) -> None:
     click.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2, default=str).decode())
 
@@ -178,7 +193,7 @@ def sessions(ctx: click.Context, subject: str | None, dst: str | None, protocol:
             until_ns=search.parse_time(until) if until else None, grep=grep)
     except ValueError as e:
         raise Failure(str(e)) from None
-    items = search.search_sessions(cfg.store.path, wanted)
+    items = search.search_sessions(_store(cfg), wanted)
     if as_json:
         click.echo(json_text([s.as_dict() for s in items]))
         return
@@ -198,7 +213,7 @@ def _audit(cfg: Config, act: dict) -> None:
 def _open_session(cfg: Config, session_id: int, follow: bool = False):
     from agent.review.replay import open_session
     try:
-        return open_session(cfg.store.path, session_id, follow)
+        return open_session(_store(cfg), session_id, follow)
     except LookupError as e:
         raise Failure(str(e)) from None
 
@@ -279,7 +294,7 @@ def report(ctx: click.Context, html_file: str, key_file: str | None) -> None:
         key = load_verification_key(key_file) if key_file else None
     except SealKeyError as e:
         raise Failure(str(e)) from None
-    data = gather(cfg.store.path, key)
+    data = gather(_store(cfg), key)
     _audit(cfg, {"act": "report", "file": os.path.abspath(html_file), "sessions": len(data.sessions)})
     try:
         with open(html_file, "w", encoding="utf-8") as f:
@@ -331,7 +346,7 @@ def alerts(ctx: click.Context, as_json: bool) -> None:
     from agent.review.sessions import list_alerts, sorted_alerts
     from agent.review.text import json_text
     cfg = _load(ctx)
-    items = sorted_alerts(list_alerts(cfg.store.path))
+    items = sorted_alerts(list_alerts(_store(cfg)))
     if as_json:
         click.echo(json_text(items))
         return
@@ -341,7 +356,7 @@ def alerts(ctx: click.Context, as_json: bool) -> None:
 
 def _find_alert(cfg: Config, alert_id: str) -> dict:
     from agent.review.sessions import list_alerts
-    for a in list_alerts(cfg.store.path):
+    for a in list_alerts(_store(cfg)):
         if a["id"] == alert_id:
             return a
     raise Failure(f"no alert {alert_id}")
@@ -386,7 +401,7 @@ def runs(ctx: click.Context, as_json: bool) -> None:
     from agent.review.listing import run_lines
     from agent.review.runs import as_dicts, list_runs
     from agent.review.text import json_text
-    found = list_runs(_load(ctx).store.path)
+    found = list_runs(_store(_load(ctx)))
     if as_json:
         click.echo(json_text(list(as_dicts(found))))
         return
@@ -434,7 +449,7 @@ def verify_cmd(ctx: click.Context, key_file: str | None, store_dir: str | None, 
                as_json: bool) -> None:
     """Prove the store whole: checksums, chain, segments, seals. Exit 1 on any failure."""
     from agent.store import SealKeyError, load_verification_key, verify
-    store_dir = store_dir or _load(ctx).store.path
+    store_dir = _store_at(store_dir, "--store") if store_dir else _store(_load(ctx))
     try:
         key = load_verification_key(key_file) if key_file else None
     except SealKeyError as e:
