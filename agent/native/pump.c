@@ -393,7 +393,7 @@ static void adopt(Worker *w, Dir *d) {
     w->live = d;
     d->rmask = d->wmask = UNREGISTERED;
     if (is_dead(d->s)) { retire(w, d); return; }
-    set_interest(w, d->rfd, &d->rmask, EPOLLIN, tag(d, 0));
+    update_interest(w, d);     /* a resumed direction may start with bytes to send */
 }
 
 static void take_inbox(Worker *w) {
@@ -445,8 +445,9 @@ static void bury(Worker *w) {
 
 /* -- connecting upstream ---------------------------------------------------------- */
 
+typedef struct Handed Handed;
 static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home,
-                       OpenSession *opened);
+                       OpenSession *opened, const Handed *resumed);
 
 /* The subject sees a reset; the session ends with reason, nothing relayed. */
 static void dial_end(Worker *w, Dial *d, const char *reason) {
@@ -463,7 +464,7 @@ static void dial_fail(Worker *w, Dial *d, const char *prefix, const char *why) {
 }
 
 static void dial_connected(Worker *w, Dial *d) {
-    int err = start_relay(w->pump, d->sid, d->cfd, d->sfd, w, d->opened);
+    int err = start_relay(w->pump, d->sid, d->cfd, d->sfd, w, d->opened, NULL);
     if (err) {
         dial_fail(w, d, "relay failed", strerror(err));
         return;
@@ -644,8 +645,61 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
-/* After the threads have stopped: reset what is left, in the closing thread. */
-static void reset_remaining(Pump *p) {
+/* A live session let go of without ending it, for the next agent: its two
+ * sockets, its counts, and per direction what was read and recorded but not
+ * yet sent (invariant 1: already in the store), or that it finished (its EOF
+ * passed on). A direction reads nothing while bytes wait, so an EOF not yet
+ * read is still in its socket, for the next agent to read. */
+enum { HAND_LIVE = 0, HAND_DONE = 2 };
+struct Handed {
+    uint64_t sid, bytes[2], opened_ns;
+    int fd[2], state[2];
+    char *pend[2];
+    size_t pend_len[2];
+};
+
+static void let_go_of_dir(Dir *d) {
+    Worker *w = d->w;
+    unregister(w, d->rfd, &d->rmask);
+    unregister(w, d->wfd, &d->wmask);
+    if (d->wfd_dup) close(d->wfd);
+    if (d->prev) d->prev->next = d->next; else w->live = d->next;
+    if (d->next) d->next->prev = d->prev;
+}
+
+static void hand_over(Pump *p, Sess *s, Batch *out) {
+    Handed *h = batch_add(out, sizeof *h);
+    if (h == NULL) abort();
+    memset(h, 0, sizeof *h);
+    h->sid = s->sid;
+    h->opened_ns = s->opened ? s->opened->opened_ns : 0;
+    for (int i = 0; i < 2; i++) {
+        Dir *d = &s->d[i];
+        h->fd[i] = s->fd[i];
+        h->bytes[i] = s->bytes[i];
+        if (s->dir_retired[i]) {
+            h->state[i] = HAND_DONE;
+            continue;
+        }
+        h->state[i] = HAND_LIVE;
+        if (d->pend_len) {   /* moved, not copied: the direction is let go of here */
+            memmove(d->pend, d->pend + d->pend_off, d->pend_len);
+            h->pend[i] = d->pend;
+            h->pend_len[i] = d->pend_len;
+            d->pend = NULL;
+        }
+        let_go_of_dir(d);
+    }
+    /* The opener's record of it stays in its registry (freed with it): the
+     * next agent writes the close. */
+    __atomic_sub_fetch(&p->live_count, 1, __ATOMIC_RELAXED);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}
+
+/* After the threads have stopped: reset what is left, in the closing thread,
+ * or (handed not NULL) hand every live session over instead. */
+static void reset_remaining(Pump *p, Batch *handed) {
     for (int i = 0; i < p->nworkers; i++) end_dials(&p->workers[i], p->stop_reason);
     for (int i = 0; i < p->nworkers; i++) take_inbox(&p->workers[i]);
     for (int i = 0; i < p->nworkers; i++) {
@@ -657,6 +711,10 @@ static void reset_remaining(Pump *p) {
         while (w->live) {
             Dir *d = w->live;
             Sess *s = d->s;
+            if (handed && !is_dead(s)) {
+                hand_over(p, s, handed);
+                continue;
+            }
             pthread_mutex_lock(&s->mu);
             if (!s->dead) {
                 snprintf(s->reason, sizeof s->reason, "%s", p->stop_reason);
@@ -672,14 +730,14 @@ static void reset_remaining(Pump *p) {
 
 /* -- the Python type ------------------------------------------------------------- */
 
-static void stop_workers(Pump *p, const char *reason) {
+static void stop_workers(Pump *p, const char *reason, Batch *handed) {
     if (!p->started || p->closed) return;
     p->closed = 1;
     snprintf(p->stop_reason, sizeof p->stop_reason, "%s", reason);
     __atomic_store_n(&p->stopping, 1, __ATOMIC_SEQ_CST);
     for (int i = 0; i < p->nworkers; i++) wake(&p->workers[i]);
     for (int i = 0; i < p->nworkers; i++) pthread_join(p->workers[i].thread, NULL);
-    reset_remaining(p);
+    reset_remaining(p, handed);
 }
 
 static int start_worker(Pump *p, Worker *w) {
@@ -732,7 +790,7 @@ static int Pump_init(Pump *p, PyObject *args, PyObject *kw) {
         if (start_worker(p, &p->workers[i]) != 0) {
             PyErr_SetFromErrno(PyExc_OSError);
             p->nworkers = i, p->started = 1;
-            stop_workers(p, "pump failed to start");
+            stop_workers(p, "pump failed to start", NULL);
             return -1;
         }
         p->nworkers = i + 1;
@@ -746,13 +804,35 @@ static Worker *next_worker(Pump *p) {
     return &p->workers[i % (unsigned)p->nworkers];
 }
 
+/* Where a handed-over session was (start_relay, before any worker sees it). */
+static void resume_state(Sess *s, const Handed *h) {
+    for (int i = 0; i < 2; i++) {
+        Dir *d = &s->d[i];
+        s->bytes[i] = h->bytes[i];
+        if (h->state[i] == HAND_DONE) {   /* its EOF was passed on before the hand-over */
+            s->dir_retired[i] = 1;
+            s->live_dirs--;
+            s->refs--;
+            d->retired = 1;
+            if (d->wfd_dup) close(d->wfd);
+            d->wfd_dup = 0;
+            continue;
+        }
+        d->pend = h->pend[i];         /* the caller's copy, owned from here */
+        d->pend_len = h->pend_len[i];
+        d->pend_off = 0;
+    }
+}
+
 /* Relay two connected sockets: 0, or an errno (nothing taken over). The
  * client's direction goes to `home` (the worker that dialed, calling from its
  * own thread: adopted there and then, no hand-over) or else the next worker;
  * the server's direction to another worker, where there is one. Per short
- * connection that saves two dups, their two closes and a wake-up. */
+ * connection that saves two dups, their two closes and a wake-up.
+ * `resumed`: a session a previous agent handed over (hand_over), which goes
+ * on where it was: its counts, bytes to send first, a direction finished. */
 static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home,
-                       OpenSession *opened) {
+                       OpenSession *opened, const Handed *resumed) {
     Worker *to[2];
     to[CLIENT] = home ? home : next_worker(p);
     to[SERVER] = &p->workers[(to[CLIENT] - p->workers + 1) % p->nworkers];
@@ -787,9 +867,11 @@ static int start_relay(Pump *p, uint64_t sid, int cfd, int sfd, Worker *home,
         d->rmask = d->wmask = UNREGISTERED;
         d->w = to[i];
     }
+    if (resumed) resume_state(s, resumed);
     /* The other worker's first: a cut by the one adopted here finds it on its way. */
     for (int i = SERVER; i >= CLIENT; i--) {
         Worker *w = s->d[i].w;
+        if (s->dir_retired[i]) continue;
         if (w == home) {
             adopt(w, &s->d[i]);
             continue;
@@ -822,7 +904,7 @@ static PyObject *Pump_add(Pump *p, PyObject *args) {
     int cfd, sfd;
     if (!PyArg_ParseTuple(args, "Kii", &sid, &cfd, &sfd) || check_open(p) < 0) return NULL;
     count_live(p, 1);
-    int err = start_relay(p, sid, cfd, sfd, NULL, NULL);
+    int err = start_relay(p, sid, cfd, sfd, NULL, NULL, NULL);
     if (err) count_live(p, -1);
     return none_or_oserror(err);
 }
@@ -894,13 +976,98 @@ static PyObject *Pump_finished(Pump *p, PyObject *unused) {
     return out;
 }
 
+/* (client, original destination) of a handed-over session's client socket, or None. */
+static PyObject *handed_addresses(int cfd) {
+    struct sockaddr_storage peer, dst;
+    socklen_t len = sizeof peer;
+    PyObject *t = NULL;
+    if (getpeername(cfd, (struct sockaddr *)&peer, &len) == 0
+        && original_dst(cfd, (struct sockaddr *)&peer, &dst) == 0)
+        t = accepted_tuple(cfd, (struct sockaddr *)&peer, (struct sockaddr *)&dst);
+    if (t == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *out = PyTuple_GetSlice(t, 1, 3);
+    Py_DECREF(t);
+    return out;
+}
+
+static PyObject *handed_tuple(const Handed *h) {
+    PyObject *addrs = handed_addresses(h->fd[CLIENT]);
+    if (addrs == NULL) return NULL;
+    PyObject *t = Py_BuildValue("(KiiKKy#y#iiKN)", h->sid, h->fd[CLIENT], h->fd[SERVER],
+                                h->bytes[CLIENT], h->bytes[SERVER],
+                                h->pend[CLIENT] ? h->pend[CLIENT] : "", (Py_ssize_t)h->pend_len[CLIENT],
+                                h->pend[SERVER] ? h->pend[SERVER] : "", (Py_ssize_t)h->pend_len[SERVER],
+                                h->state[CLIENT], h->state[SERVER], h->opened_ns, addrs);
+    return t;
+}
+
+/* close(reason, hand_over=False). hand_over: live sessions are not reset
+ * but returned, their sockets open, for the next agent (Pump.resume). */
 static PyObject *Pump_close(Pump *p, PyObject *args) {
     const char *reason = "agent stopping";
-    if (!PyArg_ParseTuple(args, "|s", &reason)) return NULL;
+    int handing = 0;
+    if (!PyArg_ParseTuple(args, "|sp", &reason, &handing)) return NULL;
+    Batch handed = {0};
     Py_BEGIN_ALLOW_THREADS
-    stop_workers(p, reason);
+    stop_workers(p, reason, handing ? &handed : NULL);
     Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    if (!handing) Py_RETURN_NONE;
+    size_t count;
+    Handed *hs = batch_take(&handed, &count);
+    PyObject *out = PyList_New(0);
+    for (size_t i = 0; i < count; i++) {
+        PyObject *t = out ? handed_tuple(&hs[i]) : NULL;
+        if (t == NULL || PyList_Append(out, t) != 0) Py_CLEAR(out);
+        Py_XDECREF(t);
+        free(hs[i].pend[CLIENT]);
+        free(hs[i].pend[SERVER]);
+    }
+    free(hs);
+    return out;
+}
+
+/* resume(session_id, client_fd, server_fd, client_bytes, server_bytes,
+ *        client_pending, server_pending, client_state, server_state) */
+static PyObject *Pump_resume(Pump *p, PyObject *args) {
+    Handed h = {0};
+    const char *pend[2];
+    Py_ssize_t plen[2];
+    if (!PyArg_ParseTuple(args, "KiiKKy#y#ii", &h.sid, &h.fd[CLIENT], &h.fd[SERVER],
+                          &h.bytes[CLIENT], &h.bytes[SERVER], &pend[CLIENT], &plen[CLIENT],
+                          &pend[SERVER], &plen[SERVER], &h.state[CLIENT], &h.state[SERVER])
+        || check_open(p) < 0)
+        return NULL;
+    for (int i = 0; i < 2; i++) {
+        if ((h.state[i] != HAND_LIVE && h.state[i] != HAND_DONE)
+            || (h.state[i] == HAND_DONE && plen[i])) {
+            PyErr_SetString(PyExc_ValueError, "not a state a hand-over leaves");
+            return NULL;
+        }
+    }
+    if (h.state[CLIENT] == HAND_DONE && h.state[SERVER] == HAND_DONE) {
+        PyErr_SetString(PyExc_ValueError, "both directions finished: the session had ended");
+        return NULL;
+    }
+    for (int i = 0; i < 2; i++) {
+        h.pend_len[i] = (size_t)plen[i];
+        h.pend[i] = plen[i] ? malloc((size_t)plen[i]) : NULL;
+        if (plen[i] && h.pend[i] == NULL) {
+            free(h.pend[CLIENT]);
+            return PyErr_NoMemory();
+        }
+        if (plen[i]) memcpy(h.pend[i], pend[i], (size_t)plen[i]);
+    }
+    count_live(p, 1);
+    int err = start_relay(p, h.sid, h.fd[CLIENT], h.fd[SERVER], NULL, NULL, &h);
+    if (err) {
+        count_live(p, -1);
+        free(h.pend[CLIENT]);
+        free(h.pend[SERVER]);
+    }
+    return none_or_oserror(err);
 }
 
 static PyObject *Pump_get_live(Pump *p, void *unused) {
@@ -911,7 +1078,7 @@ static PyObject *Pump_get_done_fd(Pump *p, void *unused) { return PyLong_FromLon
 
 static void Pump_dealloc(Pump *p) {
     Py_BEGIN_ALLOW_THREADS
-    stop_workers(p, "pump released");
+    stop_workers(p, "pump released", NULL);
     Py_END_ALLOW_THREADS
     for (int i = 0; i < p->nworkers; i++) {
         Worker *w = &p->workers[i];
@@ -940,7 +1107,13 @@ static PyMethodDef Pump_methods[] = {
     {"finished", (PyCFunction)Pump_finished, METH_NOARGS,
      "ended sessions since the last call: (id, reason, client_bytes, server_bytes, store_errno)"},
     {"close", (PyCFunction)Pump_close, METH_VARARGS,
-     "close(reason): reset every session, end them with reason, stop the threads"},
+     "close(reason, hand_over=False): stop the threads; reset every session and end it "
+     "with reason, or (hand_over) return the live ones unended: [(id, client_fd, server_fd, "
+     "client_bytes, server_bytes, client_pending, server_pending, client_state, "
+     "server_state, opened_ns, (client, original_dst) or None)]"},
+    {"resume", (PyCFunction)Pump_resume, METH_VARARGS,
+     "resume(id, client_fd, server_fd, client_bytes, server_bytes, client_pending, "
+     "server_pending, client_state, server_state): relay a handed-over session on"},
     {NULL},
 };
 
