@@ -424,7 +424,7 @@ def ship(ctx: click.Context, once: bool, config_path: str | None, as_json: bool)
         ctx.obj["config_path"] = config_path
     cfg = _load(ctx)
     try:
-        shipper = Shipper(cfg, cfg.store.path)
+        shipper = Shipper(cfg, _store(cfg))
         result = shipper.run_once()
     except (ShipperBusy, TransportError, GoogleAPICallError, FileNotFoundError) as e:
         raise Failure(str(e)) from None

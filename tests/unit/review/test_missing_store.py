@@ -12,14 +12,15 @@ import pytest
 
 READERS = [["sessions"], ["alerts"], ["alerts", "show", "x"], ["alerts", "ack", "x", "--reason", "r"],
            ["runs"], ["replay", "1"], ["export", "1", "--pcap", "out.pcap"],
-           ["report", "--html", "out.html"], ["verify"]]
+           ["report", "--html", "out.html"], ["verify"], ["ship", "--once"]]
 
 
 @pytest.mark.parametrize("command", READERS, ids=lambda c: " ".join(c[:2]))
 def test_a_command_given_no_store_says_so_and_creates_nothing(tmp_path, command):
     config = tmp_path / "tollgate.toml"
     store = tmp_path / "store"
-    config.write_text(f'subjects = ["nobody"]\nrun_dir = "{tmp_path}/run"\n[store]\npath = "{store}"\n')
+    config.write_text(f'subjects = ["nobody"]\nrun_dir = "{tmp_path}/run"\n[store]\npath = "{store}"\n'
+                      f'[ship]\nstate_dir = "{tmp_path}/ship"\n')
     r = subprocess.run([sys.executable, "-m", "agent.cli", "--config", str(config), *command],
                        capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 2, (r.stdout, r.stderr)
