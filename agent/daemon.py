@@ -27,7 +27,7 @@ from agent.control import StoreLock, serve
 from agent.enforce import Nft, render
 from agent.enforce import apply as rules
 from agent.enforce.monitor import RulesetChanges
-from agent.proxy import attribution, dns
+from agent.proxy import attribution, dns, handover
 from agent.proxy.policy import Policy
 from agent.proxy.handoff import Handoff
 from agent.proxy.server import STORE_FAILING, Proxy
@@ -171,6 +171,7 @@ class Agent:
             await (self.handoff or self.proxy).listen(cfg.proxy.listen, cfg.proxy.port)
         except OSError as e:
             raise StartError(f"{cfg.source}: proxy.port: {e.strerror}") from None
+        self._resume_handed_over()
         sdnotify.drop_unclaimed()
         self.dns = await self._start_dns()
         self.witness = self._start_witness()
@@ -261,7 +262,11 @@ class Agent:
         sdnotify.notify("STOPPING=1")
         for t in self.tasks:
             t.cancel()
-        await (self.handoff or self.proxy).close(f"agent stopping: {reason}")
+        why = f"agent stopping: {reason}"
+        if self.handoff is not None:
+            self._hand_over(await self.handoff.close(why, hand_over=handover.most()), why)
+        else:
+            await self.proxy.close(why)
         if self.witness is not None:
             self.witness.stop()
         if self.shipper is not None:
@@ -272,6 +277,45 @@ class Agent:
             await self.durable.aclose()
         self.store.close()
         self.lock.release()
+
+    def _hand_over(self, handed: list[handover.Handed], why: str) -> None:
+        """The sessions still open go to the next agent (handover.py)."""
+        if not handed:
+            return
+        try:
+            handover.give(handed, self.cfg.store.path)
+        except OSError as e:
+            log.error("cannot hand sessions over, resetting them: %s", e)
+            for h in handed:
+                handover.reset(h)
+            self.proxy.close_records([(h.session, why, h.client_bytes, h.server_bytes)
+                                      for h in handed])
+            return
+        self._event("sessions_handed_over", sessions=[h.sid for h in handed])
+
+    def _resume_handed_over(self) -> None:
+        """The sessions the last agent handed over: relayed on, or closed
+        with the reason (no sockets came: the service was stopped, not
+        restarted; or this agent relays in Python)."""
+        handed, stopped_ns = handover.take(self.cfg.store.path)
+        if not handed:
+            return
+        left = self.handoff.resume(handed) if self.handoff is not None else handed
+        lost = [h for h in left if h.fds is None]
+        refused = [h for h in left if h.fds is not None]
+        for h in refused:
+            handover.reset(h)
+        handover.release(handed)
+        self.proxy.close_records(
+            [(h.session, "agent stopped: handed over, but the service was stopped, not restarted "
+              "(its sockets were closed)", h.client_bytes, h.server_bytes) for h in lost],
+            ended_ns=stopped_ns)
+        self.proxy.close_records(
+            [(h.session, "agent restarted: handed over, not resumed (this agent relays with "
+              "the asyncio data plane)", h.client_bytes, h.server_bytes) for h in refused])
+        self._event("sessions_resumed", sessions=[h.sid for h in handed if h not in left],
+                    not_resumed=[h.sid for h in left])
+        handover.forget(self.cfg.store.path)
 
     def _event(self, what: str, **fields: Any) -> None:
         if self.store.defer_json(Kind.EVENT, {"event": what, **fields}) is None:

@@ -4,7 +4,8 @@ restart of the unit (an upgrade, a crash). While the agent is down the rules
 still send the subjects to the proxy's port; with the socket kept, a subject
 connecting meanwhile waits in its backlog and is served by the next agent
 instead of being refused. `systemctl stop` empties the store: stopped, the
-subjects are refused. Outside systemd every call here does nothing.
+subjects are refused. The open sessions of a stopping agent wait there too
+(agent/proxy/handover.py). Outside systemd every call here does nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +36,19 @@ def notify(state: str, fds: Sequence[int] = ()) -> None:
         log.warning("sd_notify %s failed: %s", state.split("=")[0], e)
 
 
+def store_size() -> int:
+    """How many descriptors the service manager's store keeps for us: its
+    $FDSTORE (systemd 254 on), or the unit's own $TOLLGATE_FDSTORE (the
+    same number, for older systemd); 0 without a manager or a store."""
+    env = os.environ
+    if not env.get("NOTIFY_SOCKET"):
+        return 0
+    try:
+        return int(env.get("FDSTORE") or env.get("TOLLGATE_FDSTORE") or 0)
+    except ValueError:
+        return 0
+
+
 def listener_name(addr: str, port: int) -> str:
     """The store's name for a listening socket (no ':', LISTEN_FDNAMES' separator)."""
     return f"tcp-{addr.replace(':', '_')}-{port}"
@@ -50,14 +64,23 @@ def take(name: str) -> socket.socket | None:
 
 def keep(name: str, sock: socket.socket) -> None:
     """Store sock under name (systemd ignores a socket it already holds)."""
-    notify(f"FDSTORE=1\nFDNAME={name}", [sock.fileno()])
+    keep_fd(name, sock.fileno())
+
+
+def keep_fd(name: str, fd: int) -> None:
+    notify(f"FDSTORE=1\nFDNAME={name}", [fd])
+
+
+def release(name: str) -> None:
+    """Take name out of the store: systemd closes its copy."""
+    notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
 
 
 def drop_unclaimed() -> None:
     """Stored sockets nobody took (the config changed the port or an
     address): closed here and removed from the store."""
     for name, sock in (_passed or {}).items():
-        notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        release(name)
         sock.close()
     if _passed:
         _passed.clear()

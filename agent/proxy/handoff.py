@@ -39,6 +39,8 @@ from typing import Callable, Protocol
 import orjson
 
 from agent.native import KERNEL_PROBE, Opener, Pump
+from agent.proxy import handover
+from agent.proxy.handover import Handed
 from agent.proxy.server import Proxy, _listening_socket, _why, reset_socket, settled
 from agent.proxy.sessions import Session
 
@@ -72,10 +74,11 @@ class Handoff:
         for sock in self.listeners:
             self.opener.listen(sock.fileno())
 
-    async def close(self, reason: str) -> None:
+    async def close(self, reason: str, hand_over: int = 0) -> list[Handed]:
         """Stop accepting (the backlog waits for the next agent), give what is
-        in flight proxy.stop_grace_s to end on its own, then reset the rest, each
-        with its SESSION_CLOSE."""
+        in flight proxy.stop_grace_s to end on its own, then reset the rest,
+        each with its SESSION_CLOSE, or return up to hand_over of them
+        unended, for the next agent (handover.py)."""
         self.opener.unlisten()
         await settled(lambda: not (self.pump.live or self.opening), self.proxy.stop_grace_s)
         self.proxy.accepting = False
@@ -86,13 +89,53 @@ class Handoff:
         if self.opening:
             await asyncio.wait(set(self.opening))
         # The relay threads accept: the listening sockets close after them.
-        await asyncio.to_thread(self.pump.close, reason)
+        live = await asyncio.to_thread(self.pump.close, reason, hand_over > 0)
         for sock in self.listeners:
             sock.close()
         for fd, _, _ in self.opener.left()[0]:
             reset_fd(fd)      # accepted meanwhile, never opened: as the backlog's are
         loop.remove_reader(self.pump.done_fd)
         self._reap()
+        return self._handed(live or [], reason, hand_over)
+
+    def _handed(self, live: list[tuple], reason: str, most: int) -> list[Handed]:
+        """The pump's live sessions as the next agent takes them; past most,
+        or not named, reset and closed here."""
+        out, ended = [], []
+        for sid, cfd, sfd, cb, sb, cpend, spend, cstate, sstate, opened_ns, addrs in live:
+            session = self.relayed.pop(sid, None)
+            if session is None and addrs is not None:   # opened in C
+                session = Session(sid, *addrs, opened_ns)
+            if session is None or len(out) >= most:
+                for fd in (cfd, sfd):
+                    reset_fd(fd)
+                if session is not None:
+                    ended.append((session, reason, cb, sb))
+                continue
+            out.append(Handed(sid, session.client, session.original_dst, session.started_ns,
+                              cb, sb, (cpend, spend), (cstate, sstate), (cfd, sfd)))
+        if ended:
+            self.proxy.close_records(ended)
+        return out
+
+    def resume(self, handed: list[Handed]) -> list[Handed]:
+        """Relay on the sessions the last agent handed over; those that
+        cannot be (no sockets came), returned."""
+        left = []
+        for h in handed:
+            session = h.session
+            try:
+                if h.fds is None:
+                    raise OSError("its sockets were not kept")
+                self.pump.resume(*h.resume_args())
+            except (OSError, RuntimeError, ValueError) as e:
+                log.warning("session %d not resumed: %s", h.sid, e)
+                handover.reset(h)
+                left.append(h)
+                continue
+            self.proxy.sessions.add(session)
+            self.relayed[h.sid] = session
+        return left
 
     def open_in_c(self, attributed_fd: int, procs: Generations) -> None:
         """Let the opener open sessions whose client the kernel proved (the

@@ -170,16 +170,18 @@ class Proxy:
                      server_bytes: int) -> None:
         self.close_records(((session, reason, client_bytes, server_bytes),))
 
-    def close_records(self, ended: Sequence[tuple[Session, str, int, int]]) -> None:
+    def close_records(self, ended: Sequence[tuple[Session, str, int, int]],
+                      ended_ns: int | None = None) -> None:
         """SESSION_CLOSE of each (session, reason, client bytes, server
-        bytes), written together: the relay reports ends in batches."""
+        bytes), written together: the relay reports ends in batches.
+        ended_ns: when they ended, if before now (their duration ends there)."""
         now = time.time_ns()
         closes = []
         for session, reason, client_bytes, server_bytes in ended:
             self.sessions.close(session)
             closes.append({"session": session.id, "reason": reason,
                            "client_bytes": client_bytes, "server_bytes": server_bytes,
-                           "duration_ms": round((now - session.started_ns) / 1e6, 3)})
+                           "duration_ms": round(((ended_ns or now) - session.started_ns) / 1e6, 3)})
         try:
             self.store.append_json_many(Kind.SESSION_CLOSE, closes, now)
         except Exception as e:

@@ -60,7 +60,7 @@ def test_relay_tests_pass_under_sanitizer(tmp_path, kind, options):
     env = {**os.environ, **options, "LD_PRELOAD": runtime}
     r = subprocess.run([sys.executable, "-c", DRIVER, str(so), str(HERE / "test_pump.py"),
                         str(HERE / "test_opener.py"), str(HERE / "test_chain.py"),
-                        "--basetemp", str(tmp_path / "t")],
+                        str(HERE / "test_handover.py"), "--basetemp", str(tmp_path / "t")],
                        capture_output=True, text=True, env=env, timeout=900,
                        cwd=str(HERE.parents[2]))
     assert "Sanitizer" not in r.stderr, r.stderr[-4000:]

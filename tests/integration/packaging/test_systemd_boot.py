@@ -363,6 +363,101 @@ def test_a_restart_keeps_the_subjects_connections_waiting_not_refused(machine):
     assert int(out.group(1)) > 20
 
 
+# A line echo server (root, in the container), and a subject holding one
+# connection to it: a line, then (once /run/tg-chat.go exists) another.
+ECHO = f"""
+import socketserver
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(b"echo " + line)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer(("{SERVER}", 7070), Echo).serve_forever()
+"""
+CHAT = f"""
+import os, socket, time
+s = socket.create_connection(("{SERVER}", 7070), timeout=30)
+def ask(word):
+    s.sendall(word.encode() + b"\\n")
+    got = b""
+    while not got.endswith(b"\\n"):
+        chunk = s.recv(100)
+        if not chunk:
+            raise EOFError("closed")
+        got += chunk
+    return got.decode().strip()
+print("1", ask("before"), flush=True)
+while not os.path.exists("/run/tg-chat.go"):
+    time.sleep(0.1)
+try:
+    print("2", ask("after"), flush=True)
+except (OSError, EOFError) as e:
+    print("2 failed:", type(e).__name__, flush=True)
+s.close()
+print("done", flush=True)
+"""
+
+
+def _chat(machine: Machine, out: str) -> str:
+    """The subject's connection, open with its first line answered; the
+    path of what it prints."""
+    for name, text in (("tg-echo.py", ECHO), ("tg-chat.py", CHAT)):
+        (machine.root / "opt" / name).write_text(text)
+        (machine.root / "opt" / name).chmod(0o644)
+    machine.sh("ss -Hltn 'sport = 7070' | grep -q . || (python3 /opt/tg-echo.py >/dev/null 2>&1 &); "
+               "for i in $(seq 100); do ss -Hltn 'sport = 7070' | grep -q . && break; sleep 0.1; done; "
+               f"rm -f /run/tg-chat.go; (runuser -u {SUBJECT} -- python3 /opt/tg-chat.py > {out} 2>&1 &)")
+    machine.wait_until(lambda: "1 echo before" in machine.sh(f"cat {out}", check=False).stdout, 30,
+                       also=f"cat {out}")
+    return out
+
+
+def _chat_session(machine: Machine) -> dict:
+    listed = json.loads(machine.sh(f"tollgate sessions --dst {SERVER}:7070 --json").stdout)
+    return listed[-1]
+
+
+def test_a_restart_hands_open_sessions_to_the_next_agent(machine):
+    """An upgrade restarts the agent; a subject's open connection (an SSH
+    session) goes on through the next one, recorded as one session across
+    the two runs (before, reset after the stop's grace)."""
+    machine.wait_active()
+    out = _chat(machine, "/run/chat1.out")
+    before = machine.prop("MainPID")
+    machine.sh("systemctl restart tollgate")
+    machine.wait_until(lambda: machine.prop("MainPID") not in ("0", before)
+                       and machine.prop("ActiveState") == "active", 60)
+    machine.sh("touch /run/tg-chat.go")
+    said = machine.wait_until(lambda: "done" in (o := machine.sh(f"cat {out}").stdout) and o, 30)
+    assert "2 echo after" in said, said + machine.journal()[-3000:]
+    s = machine.wait_until(lambda: (s := _chat_session(machine))["state"] != "open" and s, 10)
+    assert s["state"] == "closed" and (s["client_bytes"], s["server_bytes"]) == (13, 23), s
+    replay = machine.sh(f"tollgate replay --text {s['id']}").stdout
+    assert replay.index("before") < replay.index("echo after"), replay
+    # The next agent's witness knew the connection for the proxy's own.
+    alerts = json.loads(machine.sh("tollgate alerts --json").stdout)
+    assert not [a for a in alerts if a["type"] in ("bypass", "preexisting_socket")], alerts
+    assert machine.sh("tollgate verify").stdout.strip().endswith("OK")
+
+
+def test_a_stop_resets_what_it_handed_over_and_the_next_start_closes_it(machine):
+    """Stopped, not restarted: systemd closes the stored sockets (each set to
+    reset first), and the next start writes the session's close."""
+    machine.wait_active()
+    out = _chat(machine, "/run/chat2.out")
+    machine.sh("systemctl stop tollgate")
+    try:
+        machine.sh("touch /run/tg-chat.go")
+        said = machine.wait_until(lambda: "done" in (o := machine.sh(f"cat {out}").stdout) and o, 30)
+        assert "2 failed: ConnectionResetError" in said, said
+    finally:
+        machine.sh("systemctl start tollgate")
+    machine.wait_active()
+    s = machine.wait_until(lambda: (s := _chat_session(machine))["state"] != "open" and s, 30)
+    assert s["state"].startswith("agent stopped: handed over, but the service was stopped"), s
+    assert (s["client_bytes"], s["server_bytes"]) == (7, 12), s
+
+
 def test_an_upgrade_restarts_the_agent_on_the_new_version(machine, debs):
     """Upgraded in place while it runs: postinst restarts it; the store goes
     on across the two versions and the subject is served by the new one."""

@@ -103,6 +103,22 @@ def test_the_longest_stop_grace_fits_in_the_units_stop_timeout():
     assert check(timeout - 10 + 0.1) is not None, "a grace this long leaves under 10 s"
 
 
+def test_the_hand_over_fits_in_the_units_descriptor_store(monkeypatch):
+    """Sessions handed to the next agent past what systemd stores would be
+    dropped by it unsaid: the hand-over's bound is the unit's store, which
+    the unit tells the agent (systemd 252 does not)."""
+    import re
+    from agent.proxy import handover
+    unit = (config.Path(__file__).resolve().parents[3] / "packaging" / "tollgate.service").read_text()
+    most = int(re.search(r"^FileDescriptorStoreMax=(\d+)$", unit, re.M).group(1))
+    told = re.search(r"^Environment=TOLLGATE_FDSTORE=(\d+)$", unit, re.M).group(1)
+    monkeypatch.delenv("FDSTORE", raising=False)
+    monkeypatch.setenv("TOLLGATE_FDSTORE", told)
+    assert handover.most() == 0                    # no service manager
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    assert int(told) == most and 1000 <= handover.most() and 2 * handover.most() + 16 <= most
+
+
 def test_a_uid_is_a_subject_without_a_lookup(tmp_path):
     """A user only a network directory knows cannot be resolved before the
     network; listed by uid, the rules need no lookup. A name still must."""
