@@ -118,6 +118,10 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+STOPPED_NOT_RESTARTED = ("agent stopped: handed over, but the service was stopped, not restarted "
+                         "(systemd reset its sockets)")
+
+
 class Agent:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -296,25 +300,24 @@ class Agent:
     def _resume_handed_over(self) -> None:
         """The sessions the last agent handed over: relayed on, or closed
         with the reason (no sockets came: the service was stopped, not
-        restarted; or this agent relays in Python)."""
+        restarted, and systemd reset them then; or this agent cannot)."""
         handed, stopped_ns = handover.take(self.cfg.store.path)
         if not handed:
             return
-        left = self.handoff.resume(handed) if self.handoff is not None else handed
-        lost = [h for h in left if h.fds is None]
-        refused = [h for h in left if h.fds is not None]
-        for h in refused:
+        left = (self.handoff.resume(handed) if self.handoff is not None
+                else [(h, "this agent relays with the asyncio data plane") for h in handed])
+        stopped = [(h.session, STOPPED_NOT_RESTARTED, h.client_bytes, h.server_bytes)
+                   for h, _ in left if h.fds is None]
+        refused = [(h.session, f"agent restarted: handed over, not resumed: {why}",
+                    h.client_bytes, h.server_bytes) for h, why in left if h.fds is not None]
+        for h, _ in left:
             handover.reset(h)
         handover.release(handed)
-        self.proxy.close_records(
-            [(h.session, "agent stopped: handed over, but the service was stopped, not restarted "
-              "(its sockets were closed)", h.client_bytes, h.server_bytes) for h in lost],
-            ended_ns=stopped_ns)
-        self.proxy.close_records(
-            [(h.session, "agent restarted: handed over, not resumed (this agent relays with "
-              "the asyncio data plane)", h.client_bytes, h.server_bytes) for h in refused])
-        self._event("sessions_resumed", sessions=[h.sid for h in handed if h not in left],
-                    not_resumed=[h.sid for h in left])
+        self.proxy.close_records(stopped, ended_ns=stopped_ns)
+        self.proxy.close_records(refused)
+        not_resumed = {h.sid for h, _ in left}
+        self._event("sessions_resumed", sessions=[h.sid for h in handed if h.sid not in not_resumed],
+                    not_resumed=sorted(not_resumed))
         handover.forget(self.cfg.store.path)
 
     def _event(self, what: str, **fields: Any) -> None:

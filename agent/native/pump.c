@@ -1017,11 +1017,17 @@ static PyObject *Pump_close(Pump *p, PyObject *args) {
     if (!handing) Py_RETURN_NONE;
     size_t count;
     Handed *hs = batch_take(&handed, &count);
-    PyObject *out = PyList_New(0);
+    PyObject *out = PyList_New((Py_ssize_t)count);
+    for (size_t i = 0; out && i < count; i++) {
+        PyObject *t = handed_tuple(&hs[i]);
+        if (t == NULL) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, (Py_ssize_t)i, t);
+    }
     for (size_t i = 0; i < count; i++) {
-        PyObject *t = out ? handed_tuple(&hs[i]) : NULL;
-        if (t == NULL || PyList_Append(out, t) != 0) Py_CLEAR(out);
-        Py_XDECREF(t);
+        if (out == NULL) {   /* nobody will take their sockets: reset, as without a hand-over */
+            tg_close_reset(hs[i].fd[CLIENT]);
+            tg_close_reset(hs[i].fd[SERVER]);
+        }
         free(hs[i].pend[CLIENT]);
         free(hs[i].pend[SERVER]);
     }

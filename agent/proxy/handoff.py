@@ -39,7 +39,6 @@ from typing import Callable, Protocol
 import orjson
 
 from agent.native import KERNEL_PROBE, Opener, Pump
-from agent.proxy import handover
 from agent.proxy.handover import Handed
 from agent.proxy.server import Proxy, _listening_socket, _why, reset_socket, settled
 from agent.proxy.sessions import Session
@@ -104,13 +103,12 @@ class Handoff:
         out, ended = [], []
         for sid, cfd, sfd, cb, sb, cpend, spend, cstate, sstate, opened_ns, addrs in live:
             session = self.relayed.pop(sid, None)
-            if session is None and addrs is not None:   # opened in C
-                session = Session(sid, *addrs, opened_ns)
-            if session is None or len(out) >= most:
+            if session is None:      # opened in C: its addresses are its socket's
+                session = Session(sid, *(addrs or (("?", 0), ("?", 0))), opened_ns)
+            if len(out) >= most or (session.client[0] == "?"):
                 for fd in (cfd, sfd):
                     reset_fd(fd)
-                if session is not None:
-                    ended.append((session, reason, cb, sb))
+                ended.append((session, reason, cb, sb))
                 continue
             out.append(Handed(sid, session.client, session.original_dst, session.started_ns,
                               cb, sb, (cpend, spend), (cstate, sstate), (cfd, sfd)))
@@ -118,21 +116,20 @@ class Handoff:
             self.proxy.close_records(ended)
         return out
 
-    def resume(self, handed: list[Handed]) -> list[Handed]:
-        """Relay on the sessions the last agent handed over; those that
-        cannot be (no sockets came), returned."""
+    def resume(self, handed: list[Handed]) -> list[tuple[Handed, str]]:
+        """Relay on the sessions the last agent handed over (those with
+        their sockets); the others returned with why, sockets untouched."""
         left = []
         for h in handed:
-            session = h.session
+            if h.fds is None:
+                left.append((h, "no sockets came"))
+                continue
             try:
-                if h.fds is None:
-                    raise OSError("its sockets were not kept")
                 self.pump.resume(*h.resume_args())
             except (OSError, RuntimeError, ValueError) as e:
-                log.warning("session %d not resumed: %s", h.sid, e)
-                handover.reset(h)
-                left.append(h)
+                left.append((h, _why(e)))
                 continue
+            session = h.session
             self.proxy.sessions.add(session)
             self.relayed[h.sid] = session
         return left

@@ -175,6 +175,8 @@ class Proxy:
         """SESSION_CLOSE of each (session, reason, client bytes, server
         bytes), written together: the relay reports ends in batches.
         ended_ns: when they ended, if before now (their duration ends there)."""
+        if not ended:
+            return
         now = time.time_ns()
         closes = []
         for session, reason, client_bytes, server_bytes in ended:
