@@ -460,11 +460,16 @@ def test_a_stop_resets_what_it_handed_over_and_the_next_start_closes_it(machine)
 
 def test_an_upgrade_restarts_the_agent_on_the_new_version(machine, debs):
     """Upgraded in place while it runs: postinst restarts it; the store goes
-    on across the two versions and the subject is served by the new one."""
+    on across the two versions, the subject's open connection goes on, and
+    the subject is served by the new one."""
     machine.wait_active()
+    out = _chat(machine, "/run/chat3.out")      # a subject's connection open across it
     before = machine.prop("MainPID")
     machine.sh(f"dpkg -i {machine.copy_in(debs.upgrade)}", timeout=300)
     machine.wait_active()
+    machine.sh("touch /run/tg-chat.go")
+    said = machine.wait_until(lambda: "done" in (o := machine.sh(f"cat {out}").stdout) and o, 30)
+    assert "2 echo after" in said, said
     installed = machine.sh("dpkg-query -W -f '${Version}' tollgate").stdout
     assert installed == debs.version + UPGRADE_SUFFIX
     # A new process, restarted by the upgrade: a restart job zeroes the count
