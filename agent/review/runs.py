@@ -31,11 +31,14 @@ class AgentRun:
     last_record_ns: int
     stopped: str | None = None           # the stop's reason; None: no stop record
     rules_left_in_place: bool | None = None
+    handed_over: int = 0                 # sessions it left open for the next run
     gaps: list[str] = field(default_factory=list)   # what this run lacked
 
     def ended(self, running: bool) -> str:
         if self.stopped is not None:
-            return f"stopped: {self.stopped}"
+            handed = (f"; {self.handed_over} open session{'s' if self.handed_over > 1 else ''} "
+                      "handed to the next run") if self.handed_over else ""
+            return f"stopped: {self.stopped}{handed}"
         return "no stop record yet (running, or killed)" if running else \
             "no stop record (killed or crashed)"
 
@@ -87,6 +90,8 @@ class RunFold:
         if j.get("event") == "agent_start":
             self._alive = _start(r.ts_ns, j)
             self.runs.append(self._alive)
+        elif j.get("event") == "sessions_handed_over" and self._alive is not None:
+            self._alive.handed_over += len(j.get("sessions") or ())
         elif j.get("event") == "agent_stop" and self._alive is not None:
             _stop(self._alive, j)
             self._alive = None
@@ -110,4 +115,5 @@ def as_dicts(runs: list[AgentRun]) -> Iterator[dict]:
                "ended": run.ended(running=i == len(runs) - 1), "pid": run.pid,
                "version": run.version, "witness": run.witness, "sealed": run.sealed,
                "durability": run.durability, "data_plane": run.data_plane,
-               "rules_left_in_place": run.rules_left_in_place, "gaps": run.gaps}
+               "rules_left_in_place": run.rules_left_in_place,
+               "handed_over": run.handed_over, "gaps": run.gaps}

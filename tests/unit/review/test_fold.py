@@ -33,6 +33,7 @@ def _store(path) -> None:
     for port in (5432, 80):
         w.append_json(Kind.SESSION_CLOSE, {"session": sids[port], "reason": "closed"})
     w.append_json(Kind.ACK, {"alert": "a1", "reason": "known"})
+    w.append_json(Kind.EVENT, {"event": "sessions_handed_over", "sessions": [sids[8080]]})
     w.append_json(Kind.EVENT, {"event": "agent_stop", "reason": "SIGTERM"})
     w.append_json(Kind.EVENT, {"event": "agent_start", "pid": 2, "version": "t", "witness": False})
     w.append_json(Kind.ALERT, {"id": "a2", "type": "bypass", "severity": "high", "summary": "y"})
@@ -53,3 +54,4 @@ def test_the_reports_one_pass_shows_what_each_view_shows(tmp_path):
     assert [a["ack"] is None for a in d.alerts] == [True, False]
     assert list(as_dicts(d.runs)) == list(as_dicts(list_runs(str(tmp_path))))
     assert [r.stopped for r in d.runs] == ["SIGTERM", None]
+    assert d.runs[0].ended(running=False) == "stopped: SIGTERM; 1 open session handed to the next run"
