@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Iterator
 
-from agent.review.sessions import session_of
+from agent.review.sessions import concerns
 from agent.store import Kind, Record, iter_records
 from agent.store.tailer import Tailer
 
@@ -27,7 +27,7 @@ def follow_session(store_dir: str, session_id: int, poll_s: float = 0.5,
     last = None
     for r in iter_records(store_dir, strict=False, start_seq=session_id):
         last = r
-        if session_of(r) == session_id:
+        if concerns(r, session_id):
             yield r
             if r.kind == Kind.SESSION_CLOSE:
                 return
@@ -37,7 +37,7 @@ def follow_session(store_dir: str, session_id: int, poll_s: float = 0.5,
     while not stop():
         records = tail.poll()
         for r in records:
-            if session_of(r) == session_id:
+            if concerns(r, session_id):
                 yield r
                 if r.kind == Kind.SESSION_CLOSE:
                     return

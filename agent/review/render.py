@@ -25,7 +25,7 @@ from agent.review.decoders import (
     Undecodable,
 )
 from agent.review.text import address, clean, indent, printable, stamp
-from agent.review.view import Attributed, Closed, Decoded, Detected, Item, Opened, Raw
+from agent.review.view import Attributed, Closed, Decoded, Detected, HandedOver, Item, Opened, Raw
 
 __all__ = ["TextRenderer", "render_items", "item_json", "action_text", "ARROWS"]
 
@@ -249,11 +249,17 @@ class TextRenderer:
             return _attributed(item)
         if isinstance(item, Detected):
             return _stamped(item.ts_ns, " ", [f"protocol: {item.protocol}"])
+        if isinstance(item, HandedOver):
+            return _stamped(item.ts_ns, " ", [_HANDED.get(item.what, item.what)])
         if isinstance(item, Closed):
             c = item.close
             return _stamped(item.ts_ns, " ", [f"close ({c.get('reason')}): {c.get('client_bytes')} bytes "
                                               f"sent, {c.get('server_bytes')} bytes received"])
         return []
+
+
+_HANDED = {"sessions_handed_over": "agent stopping (a restart): the session is handed to the next run",
+           "sessions_resumed": "agent started: the session goes on through this run"}
 
 
 def _attributed(item: Attributed) -> Lines:

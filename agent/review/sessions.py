@@ -128,11 +128,25 @@ def session_of(r: Record) -> int | None:
     return None
 
 
+# The agent's events that name sessions: it handed them to the next run,
+# or took them over from the last (agent/proxy/handover.py).
+HANDOVER_EVENTS = frozenset({"sessions_handed_over", "sessions_resumed"})
+
+
+def concerns(r: Record, session_id: int) -> bool:
+    """Whether a record belongs in the session's replay: its own records,
+    and the agent's hand-overs of it across a restart."""
+    if r.kind == Kind.EVENT:
+        j = r.json()
+        return j.get("event") in HANDOVER_EVENTS and session_id in (j.get("sessions") or ())
+    return session_of(r) == session_id
+
+
 def session_records(store_dir: str, session_id: int) -> Iterator[Record]:
     """The records of one session, in store order, from its SESSION_OPEN
     (whose seq is the session id, so earlier segments are not read)."""
     for r in iter_records(store_dir, strict=False, start_seq=session_id):
-        if session_of(r) == session_id:
+        if concerns(r, session_id):
             yield r
             if r.kind == Kind.SESSION_CLOSE:
                 return

@@ -22,7 +22,8 @@ from agent.review.decoders import Direction, Encrypted, Event, Opaque, SessionDe
 from agent.store import Direction as StoreDirection
 from agent.store import Kind, Record
 
-__all__ = ["Item", "Opened", "Attributed", "Detected", "Decoded", "Raw", "Closed", "SessionView",
+__all__ = ["Item", "Opened", "Attributed", "Detected", "Decoded", "Raw", "Closed", "HandedOver",
+           "SessionView",
            "view_items", "DIRECTION", "decoder_protocol"]
 
 DIRECTION = {StoreDirection.CLIENT: Direction.CLIENT, StoreDirection.SERVER: Direction.SERVER}
@@ -72,6 +73,12 @@ class Closed(Item):
     close: dict
 
 
+@dataclass(frozen=True, slots=True)
+class HandedOver(Item):
+    """The agent restarted with the session open: it went on through the next run."""
+    what: str    # the event: sessions_handed_over (the stopping run) or sessions_resumed (the next)
+
+
 def decoder_protocol(open_protocol: str | None) -> str | None:
     """The decoder a SESSION_OPEN's own protocol field asks for, if any."""
     return _OPEN_PROTOCOLS.get(open_protocol or "")
@@ -108,6 +115,8 @@ class SessionView:
             items = self.finish(r.ts_ns)
             self.closed = True
             return [*items, Closed(r.ts_ns, r.json())]
+        if r.kind == Kind.EVENT:     # only a hand-over reaches a session's view
+            return [HandedOver(r.ts_ns, r.json().get("event", "?"))]
         return []
 
     def finish(self, ts_ns: int) -> list[Item]:

@@ -433,7 +433,8 @@ def test_a_restart_hands_open_sessions_to_the_next_agent(machine):
     s = machine.wait_until(lambda: (s := _chat_session(machine))["state"] != "open" and s, 10)
     assert s["state"] == "closed" and (s["client_bytes"], s["server_bytes"]) == (13, 23), s
     replay = machine.sh(f"tollgate replay --text {s['id']}").stdout
-    assert replay.index("before") < replay.index("echo after"), replay
+    assert (replay.index("before") < replay.index("handed to the next run")
+            < replay.index("goes on through this run") < replay.index("echo after")), replay
     # The next agent's witness knew the connection for the proxy's own.
     alerts = json.loads(machine.sh("tollgate alerts --json").stdout)
     assert not [a for a in alerts if a["type"] in ("bypass", "preexisting_socket")], alerts
