@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -36,7 +37,6 @@ def _store(cfg: Config) -> str:
 
 
 def _store_at(path: str, named_by: str) -> str:
-    import os
     if not os.path.isdir(path):
         raise Failure(f"{path}: no store here ({named_by}); nothing was recorded there")
     return path
@@ -264,7 +264,6 @@ def replay(ctx: click.Context, session_id: int, raw: str | None, as_hex: bool, a
 @click.pass_context
 def export(ctx: click.Context, session_id: int, pcap_file: str) -> None:
     """Export a session as a packet capture that Wireshark and tshark decode."""
-    import os
     from agent.review.pcap import write_pcapng
     cfg = _load(ctx)
     records = _open_session(cfg, session_id)
@@ -286,7 +285,6 @@ def export(ctx: click.Context, session_id: int, pcap_file: str) -> None:
 @click.pass_context
 def report(ctx: click.Context, html_file: str, key_file: str | None) -> None:
     """A static page for a reviewer: sessions, alerts, a timeline, the verify status."""
-    import os
     from agent.review.report import gather, render_html
     from agent.store import SealKeyError, load_verification_key
     cfg = _load(ctx)

@@ -3,9 +3,11 @@ held, with which guarantees (the kernel witness on, the store sealed, the
 durability), and how each run ended. A run with no stop record was killed
 or crashed; its last record says how far it got, not counting what came
 after it that the agent cannot have written: a torn tail's RECOVERED (the
-next writer's) or a record a command wrote while no agent ran (`offline`). Between runs the rules
-stay in the kernel, so the subjects were refused, not unrecorded, unless
-the run stopped with them removed (`tollgate rules remove`), which it says."""
+next writer's) or a record a command wrote while no agent ran (`offline`).
+Between runs the rules stay in the kernel, so the subjects were refused,
+not unrecorded, unless the run stopped with them removed (`tollgate rules
+remove`), which it says; sessions open at a restart went on through the
+next run (handed over, which it also says)."""
 
 from __future__ import annotations
 
