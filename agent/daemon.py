@@ -137,6 +137,8 @@ class Agent:
         self.tasks: list[asyncio.Task] = []
         self._naming: set[asyncio.Task] = set()   # unrecorded refusals being named
         self.counters = {"rules_restored": 0}
+        # Sessions the last run handed over: relayed on, or closed (handover.py).
+        self.taken_over = {"resumed_at_start": 0, "not_resumed_at_start": 0}
         self.connects = None  # the witness's view of who connected, when it runs
 
     # -- lifecycle ---------------------------------------------------------------
@@ -316,6 +318,8 @@ class Agent:
         self.proxy.close_records(stopped, ended_ns=stopped_ns)
         self.proxy.close_records(refused)
         not_resumed = {h.sid for h, _ in left}
+        self.taken_over = {"resumed_at_start": len(handed) - len(not_resumed),
+                           "not_resumed_at_start": len(not_resumed)}
         self._event("sessions_resumed", sessions=[h.sid for h in handed if h.sid not in not_resumed],
                     not_resumed=sorted(not_resumed))
         handover.forget(self.cfg.store.path)
@@ -545,7 +549,7 @@ class Agent:
                                 if self.connects else "sock_diag"),
                 "ship": _safe(lambda: _plain(self.shipper.statistics())) if self.shipper
                 else "disabled",
-                "sessions": self.sessions.statistics(),
+                "sessions": {**self.sessions.statistics(), **self.taken_over},
                 "store": self.store.statistics()}
 
 

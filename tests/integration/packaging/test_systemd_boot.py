@@ -438,6 +438,8 @@ def test_a_restart_hands_open_sessions_to_the_next_agent(machine):
     # The next agent's witness knew the connection for the proxy's own.
     alerts = json.loads(machine.sh("tollgate alerts --json").stdout)
     assert not [a for a in alerts if a["type"] in ("bypass", "preexisting_socket")], alerts
+    status = json.loads(machine.sh("tollgate status --json").stdout)
+    assert status["sessions"]["resumed_at_start"] == 1, status["sessions"]
     runs = json.loads(machine.sh("tollgate runs --json").stdout)
     assert runs[-2]["handed_over"] == 1 and "handed to the next run" in runs[-2]["ended"], runs
     assert machine.sh("tollgate verify").stdout.strip().endswith("OK")

@@ -6,6 +6,7 @@ systemd's store itself: tests/integration/packaging/test_systemd_boot.py.)"""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -44,7 +45,9 @@ def test_the_next_start_closes_what_systemd_did_not_keep(sandbox, tmp_path, monk
                           (a.detach(), b.detach()))], str(agent.store))
     stopped = time.time_ns()
     agent.start()
+    status = json.loads(agent.cli("status", "--json", text=True).stdout)
     agent.stop()
+    assert status["sessions"]["not_resumed_at_start"] == 1        # in `tollgate status` too
     [s] = [s for s in list_sessions(agent.store) if s.id == sid]
     assert s.close["reason"] == STOPPED_NOT_RESTARTED
     assert (s.close["client_bytes"], s.close["server_bytes"]) == (321, 4567)
