@@ -13,6 +13,9 @@ destination see one connection, the store one session across two runs.
 before they went in, so both ends then see a reset, as when the agent
 itself reset them. The next start finds their state without their sockets
 and writes each one's SESSION_CLOSE, timed at the stop.
+
+An upgrade hands over from the old version to the new: a change to the
+state's fields must still read the previous version's `handover.json`.
 """
 
 from __future__ import annotations
