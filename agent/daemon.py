@@ -297,7 +297,9 @@ class Agent:
             self.proxy.close_records([(h.session, why, h.client_bytes, h.server_bytes)
                                       for h in handed])
             return
-        self._event("sessions_handed_over", sessions=[h.sid for h in handed])
+        # Per session, bytes recorded and not yet sent, which the next run sends.
+        pending = {str(h.sid): [len(p) for p in h.pending] for h in handed if any(h.pending)}
+        self._event("sessions_handed_over", sessions=[h.sid for h in handed], pending=pending)
 
     def _resume_handed_over(self) -> None:
         """The sessions the last agent handed over: relayed on, or closed

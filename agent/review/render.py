@@ -250,7 +250,11 @@ class TextRenderer:
         if isinstance(item, Detected):
             return _stamped(item.ts_ns, " ", [f"protocol: {item.protocol}"])
         if isinstance(item, HandedOver):
-            return _stamped(item.ts_ns, " ", [_HANDED.get(item.what, item.what)])
+            line = _HANDED.get(item.what, item.what)
+            if any(item.pending):
+                line += (f" ({item.pending[0]} bytes to the server and {item.pending[1]} to the "
+                         "client, recorded before the stop, are sent after it)")
+            return _stamped(item.ts_ns, " ", [line])
         if isinstance(item, Closed):
             c = item.close
             return _stamped(item.ts_ns, " ", [f"close ({c.get('reason')}): {c.get('client_bytes')} bytes "

@@ -77,6 +77,7 @@ class Closed(Item):
 class HandedOver(Item):
     """The agent restarted with the session open: it went on through the next run."""
     what: str    # the event: sessions_handed_over (the stopping run) or sessions_resumed (the next)
+    pending: tuple[int, int] = (0, 0)   # recorded, not yet sent: to the server, to the client
 
 
 def decoder_protocol(open_protocol: str | None) -> str | None:
@@ -97,6 +98,7 @@ class SessionView:
         # direction -> stream offset from which its bytes are shown raw
         self._raw_from: dict[Direction, int] = {} if decode else {d: 0 for d in Direction}
         self.closed = False
+        self.session: int | None = None     # known from its SESSION_OPEN
 
     @property
     def protocol(self) -> str | None:
@@ -116,7 +118,9 @@ class SessionView:
             self.closed = True
             return [*items, Closed(r.ts_ns, r.json())]
         if r.kind == Kind.EVENT:     # only a hand-over reaches a session's view
-            return [HandedOver(r.ts_ns, r.json().get("event", "?"))]
+            j = r.json()
+            pending = (j.get("pending") or {}).get(str(self.session))
+            return [HandedOver(r.ts_ns, j.get("event", "?"), tuple(pending) if pending else (0, 0))]
         return []
 
     def finish(self, ts_ns: int) -> list[Item]:
@@ -128,6 +132,7 @@ class SessionView:
         return self._drain(ts_ns)
 
     def _open(self, r: Record) -> Opened:
+        self.session = r.seq
         j = r.json()
         dst = tuple(j["original_dst"])
         if self._decode:

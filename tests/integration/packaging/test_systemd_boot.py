@@ -13,6 +13,7 @@ the unit itself adds to @system-service (bpf, perf_event_open, setns)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -370,6 +371,12 @@ import socketserver
 class Echo(socketserver.StreamRequestHandler):
     def handle(self):
         for line in self.rfile:
+            if line.startswith(b"big "):      # that many bytes of a known pattern
+                block, left = bytes(range(256)) * 256, int(line.split()[1])
+                while left:
+                    self.wfile.write(block[:left])
+                    left -= min(left, len(block))
+                continue
             self.wfile.write(b"echo " + line)
 socketserver.ThreadingTCPServer.allow_reuse_address = True
 socketserver.ThreadingTCPServer(("{SERVER}", 7070), Echo).serve_forever()
@@ -398,10 +405,32 @@ print("done", flush=True)
 """
 
 
+# The subject downloads BIG bytes, slowly at first (the relay then holds
+# bytes it recorded and could not send yet), printing how many and their hash.
+BIG = 40_000_000
+DOWNLOAD = f"""
+import hashlib, socket, time
+s = socket.create_connection(("{SERVER}", 7070), timeout=60)
+s.sendall(b"big {BIG}\\n")
+h, n = hashlib.sha256(), 0
+while n < {BIG}:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    h.update(chunk)
+    n += len(chunk)
+    if n >= 1 << 20 and n - len(chunk) < 1 << 20:
+        print("started", flush=True)
+    if n < {BIG} // 2:
+        time.sleep(0.01)
+print("got", n, h.hexdigest(), flush=True)
+"""
+
+
 def _chat(machine: Machine, out: str) -> str:
     """The subject's connection, open with its first line answered; the
     path of what it prints."""
-    for name, text in (("tg-echo.py", ECHO), ("tg-chat.py", CHAT)):
+    for name, text in (("tg-echo.py", ECHO), ("tg-chat.py", CHAT), ("tg-download.py", DOWNLOAD)):
         (machine.root / "opt" / name).write_text(text)
         (machine.root / "opt" / name).chmod(0o644)
     machine.sh("ss -Hltn 'sport = 7070' | grep -q . || (python3 /opt/tg-echo.py >/dev/null 2>&1 &); "
@@ -443,6 +472,29 @@ def test_a_restart_hands_open_sessions_to_the_next_agent(machine):
     runs = json.loads(machine.sh("tollgate runs --json").stdout)
     assert runs[-2]["handed_over"] == 1 and "handed to the next run" in runs[-2]["ended"], runs
     assert machine.sh("tollgate verify").stdout.strip().endswith("OK")
+
+
+def test_a_download_in_flight_arrives_whole_across_a_restart(machine):
+    """Bytes the relay had recorded and not yet sent when the agent stopped
+    are sent by the next one, once and in order: the subject's download is
+    whole, and the store holds exactly it."""
+    machine.wait_active()
+    _chat(machine, "/run/chat-warm.out")       # the echo server up, as the other tests leave it
+    machine.sh(f"(runuser -u {SUBJECT} -- python3 /opt/tg-download.py > /run/download.out 2>&1 &)")
+    machine.wait_until(lambda: "started" in machine.sh("cat /run/download.out").stdout, 30,
+                       also="cat /run/download.out")
+    machine.sh("systemctl restart tollgate")
+    said = machine.wait_until(lambda: "got" in (o := machine.sh("cat /run/download.out").stdout)
+                              and o, 120, also="cat /run/download.out")
+    want = hashlib.sha256((bytes(range(256)) * (BIG // 256 + 1))[:BIG]).hexdigest()
+    assert f"got {BIG} {want}" in said, said
+    listed = json.loads(machine.sh(f"tollgate sessions --dst {SERVER}:7070 --json").stdout)
+    s = next(s for s in reversed(listed) if s["server_bytes"] == BIG)
+    assert s["client_bytes"] == len(f"big {BIG}\n"), s
+    # The relay held recorded bytes it had not sent: the next run sent them.
+    replay = machine.sh(f"tollgate replay --text {s['id']}").stdout
+    assert re.search(r"and [1-9]\d* to the client, recorded before the stop", replay), replay[-3000:]
+    machine.sh("touch /run/tg-chat.go")        # lets the warm-up connection end
 
 
 def test_a_stop_resets_what_it_handed_over_and_the_next_start_closes_it(machine):

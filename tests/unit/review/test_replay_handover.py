@@ -15,7 +15,8 @@ def _store(path) -> tuple[int, int]:
     other = w.append_json(Kind.SESSION_OPEN, {"client": ["10.0.0.1", 40001], "original_dst": ["10.0.0.2", 6379]})
     w.append_data(sid, Direction.CLIENT, b"PING\r\n")
     w.append_data(sid, Direction.SERVER, b"+PONG\r\n")
-    w.append_json(Kind.EVENT, {"event": "sessions_handed_over", "sessions": [sid, other]})
+    w.append_json(Kind.EVENT, {"event": "sessions_handed_over", "sessions": [sid, other],
+                               "pending": {str(other): [0, 9], str(sid): [5, 0]}})
     w.append_json(Kind.EVENT, {"event": "agent_stop", "reason": "SIGTERM"})
     w.append_json(Kind.EVENT, {"event": "agent_start", "pid": 2})
     w.append_json(Kind.EVENT, {"event": "sessions_resumed", "sessions": [other], "not_resumed": [sid]})
@@ -35,6 +36,7 @@ def test_the_restart_shows_where_it_happened(tmp_path):
                                   "ECHO", "close (closed)")]
     assert at == sorted(at), text
     assert text.count("goes on through this run") == 1          # not the other session's
+    assert "(5 bytes to the server and 0 to the client, recorded before the stop" in text
     for view in (render_text, render_hex):
         assert "handed to the next run" in "\n".join(view(session_records(str(tmp_path), sid)))
     events = [e["type"] for e in json_document(session_records(str(tmp_path), sid))["events"]]
