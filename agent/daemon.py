@@ -304,12 +304,18 @@ class Agent:
     def _resume_handed_over(self) -> None:
         """The sessions the last agent handed over: relayed on, or closed
         with the reason (no sockets came: the service was stopped, not
-        restarted, and systemd reset them then; or this agent cannot)."""
+        restarted, and systemd reset them then; or this agent cannot). The
+        event comes first, so it precedes what the resumed sessions record."""
         handed, stopped_ns = handover.take(self.cfg.store.path)
         if not handed:
             return
-        left = (self.handoff.resume(handed) if self.handoff is not None
-                else [(h, "this agent relays with the asyncio data plane") for h in handed])
+        cannot = None if self.handoff is not None else "this agent relays with the asyncio data plane"
+        taking = [h for h in handed if h.fds is not None and cannot is None]
+        taken = {h.sid for h in taking}
+        self._event("sessions_resumed", sessions=sorted(taken),
+                    not_resumed=sorted(h.sid for h in handed if h.sid not in taken))
+        left = self.handoff.resume(taking) if taking else []
+        left += [(h, cannot or "no sockets came") for h in handed if h.sid not in taken]
         stopped = [(h.session, STOPPED_NOT_RESTARTED, h.client_bytes, h.server_bytes)
                    for h, _ in left if h.fds is None]
         refused = [(h.session, f"agent restarted: handed over, not resumed: {why}",
@@ -319,11 +325,8 @@ class Agent:
         handover.release(handed)
         self.proxy.close_records(stopped, ended_ns=stopped_ns)
         self.proxy.close_records(refused)
-        not_resumed = {h.sid for h, _ in left}
-        self.taken_over = {"resumed_at_start": len(handed) - len(not_resumed),
-                           "not_resumed_at_start": len(not_resumed)}
-        self._event("sessions_resumed", sessions=[h.sid for h in handed if h.sid not in not_resumed],
-                    not_resumed=sorted(not_resumed))
+        self.taken_over = {"resumed_at_start": len(handed) - len(left),
+                           "not_resumed_at_start": len(left)}
         handover.forget(self.cfg.store.path)
 
     def _event(self, what: str, **fields: Any) -> None:

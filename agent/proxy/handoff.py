@@ -117,13 +117,10 @@ class Handoff:
         return out
 
     def resume(self, handed: list[Handed]) -> list[tuple[Handed, str]]:
-        """Relay on the sessions the last agent handed over (those with
-        their sockets); the others returned with why, sockets untouched."""
+        """Relay on the sessions the last agent handed over, with their
+        sockets; those the pump refuses returned with why, sockets untouched."""
         left = []
         for h in handed:
-            if h.fds is None:
-                left.append((h, "no sockets came"))
-                continue
             try:
                 self.pump.resume(*h.resume_args())
             except (OSError, RuntimeError, ValueError) as e:
