@@ -40,7 +40,7 @@ import orjson
 
 from agent.native import KERNEL_PROBE, Opener, Pump
 from agent.proxy.handover import Handed
-from agent.proxy.server import Proxy, _listening_socket, _why, reset_socket, settled
+from agent.proxy.server import Proxy, _listening_socket, _why, reset_fd, settled
 from agent.proxy.sessions import Session
 
 log = logging.getLogger("tollgate.proxy")
@@ -237,8 +237,3 @@ class Handoff:
                 ended.append((session, reason, client_bytes, server_bytes))
         if ended:
             proxy.close_records(ended)
-
-
-def reset_fd(fd: int) -> None:
-    """Reset an accepted connection the pump never took."""
-    reset_socket(socket.socket(fileno=fd))

@@ -32,6 +32,7 @@ from pathlib import Path
 import orjson
 
 from agent import sdnotify
+from agent.proxy.server import _LINGER_RST, reset_fd
 from agent.proxy.sessions import Session
 from agent.store.writer import fsync_dir
 
@@ -41,7 +42,6 @@ STATE = "handover.json"
 # Room in systemd's store kept for the listening sockets.
 _LISTENERS = 32
 LIVE, DONE = 0, 2       # a direction's state, as Pump.close gives it
-_RESET = struct.pack("ii", 1, 0)
 _NO_LINGER = struct.pack("ii", 0, 0)
 
 
@@ -95,7 +95,7 @@ def give(handed: list[Handed], store_dir: str) -> None:
     fsync_dir(store_dir)
     for h in handed:
         for name, fd in zip(_names(h.sid), h.fds):
-            _linger(fd, _RESET)
+            _linger(fd, _LINGER_RST)
             sdnotify.keep_fd(name, fd)
             os.close(fd)
 
@@ -145,8 +145,7 @@ def release(handed: list[Handed]) -> None:
 def reset(h: Handed) -> None:
     """Close its sockets so that both ends see a reset."""
     for fd in h.fds or ():
-        _linger(fd, _RESET)
-        os.close(fd)
+        reset_fd(fd)
     h.fds = None
 
 

@@ -549,6 +549,11 @@ def reset_socket(sock: socket.socket) -> None:
     sock.close()
 
 
+def reset_fd(fd: int) -> None:
+    """reset_socket for a bare descriptor (one the pump handed back or never took)."""
+    reset_socket(socket.socket(fileno=fd))
+
+
 def _why(exc: BaseException | None) -> str | None:
     if exc is None:
         return None
