@@ -310,12 +310,13 @@ class Agent:
         if not handed:
             return
         cannot = None if self.handoff is not None else "this agent relays with the asyncio data plane"
-        taking = [h for h in handed if h.fds is not None and cannot is None]
-        taken = {h.sid for h in taking}
-        self._event("sessions_resumed", sessions=sorted(taken),
-                    not_resumed=sorted(h.sid for h in handed if h.sid not in taken))
+        taking, rest = [], []
+        for h in handed:
+            (taking if h.fds is not None and cannot is None else rest).append(h)
+        self._event("sessions_resumed", sessions=sorted(h.sid for h in taking),
+                    not_resumed=sorted(h.sid for h in rest))
         left = self.handoff.resume(taking) if taking else []
-        left += [(h, cannot or "no sockets came") for h in handed if h.sid not in taken]
+        left += [(h, cannot or "no sockets came") for h in rest]
         stopped = [(h.session, STOPPED_NOT_RESTARTED, h.client_bytes, h.server_bytes)
                    for h, _ in left if h.fds is None]
         refused = [(h.session, f"agent restarted: handed over, not resumed: {why}",

@@ -103,9 +103,10 @@ class Handoff:
         out, ended = [], []
         for sid, cfd, sfd, cb, sb, cpend, spend, cstate, sstate, opened_ns, addrs in live:
             session = self.relayed.pop(sid, None)
+            named = session is not None or addrs is not None
             if session is None:      # opened in C: its addresses are its socket's
                 session = Session(sid, *(addrs or (("?", 0), ("?", 0))), opened_ns)
-            if len(out) >= most or (session.client[0] == "?"):
+            if len(out) >= most or not named:
                 for fd in (cfd, sfd):
                     reset_fd(fd)
                 ended.append((session, reason, cb, sb))
