@@ -38,6 +38,9 @@ from bench.table import POLLING, Results, ratio, render
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SERVER_PORT, SOCAT_PORT, HAPROXY_PORT, AGENT_PORT = 9000, 8001, 8002, 15001
+# haproxy's second listener, on loopback: where the agent's ruleset, loaded
+# with no agent running, redirects the subject's dials (BEHIND_REDIRECT).
+HAPROXY_REDIRECTED_PORT = 8003
 APT = {"socat": "socat", "haproxy": "haproxy", "gcc": "gcc"}
 
 
@@ -132,7 +135,8 @@ def machine() -> dict:
 class Agent:
     """The real daemon in the bastion namespace, run as one of VARIANTS."""
 
-    def __init__(self, sb: Sandbox, work: Path, *, variant: str, witness: bool) -> None:
+    def __init__(self, sb: Sandbox, work: Path, *, variant: str, witness: bool,
+                 port: int = AGENT_PORT) -> None:
         durability, proxy = VARIANTS[variant]
         self.sb, self.work = sb, work
         work.mkdir(parents=True)
@@ -140,7 +144,7 @@ class Agent:
         self.config = work / "tollgate.toml"
         self.config.write_text(
             f'subjects = ["{sb.subject}"]\nrun_dir = "{work}/run"\nlog_level = "info"\n'
-            f'[proxy]\nport = {AGENT_PORT}\n{proxy}'
+            f'[proxy]\nport = {port}\n{proxy}'
             f'[store]\npath = "{self.store}"\nkey_path = "{work}/keys/seal.key"\n'
             f'durability = "{durability}"\n'
             f'[dns]\nenabled = false\n'
@@ -355,6 +359,15 @@ LATENCY_ROUNDS = 4
 # the start (BCC's compile). An agent in service has long been up.
 SETTLE_S = 3.0
 UNDER_RULES = "haproxy, agent's ruleset loaded"
+BEHIND_REDIRECT = "haproxy, behind the agent's redirect"
+# haproxy timed again on part of tollgate's path, each in a note that splits
+# tollgate's added latency into what that path costs any relay and what
+# tollgate adds to it. The baseline column has neither: no rules, no NAT.
+BESIDE = {
+    UNDER_RULES: "haproxy with the agent's ruleset loaded (conntrack on, not redirected)",
+    BEHIND_REDIRECT: "haproxy behind the agent's redirect (the subject's dial redirected to "
+                     "it as to tollgate, nothing recorded)",
+}
 
 
 class _Trips:
@@ -422,8 +435,10 @@ def _rounds(sb: Sandbox, work: Path, b: Bench, root: Bench, res: Results,
     all its connections (rate_s in all, a slice a round). haproxy also runs
     the ping-pong while the native agent's ruleset is loaded (dialed by
     root, not redirected), for the note on what the redirect's conntrack
-    costs any relay. Then the ping-pong again with the guest's halt polling
-    on, where this host has it off (see guest_halt_polling)."""
+    costs any relay, and once more behind that ruleset's redirect with no
+    agent running (the subject's dial redirected to haproxy): what the
+    redirect's NAT adds. Then the ping-pong again with the guest's halt
+    polling on, where this host has it off (see guest_halt_polling)."""
     conns = _Conns()
     t = _one_pass(sb, work, b, root, relays, paths, "rtt", conns)
     conns.put(res)
@@ -468,32 +483,50 @@ def _one_pass(sb: Sandbox, work: Path, b: Bench, root: Bench, relays: dict[str, 
                     conns.run(COLUMN[variant], b, *paths["direct"], slice_s, agent.proc.pid)
             finally:
                 agent.stop()
+        with redirected(sb, work / f"redirect-{name}-{i}"):
+            t.run(BEHIND_REDIRECT, b, *paths["direct"], per, relays.get("haproxy"))
     return t
+
+
+@contextlib.contextmanager
+def redirected(sb: Sandbox, work: Path) -> Iterator[None]:
+    """The agent's ruleset, loaded by its own command with no agent running
+    and its redirect pointed at haproxy's loopback listener: the subject's
+    dials then take tollgate's kernel path (conntrack, NAT on the way in)
+    to a relay that records nothing."""
+    rules = Agent(sb, work, variant="native", witness=False, port=HAPROXY_REDIRECTED_PORT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sb.run(sb.bastion, rules.cli("rules", "apply", "--reason", "bench: haproxy behind it"),
+           env=env, check=True)
+    try:
+        yield
+    finally:
+        rules.stop()
 
 
 def _put_latency(res: Results, t: _Trips, polling: str) -> None:
     """p50 and p99 of each path (rows rtt_p50/rtt_p99, + POLLING for the
-    halt-polling rounds), and the note on haproxy under the ruleset."""
+    halt-polling rounds), and a note for each of haproxy's runs on part of
+    tollgate's path (BESIDE)."""
     for col in t.rtt:
-        if col != UNDER_RULES:
+        if col not in BESIDE:
             res.put("rtt_p50" + polling, col, t.percentile(col, 0.5))
             res.put("rtt_p99" + polling, col, t.percentile(col, 0.99))
-    if UNDER_RULES in t.rtt:
-        res.note((f"guest halt polling {HALT_POLL_NS // 1000} us: " if polling else "")
-                 + _haproxy_under_ruleset(res, COLUMN["native"], t.percentile(UNDER_RULES, 0.5),
-                                          t.percentile(UNDER_RULES, 0.99), polling)
-                 + _cpu_under_ruleset(t))
+    for col, what in BESIDE.items():
+        if col in t.rtt:
+            res.note((f"guest halt polling {HALT_POLL_NS // 1000} us: " if polling else "")
+                     + what + ": " + _added_beside(res, t, col, polling) + _cpu_beside(t, col))
 
 
-def _cpu_under_ruleset(t: _Trips) -> str:
-    """haproxy's CPU a round trip with the ruleset loaded, beside its own
-    without and tollgate's: how much of tollgate's extra CPU the rules' state
+def _cpu_beside(t: _Trips, col: str) -> str:
+    """haproxy's CPU a round trip on that path, beside its own on the
+    baseline's and tollgate's: how much of tollgate's extra CPU the path
     costs any relay (the softirq work of a send is charged to the sender)."""
-    mine = t.cpu_per_trip(UNDER_RULES)
+    mine = t.cpu_per_trip(col)
     if mine is None:
         return ""
-    others = [f"{col} {v:.1f}" for col in ("haproxy", COLUMN["native"])
-              if (v := t.cpu_per_trip(col)) is not None]
+    others = [f"{c} {v:.1f}" for c in ("haproxy", COLUMN["native"])
+              if (v := t.cpu_per_trip(c)) is not None]
     return f"; CPU a round trip {mine:.1f} us (" + ", ".join(others) + ")"
 
 
@@ -527,24 +560,21 @@ def guest_halt_polling(ns: int) -> Iterator[bool]:
         HALT_POLL.write_text(old)
 
 
-def _haproxy_under_ruleset(res: Results, col: str, p50: float, p99: float,
-                           polling: str = "") -> str:
-    """haproxy's ping-pong while an agent's ruleset is loaded: the redirect's
-    conntrack then tracks haproxy's two legs as it tracks tollgate's, which
-    the baseline columns (no rules) do not. Splits tollgate's added latency
-    into what the redirect costs any relay and what tollgate adds."""
+def _added_beside(res: Results, t: _Trips, col: str, polling: str = "") -> str:
+    """haproxy's p50 and p99 on part of tollgate's path, each with what it
+    adds over direct and tollgate's added latency as a multiple of that."""
     parts = []
-    for q, key, mine in (("p50", "rtt_p50", p50), ("p99", "rtt_p99", p99)):
+    for q, key in (("p50", "rtt_p50"), ("p99", "rtt_p99")):
+        mine = t.percentile(col, 0.5 if q == "p50" else 0.99)
         fig = res.figures.get(key + polling, {})
-        direct, tollgate = fig.get("direct"), fig.get(col)
+        direct, tollgate = fig.get("direct"), fig.get(COLUMN["native"])
         part = f"{q} {mine:.1f} us"
         if isinstance(direct, (int, float)) and isinstance(tollgate, (int, float)):
             r = ratio(tollgate - direct, mine - direct) if mine > direct else None
-            part += (f" (+{mine - direct:.1f} over direct; tollgate's added: "
+            part += (f" ({mine - direct:+.1f} over direct; tollgate's added: "
                      + (f"{r:.2f}x this)" if r is not None else "n/a)"))
         parts.append(part)
-    return ("haproxy with the agent's ruleset loaded (conntrack on, not redirected): "
-            + ", ".join(parts))
+    return ", ".join(parts)
 
 
 def run_all(sb: Sandbox, work: Path, lg: str, scale: Scale, res: Results,
@@ -627,10 +657,13 @@ def start_relays(sb: Sandbox, work: Path, lg: str) -> dict[str, int]:
         "defaults\n  mode tcp\n  timeout connect 10s\n  timeout client 300s\n"
         "  timeout server 300s\n"
         f"listen relay\n  bind {BASTION_V4}:{HAPROXY_PORT}\n"
+        f"  server corp {CORP_V4}:{SERVER_PORT}\n"
+        f"listen redirected\n  bind 127.0.0.1:{HAPROXY_REDIRECTED_PORT}\n"
         f"  server corp {CORP_V4}:{SERVER_PORT}\n")
     haproxy = sb.spawn(sb.bastion, [which("haproxy"), "-db", "-f", str(cfg)])
     for ns, host, port in ((sb.corp, CORP_V4, SERVER_PORT), (sb.bastion, BASTION_V4, SOCAT_PORT),
-                           (sb.bastion, BASTION_V4, HAPROXY_PORT)):
+                           (sb.bastion, BASTION_V4, HAPROXY_PORT),
+                           (sb.bastion, "127.0.0.1", HAPROXY_REDIRECTED_PORT)):
         wait_for(lambda: _port_open(sb, ns, host, port), 15, what=f"{host}:{port}")
     return {"haproxy": haproxy.pid}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,12 +36,15 @@ def test_quick_bench_prints_every_row():
     for row in ROWS:
         assert any(line.startswith(f"| {row}") for line in table), (row, r.stdout)
     assert "direct" in table[0] and "haproxy" in table[0]
-    # the latency split: haproxy again under the ruleset the redirect needs
-    note = next(line for line in r.stdout.splitlines()
-                if line.startswith("note: haproxy with the agent's ruleset loaded"))
-    assert ", p99 " in note and note.count("tollgate's added: ") == 2, note
-    if polling_before == "0\n":
-        assert "note: guest halt polling 200 us: haproxy with the agent's ruleset" in r.stdout
+    # the latency split: haproxy again under the ruleset the redirect needs,
+    # and again behind the redirect itself (the subject's dial sent to it)
+    for beside in ("haproxy with the agent's ruleset loaded", "haproxy behind the agent's redirect"):
+        note = next(line for line in r.stdout.splitlines() if line.startswith(f"note: {beside}"))
+        assert ", p99 " in note and note.count("tollgate's added: ") == 2, note
+        # haproxy's pid metered on that path too: it did carry the trips
+        assert float(re.search(r"CPU a round trip ([0-9.]+) us", note)[1]) > 1.0, note
+        if polling_before == "0\n":
+            assert f"note: guest halt polling 200 us: {beside}" in r.stdout
     assert "note: witness cost to traffic it does not proxy" in r.stdout
 
 
