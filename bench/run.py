@@ -520,7 +520,7 @@ def _put_latency(res: Results, t: _Trips, polling: str) -> None:
 
 def _cpu_beside(t: _Trips, col: str) -> str:
     """haproxy's CPU a round trip on that path, beside its own on the
-    baseline's and tollgate's: how much of tollgate's extra CPU the path
+    baseline path and tollgate's: how much of tollgate's extra CPU the path
     costs any relay (the softirq work of a send is charged to the sender)."""
     mine = t.cpu_per_trip(col)
     if mine is None:
@@ -564,8 +564,8 @@ def _added_beside(res: Results, t: _Trips, col: str, polling: str = "") -> str:
     """haproxy's p50 and p99 on part of tollgate's path, each with what it
     adds over direct and tollgate's added latency as a multiple of that."""
     parts = []
-    for q, key in (("p50", "rtt_p50"), ("p99", "rtt_p99")):
-        mine = t.percentile(col, 0.5 if q == "p50" else 0.99)
+    for q, key, at in (("p50", "rtt_p50", 0.5), ("p99", "rtt_p99", 0.99)):
+        mine = t.percentile(col, at)
         fig = res.figures.get(key + polling, {})
         direct, tollgate = fig.get("direct"), fig.get(COLUMN["native"])
         part = f"{q} {mine:.1f} us"
