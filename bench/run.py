@@ -496,8 +496,10 @@ def redirected(sb: Sandbox, work: Path) -> Iterator[None]:
     to a relay that records nothing."""
     rules = Agent(sb, work, variant="native", witness=False, port=HAPROXY_REDIRECTED_PORT)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    sb.run(sb.bastion, rules.cli("rules", "apply", "--reason", "bench: haproxy behind it"),
-           env=env, check=True)
+    r = sb.run(sb.bastion, rules.cli("rules", "apply", "--reason", "bench: haproxy behind it"),
+               env=env, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"tollgate rules apply failed: {r.stderr.strip()[-2000:]}")
     try:
         yield
     finally:
