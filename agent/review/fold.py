@@ -8,7 +8,7 @@ report needs four of them, and each pass re-reads and re-checks every frame
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.store import Record, iter_records
 
@@ -17,11 +17,14 @@ __all__ = ["Fold", "fold"]
 
 class Fold(Protocol):
     def add(self, r: Record) -> None: ...
+    def result(self) -> Any: ...
 
 
-def fold(store_dir: str | os.PathLike, *folds: Fold) -> None:
-    """Every record of the store to each fold, in order (live: a torn tail is allowed)."""
+def fold(store_dir: str | os.PathLike, *folds: Fold) -> list[Any]:
+    """Every record of the store to each fold, in order (live: a torn tail
+    is allowed); then each fold's result, in the order given."""
     adds = [f.add for f in folds]
     for r in iter_records(store_dir, strict=False):
         for add in adds:
             add(r)
+    return [f.result() for f in folds]

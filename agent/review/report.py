@@ -43,11 +43,10 @@ class ReportData:
 
 def gather(store_dir: str, key: bytes | None = None) -> ReportData:
     """Everything the page shows, read from the store (live: a torn tail is allowed)."""
-    sessions, digests, alerts, runs = SessionFold(), DigestFold(keep=ACTIONS_SHOWN), AlertFold(), RunFold()
-    fold(store_dir, sessions, digests, alerts, runs)
-    return ReportData(store_dir, time.time_ns(), sessions.result(), digests.result(),
-                      sorted_alerts(alerts.result()), verify(store_dir, key, allow_torn_tail=True),
-                      runs.result())
+    sessions, digests, alerts, runs = fold(store_dir, SessionFold(), DigestFold(keep=ACTIONS_SHOWN),
+                                           AlertFold(), RunFold())
+    return ReportData(store_dir, time.time_ns(), sessions, digests, sorted_alerts(alerts),
+                      verify(store_dir, key, allow_torn_tail=True), runs)
 
 
 def _e(value: object) -> str:

@@ -104,9 +104,7 @@ class RunFold:
 
 def list_runs(store_dir: str) -> list[AgentRun]:
     """Every run the store holds, oldest first (live: a torn tail is allowed)."""
-    f = RunFold()
-    fold(store_dir, f)
-    return f.result()
+    return fold(store_dir, RunFold())[0]
 
 
 def as_dicts(runs: list[AgentRun]) -> Iterator[dict]:

@@ -111,9 +111,7 @@ class SessionFold:
 
 
 def list_sessions(store_dir: str) -> list[SessionSummary]:
-    f = SessionFold()
-    fold(store_dir, f)
-    return f.result()
+    return fold(store_dir, SessionFold())[0]
 
 
 def session_of(r: Record) -> int | None:
@@ -178,9 +176,7 @@ class AlertFold:
 
 
 def list_alerts(store_dir: str) -> list[dict]:
-    f = AlertFold()
-    fold(store_dir, f)
-    return f.result()
+    return fold(store_dir, AlertFold())[0]
 
 
 def sorted_alerts(alerts: list[dict]) -> list[dict]:
