@@ -113,8 +113,7 @@ class Handoff:
                 continue
             out.append(Handed(sid, session.client, session.original_dst, session.started_ns,
                               cb, sb, (cpend, spend), (cstate, sstate), (cfd, sfd)))
-        if ended:
-            self.proxy.close_records(ended)
+        self.proxy.close_records(ended)
         return out
 
     def resume(self, handed: list[Handed]) -> list[tuple[Handed, str]]:
@@ -236,5 +235,4 @@ class Handoff:
                 proxy.hooks.store_failed(proxy.store.failed_in_relay(store_errno))
             if session is not None:
                 ended.append((session, reason, client_bytes, server_bytes))
-        if ended:
-            proxy.close_records(ended)
+        proxy.close_records(ended)
