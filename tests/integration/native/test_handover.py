@@ -14,7 +14,7 @@ import pytest
 from agent.native import Pump
 from agent.store import Direction
 
-from test_pump import Rig, recv_exactly
+from test_pump import Rig, recv_exactly, round_trip
 
 LIVE, DONE = 0, 2
 
@@ -38,17 +38,11 @@ def hand_over(rig: Rig) -> list[tuple]:
 
 def test_a_session_goes_on_through_the_next_pump(rig):
     subject, dest = rig.session(7)
-    subject.sendall(b"before")
-    assert recv_exactly(dest, 6) == b"before"
-    dest.sendall(b"ok1")
-    assert recv_exactly(subject, 3) == b"ok1"
+    round_trip(subject, dest, b"before", b"ok1")
     [handed] = hand_over(rig)
     assert handed[0] == 7 and handed[3:9] == (6, 3, b"", b"", LIVE, LIVE)
     assert handed[10] is None               # a plain pair: no redirect to read back
-    subject.sendall(b"after")
-    assert recv_exactly(dest, 5) == b"after"
-    dest.sendall(b"ok2")
-    assert recv_exactly(subject, 3) == b"ok2"
+    round_trip(subject, dest, b"after", b"ok2")
     subject.shutdown(socket.SHUT_WR)
     assert dest.recv(1) == b""
     dest.close()

@@ -80,22 +80,24 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
     return out
 
 
-def exchange(subject: socket.socket, dest: socket.socket, up: bytes, down: bytes) -> None:
-    """One request and its reply through the pump; then both ends close."""
+def round_trip(subject: socket.socket, dest: socket.socket, up: bytes, down: bytes) -> None:
+    """One request and its reply through the pump, each arriving whole."""
     subject.sendall(up)
     assert recv_exactly(dest, len(up)) == up
     dest.sendall(down)
     assert recv_exactly(subject, len(down)) == down
+
+
+def exchange(subject: socket.socket, dest: socket.socket, up: bytes, down: bytes) -> None:
+    """One request and its reply through the pump; then both ends close."""
+    round_trip(subject, dest, up, down)
     subject.close()
     dest.close()
 
 
 def test_both_ways_recorded_then_forwarded_and_closed(rig):
     subject, dest = rig.session(7)
-    subject.sendall(b"GET / HTTP/1.0\r\n\r\n")
-    assert recv_exactly(dest, 18) == b"GET / HTTP/1.0\r\n\r\n"
-    dest.sendall(b"HTTP/1.0 200 OK\r\n\r\nhi")
-    assert recv_exactly(subject, 21) == b"HTTP/1.0 200 OK\r\n\r\nhi"
+    round_trip(subject, dest, b"GET / HTTP/1.0\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\nhi")
     subject.shutdown(socket.SHUT_WR)
     assert dest.recv(10) == b""
     dest.close()
