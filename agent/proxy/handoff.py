@@ -111,8 +111,7 @@ class Handoff:
                     reset_fd(fd)
                 ended.append((session, reason, cb, sb))
                 continue
-            out.append(Handed(sid, session.client, session.original_dst, session.started_ns,
-                              cb, sb, (cpend, spend), (cstate, sstate), (cfd, sfd)))
+            out.append(Handed(session, cb, sb, (cpend, spend), (cstate, sstate), (cfd, sfd)))
         self.proxy.close_records(ended)
         return out
 

@@ -48,10 +48,7 @@ _NO_LINGER = struct.pack("ii", 0, 0)
 @dataclass(slots=True)
 class Handed:
     """One live session between two agents."""
-    sid: int
-    client: tuple[str, int]
-    original_dst: tuple[str, int]
-    started_ns: int
+    session: Session
     client_bytes: int
     server_bytes: int
     pending: tuple[bytes, bytes]      # recorded, not yet sent: to the server, to the client
@@ -59,8 +56,8 @@ class Handed:
     fds: tuple[int, int] | None = None   # client's socket, server's; None: not kept
 
     @property
-    def session(self) -> Session:
-        return Session(self.sid, self.client, self.original_dst, self.started_ns)
+    def sid(self) -> int:
+        return self.session.id
 
     def resume_args(self) -> tuple:
         """Pump.resume's arguments."""
@@ -158,13 +155,14 @@ def _linger(fd: int, value: bytes) -> None:
 
 
 def _to_json(h: Handed) -> dict:
-    return {"session": h.sid, "client": list(h.client), "original_dst": list(h.original_dst),
-            "started_ns": h.started_ns, "client_bytes": h.client_bytes,
+    s = h.session
+    return {"session": s.id, "client": list(s.client), "original_dst": list(s.original_dst),
+            "started_ns": s.started_ns, "client_bytes": h.client_bytes,
             "server_bytes": h.server_bytes, "states": list(h.states),
             "pending": [base64.b64encode(p).decode() for p in h.pending]}
 
 
 def _from_json(j: dict) -> Handed:
-    return Handed(j["session"], tuple(j["client"]), tuple(j["original_dst"]), j["started_ns"],
+    return Handed(Session(j["session"], tuple(j["client"]), tuple(j["original_dst"]), j["started_ns"]),
                   j["client_bytes"], j["server_bytes"],
                   tuple(base64.b64decode(p) for p in j["pending"]), tuple(j["states"]))

@@ -17,6 +17,7 @@ from agent.demo.agent_process import AgentProcess
 from agent.demo.sandbox import Sandbox
 from agent.proxy import handover
 from agent.proxy.handover import Handed
+from agent.proxy.sessions import Session
 from agent.review.sessions import list_sessions
 from agent.store import Kind, StoreWriter, iter_records
 
@@ -40,7 +41,7 @@ def test_the_next_start_closes_what_systemd_did_not_keep(sandbox, tmp_path, monk
     w.close()
     a, b = socket.socketpair()
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)     # the sockets are not kept
-    handover.give([Handed(sid, ("127.0.0.1", 40000), ("10.1.2.3", 22), started, 321, 4567,
+    handover.give([Handed(Session(sid, ("127.0.0.1", 40000), ("10.1.2.3", 22), started), 321, 4567,
                           (b"", b"pending"), (handover.LIVE, handover.LIVE),
                           (a.detach(), b.detach()))], str(agent.store))
     stopped = time.time_ns()

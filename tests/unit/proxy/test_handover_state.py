@@ -11,11 +11,12 @@ import stat
 
 from agent.proxy import handover
 from agent.proxy.handover import Handed
+from agent.proxy.sessions import Session
 
 
 def _handed(sid: int) -> Handed:
     a, b = socket.socketpair()
-    return Handed(sid, ("10.0.0.1", 40000 + sid), ("10.0.0.2", 22), 1_700_000_000_000_000_000 + sid,
+    return Handed(Session(sid, ("10.0.0.1", 40000 + sid), ("10.0.0.2", 22), 1_700_000_000_000_000_000 + sid),
                   100, 2000, (b"recorded, not sent\x00", b""), (handover.LIVE, handover.DONE),
                   (a.detach(), b.detach()))
 
