@@ -996,12 +996,11 @@ static PyObject *handed_addresses(int cfd) {
 static PyObject *handed_tuple(const Handed *h) {
     PyObject *addrs = handed_addresses(h->fd[CLIENT]);
     if (addrs == NULL) return NULL;
-    PyObject *t = Py_BuildValue("(KiiKKy#y#iiKN)", h->sid, h->fd[CLIENT], h->fd[SERVER],
-                                h->bytes[CLIENT], h->bytes[SERVER],
-                                h->pend[CLIENT] ? h->pend[CLIENT] : "", (Py_ssize_t)h->pend_len[CLIENT],
-                                h->pend[SERVER] ? h->pend[SERVER] : "", (Py_ssize_t)h->pend_len[SERVER],
-                                h->state[CLIENT], h->state[SERVER], h->opened_ns, addrs);
-    return t;
+    return Py_BuildValue("(KiiKKy#y#iiKN)", h->sid, h->fd[CLIENT], h->fd[SERVER],
+                         h->bytes[CLIENT], h->bytes[SERVER],
+                         h->pend[CLIENT] ? h->pend[CLIENT] : "", (Py_ssize_t)h->pend_len[CLIENT],
+                         h->pend[SERVER] ? h->pend[SERVER] : "", (Py_ssize_t)h->pend_len[SERVER],
+                         h->state[CLIENT], h->state[SERVER], h->opened_ns, addrs);
 }
 
 /* close(reason, hand_over=False). hand_over: live sessions are not reset

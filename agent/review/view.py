@@ -23,8 +23,7 @@ from agent.store import Direction as StoreDirection
 from agent.store import Kind, Record
 
 __all__ = ["Item", "Opened", "Attributed", "Detected", "Decoded", "Raw", "Closed", "HandedOver",
-           "SessionView",
-           "view_items", "DIRECTION", "decoder_protocol"]
+           "SessionView", "view_items", "DIRECTION", "decoder_protocol"]
 
 DIRECTION = {StoreDirection.CLIENT: Direction.CLIENT, StoreDirection.SERVER: Direction.SERVER}
 # Bytes per direction kept to show as text when decoding stops mid-message.
